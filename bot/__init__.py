@@ -1,0 +1,1 @@
+"""The capture side: frame sources, sampling, face detection, tracking and crop dispatch."""

@@ -1,0 +1,166 @@
+"""Frame sources. A recorded file is decoded with PyAV; the live meeting source comes later.
+
+Sampling runs on the video's own clock: a frame's timestamp is its pts times the
+stream's time base, minus the stream's start, so class time in the reports matches
+the recording even for variable frame rate files.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import av
+import av.error
+
+from classlens.errors import BadInputError
+from classlens.types import VideoFrame
+
+logger = logging.getLogger(__name__)
+
+#: A file with more undecodable packets in a row than this is reported as corrupt.
+MAX_CONSECUTIVE_DECODE_ERRORS = 50
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container says about the video stream, before decoding."""
+
+    width: int
+    """Frame width in pixels."""
+    height: int
+    """Frame height in pixels."""
+    duration_seconds: float
+    """Length of the video stream (0 when the container does not say)."""
+    average_fps: float
+    """Average frame rate (0 when unknown)."""
+    codec: str
+    """Decoder name, e.g. h264."""
+    intra_only: bool
+    """True when every frame decodes on its own, so unsampled frames need no decoding."""
+
+    def expected_samples(self, sample_fps: float) -> int | None:
+        """How many frames sampling at ``sample_fps`` will yield, when the duration is known."""
+        if self.duration_seconds <= 0:
+            return None
+        return max(1, math.ceil(self.duration_seconds * sample_fps))
+
+
+def _open(path: Path | io.BytesIO) -> Any:
+    if isinstance(path, io.BytesIO):
+        path.seek(0)
+        try:
+            return av.open(path, mode="r")
+        except av.error.FFmpegError:
+            raise BadInputError("the in-memory video cannot be read") from None
+    if not path.exists():
+        raise BadInputError(f"{path}: no such file")
+    if not path.is_file():
+        raise BadInputError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise BadInputError(f"{path}: the file is empty")
+    try:
+        return av.open(str(path), mode="r")
+    except (av.error.InvalidDataError, av.error.EOFError) as exc:
+        del exc
+        raise BadInputError(f"{path}: not a video file that can be read, or truncated / corrupt") from None
+    except av.error.FFmpegError as exc:
+        raise BadInputError(f"{path}: cannot open the video ({exc.strerror or exc})") from None
+
+
+class RecordedFileSource:
+    """Yields sampled frames of a recorded video file, on the video's own clock."""
+
+    def __init__(self, path: Path | io.BytesIO, sample_fps: float, *, stream_name: str = "main") -> None:
+        if sample_fps <= 0:
+            raise BadInputError(f"sample rate must be positive, got {sample_fps}")
+        self.path: Path | io.BytesIO = path if isinstance(path, io.BytesIO) else Path(path)
+        self.sample_fps = sample_fps
+        self.stream_name = stream_name
+        self.decode_errors = 0
+        """Packets that failed to decode and were skipped."""
+        self.frames_decoded = 0
+        """Frames the decoder produced (sampled or not)."""
+
+    def probe(self) -> VideoInfo:
+        """Open the file and describe its video stream; a file without one is bad input."""
+        container = _open(self.path)
+        try:
+            return self._info(container)
+        finally:
+            container.close()
+
+    def _info(self, container: Any) -> VideoInfo:
+        if not container.streams.video:
+            raise BadInputError(f"{self.path}: the file has no video stream")
+        stream = container.streams.video[0]
+        context = stream.codec_context
+        if not context.width or not context.height:
+            raise BadInputError(f"{self.path}: the video stream has no frame size (corrupt header?)")
+        duration = 0.0
+        if stream.duration is not None and stream.time_base is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / 1_000_000
+        rate = float(stream.average_rate) if stream.average_rate else 0.0
+        codec = context.codec
+        return VideoInfo(
+            width=int(context.width),
+            height=int(context.height),
+            duration_seconds=max(0.0, duration),
+            average_fps=rate,
+            codec=str(codec.name),
+            intra_only=bool(getattr(codec, "intra_only", False)),
+        )
+
+    def __iter__(self) -> Iterator[VideoFrame]:
+        """Decode and yield one frame per sampling interval, in time order."""
+        container = _open(self.path)
+        try:
+            info = self._info(container)
+            stream = container.streams.video[0]
+            # Frame threading lets FFmpeg use both cores for decoding.
+            stream.thread_type = "AUTO"
+            time_base = float(stream.time_base) if stream.time_base else 0.0
+            start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+            interval = 1.0 / self.sample_fps
+            next_sample = 0.0
+            consecutive_errors = 0
+            # Half a frame of slack so that 30 fps content sampled at 1 fps lands on frame 0, 30, 60...
+            slack = 0.5 / info.average_fps if info.average_fps else 0.0
+            for packet in container.demux(stream):
+                # Every frame of an intra-only codec decodes alone: skip the ones we do not sample.
+                if (info.intra_only and packet.pts is not None and time_base
+                        and packet.pts * time_base - start < next_sample - slack):
+                    continue
+                try:
+                    frames = packet.decode()
+                except av.error.FFmpegError:
+                    self.decode_errors += 1
+                    consecutive_errors += 1
+                    if consecutive_errors > MAX_CONSECUTIVE_DECODE_ERRORS:
+                        raise BadInputError(
+                            f"{self.path}: the video is corrupt ({consecutive_errors} undecodable packets in a row)"
+                        ) from None
+                    continue
+                consecutive_errors = 0
+                for frame in frames:
+                    self.frames_decoded += 1
+                    if frame.pts is None:
+                        continue
+                    timestamp = float(frame.pts * frame.time_base) - start
+                    if timestamp < next_sample - slack:
+                        continue
+                    image = frame.to_ndarray(format="bgr24")
+                    yield VideoFrame(stream=self.stream_name, timestamp=round(timestamp, 3), image=image)
+                    # Skip ahead on the grid (not from this frame) so sampling does not drift.
+                    next_sample = (math.floor((timestamp + slack) / interval) + 1) * interval
+        except av.error.FFmpegError as exc:
+            raise BadInputError(f"{self.path}: decoding failed ({exc.strerror or exc})") from None
+        finally:
+            container.close()

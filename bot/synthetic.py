@@ -1,0 +1,91 @@
+"""Synthetic classroom videos built in memory from images shipped inside installed packages.
+
+``classlens demo`` and the tests use these: no download, no file written. The video is a
+slow pan over insightface's bundled group photo (six faces) with a seventh face (its
+bundled portrait) joining after a few seconds, and one student briefly hidden, so the
+tracker has motion, an arrival and an occlusion to handle.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+
+from classlens.errors import BadInputError
+from classlens.types import ByteArray
+
+
+def bundled_image(name: str) -> ByteArray:
+    """Read an image bundled with the insightface package (``t1.jpg``, ``Tom_Hanks_54745.png``)."""
+    import insightface
+
+    path = Path(insightface.__file__).parent / "data" / "images" / name
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise BadInputError(f"insightface's bundled image {name} is missing; reinstall insightface")
+    return np.ascontiguousarray(image, dtype=np.uint8)
+
+
+def encode_video(frames: list[ByteArray], fps: int, *, codec: str = "libx264") -> io.BytesIO:
+    """Encode BGR frames into an in-memory MP4."""
+    if not frames:
+        raise ValueError("encode_video: no frames")
+    buffer = io.BytesIO()
+    height, width = frames[0].shape[:2]
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p"
+        if codec == "libx264":
+            stream.options = {"preset": "veryfast", "crf": "20"}
+        for image in frames:
+            frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    buffer.seek(0)
+    return buffer
+
+
+def classroom_frames(seconds: float = 12.0, fps: int = 10, size: tuple[int, int] = (1280, 720)) -> list[ByteArray]:
+    """Frames of the demo classroom: pan over the group photo, a late arrival, an occlusion."""
+    group = bundled_image("t1.jpg")
+    portrait = bundled_image("Tom_Hanks_54745.png")
+    width, height = size
+    frames = []
+    count = int(seconds * fps)
+    scale = width / group.shape[1] * 1.08
+    scaled = cv2.resize(group, (int(group.shape[1] * scale), int(group.shape[0] * scale)), interpolation=cv2.INTER_AREA)
+    inset = cv2.resize(portrait, (220, int(portrait.shape[0] * 220 / portrait.shape[1])), interpolation=cv2.INTER_AREA)
+    for index in range(count):
+        t = index / fps
+        # A slow horizontal and vertical pan, so boxes move between samples.
+        progress = t / max(seconds, 1e-6)
+        x = int((scaled.shape[1] - width) * progress)
+        y = int((scaled.shape[0] - height) * (0.3 + 0.2 * np.sin(progress * np.pi)))
+        frame = scaled[y:y + height, x:x + width].copy()
+        if t >= 3.0:
+            # A seventh student joins in the lower left corner.
+            frame[height - inset.shape[0] - 20:height - 20, 20:20 + inset.shape[1]] = inset
+        if 6.0 <= t < 8.0:
+            # Someone walks in front of the camera: the left part of the picture is hidden.
+            frame[:, : width // 5] = (90, 90, 90)
+        frames.append(np.ascontiguousarray(frame))
+    return frames
+
+
+def demo_classroom_video(seconds: float = 12.0) -> io.BytesIO:
+    """The demo video as an in-memory MP4."""
+    return encode_video(classroom_frames(seconds), fps=10)
+
+
+def still_image_video(image: ByteArray, seconds: float, fps: int = 5) -> io.BytesIO:
+    """An in-memory video that shows one still image (even-sized) for ``seconds``."""
+    height, width = image.shape[:2]
+    image = np.ascontiguousarray(image[: height - height % 2, : width - width % 2])
+    return encode_video([image] * max(1, int(seconds * fps)), fps=fps)

@@ -1,0 +1,214 @@
+"""Student tracking: a stable per-session id for every face across sampled frames.
+
+Faces are matched to tracks by box overlap and motion (a constant-velocity
+prediction), and, when a face-embedding model is configured, by appearance, so that a
+student who looks away or is hidden for a while keeps the same id. Embeddings live in
+memory for one session only: no face recognition across sessions.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from bot.geometry import arcface_crop
+from classlens.errors import ModelSupplyError
+from classlens.types import ByteArray, FloatArray, FrameDetections
+
+logger = logging.getLogger(__name__)
+
+#: Minimum match score (0–1) for a face to continue a track.
+MATCH_THRESHOLD = 0.3
+#: Cosine similarity above which two embeddings are taken to be the same person.
+#: MobileFaceNet gives 0.84–0.94 for the same person and at most 0.3 for different people.
+SAME_PERSON_COSINE = 0.55
+#: Motion is extrapolated at most this long; beyond it a hidden face is expected where it was last seen.
+MAX_PREDICTION_SECONDS = 2.0
+#: Weight of appearance against geometry when both are known.
+APPEARANCE_WEIGHT = 0.7
+
+
+def box_iou(a: FloatArray, b: FloatArray) -> FloatArray:
+    """Pairwise IoU of boxes a [M,4] and b [N,4] (x1, y1, x2, y2) → [M,N]."""
+    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return (inter / np.maximum(union, 1e-6)).astype(np.float32)
+
+
+class FaceEmbedder:
+    """Face embeddings through insightface's ``ArcFaceONNX`` class, for re-identification within a session."""
+
+    def __init__(self, model_path: Path, *, imagenet_normalisation: bool, preference: str = "auto",
+                 intra_op_threads: int = 0) -> None:
+        from bot.detection import _load_zoo_model, find_pack_model
+
+        if model_path.is_dir():
+            model = find_pack_model(model_path, "recognition", preference=preference,
+                                    intra_op_threads=intra_op_threads)
+        else:
+            model = _load_zoo_model(model_path, preference, intra_op_threads)
+        if model is None or getattr(model, "taskname", None) != "recognition":
+            raise ModelSupplyError(f"{model_path}: insightface does not see a face-embedding model in this file")
+        if imagenet_normalisation:
+            # insightface assumes (x-127.5)/127.5; MobileFaceNet was trained with ImageNet statistics.
+            model.input_mean = np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 3, 1, 1) * 255.0
+            model.input_std = np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 3, 1, 1) * 255.0
+        self._model = model
+        self._size = int(model.input_size[0])
+
+    def embed(self, image: ByteArray, keypoints: FloatArray) -> FloatArray:
+        """Unit-length embeddings [K, D] of the faces given by their keypoints [K, 5, 2]."""
+        if keypoints.shape[0] == 0:
+            return np.zeros((0, 1), np.float32)
+        crops = np.stack([arcface_crop(image, k, self._size) for k in keypoints])
+        rgb = crops[..., ::-1].transpose(0, 3, 1, 2).astype(np.float32)
+        features = np.asarray(self._model.forward(rgb), dtype=np.float32)
+        features /= np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-6)
+        return features
+
+
+@dataclass
+class TrackSummary:
+    """What the tracker knows about one track when the session ends."""
+
+    track_id: int
+    """The track's id, unique within the analysis."""
+    stream: str
+    """The stream it was seen in."""
+    first_seen: float
+    """Class time of the first sample with this face."""
+    last_seen: float
+    """Class time of the last sample with this face."""
+    samples: int
+    """Sampled frames in which the face was matched to this track."""
+
+
+@dataclass
+class _Track:
+    track_id: int
+    box: FloatArray
+    last_seen: float
+    first_seen: float
+    velocity: FloatArray = field(default_factory=lambda: np.zeros(2, np.float32))
+    samples: int = 1
+    embedding: FloatArray | None = None
+
+    def predicted_box(self, timestamp: float) -> FloatArray:
+        elapsed = min(max(timestamp - self.last_seen, 0.0), MAX_PREDICTION_SECONDS)
+        shift = self.velocity * elapsed
+        return self.box + np.array([shift[0], shift[1], shift[0], shift[1]], np.float32)
+
+
+class StudentTracker:
+    """Assigns stable track ids to the faces of one or more streams of one session."""
+
+    def __init__(self, *, max_gap_seconds: float, embedder: FaceEmbedder | None = None, first_id: int = 1) -> None:
+        self.max_gap_seconds = max_gap_seconds
+        self.embedder = embedder
+        self._next_id = first_id
+        self._live: dict[str, list[_Track]] = {}
+        self._summaries: dict[int, TrackSummary] = {}
+
+    def update(self, detections: FrameDetections, image: ByteArray | None = None) -> FrameDetections:
+        """Match a frame's faces to tracks; returns the detections with track ids set."""
+        stream, now = detections.stream, detections.timestamp
+        tracks = [t for t in self._live.get(stream, []) if now - t.last_seen <= self.max_gap_seconds]
+        embeddings: FloatArray | None = None
+        if self.embedder is not None and image is not None and len(detections):
+            embeddings = self.embedder.embed(image, detections.keypoints)
+        ids = np.full(len(detections), -1, np.int64)
+        if tracks and len(detections):
+            scores = self._match_scores(tracks, detections, embeddings, now)
+            rows, cols = linear_sum_assignment(-scores)
+            for row, col in zip(rows, cols, strict=True):
+                if scores[row, col] >= MATCH_THRESHOLD:
+                    self._continue(tracks[row], detections, embeddings, int(col), now)
+                    ids[col] = tracks[row].track_id
+        for index in np.flatnonzero(ids < 0):
+            track = _Track(
+                track_id=self._next_id,
+                box=detections.boxes[index].copy(),
+                last_seen=now,
+                first_seen=now,
+                embedding=None if embeddings is None else embeddings[index].copy(),
+            )
+            self._next_id += 1
+            tracks.append(track)
+            ids[index] = track.track_id
+            self._summaries[track.track_id] = TrackSummary(track.track_id, stream, now, now, 0)
+        for track_id in ids:
+            summary = self._summaries[int(track_id)]
+            summary.last_seen = now
+            summary.samples += 1
+        self._live[stream] = tracks
+        return detections.with_track_ids(ids)
+
+    def _match_scores(self, tracks: list[_Track], detections: FrameDetections,
+                      embeddings: FloatArray | None, now: float) -> FloatArray:
+        """Score 0–1 of every (track, face) pair from overlap, distance and appearance."""
+        predicted = np.stack([t.predicted_box(now) for t in tracks])
+        overlap = box_iou(predicted, detections.boxes)
+        centre_t = (predicted[:, :2] + predicted[:, 2:]) / 2
+        centre_d = (detections.boxes[:, :2] + detections.boxes[:, 2:]) / 2
+        size = np.maximum(predicted[:, 2:] - predicted[:, :2], 1.0).max(axis=1)
+        distance = np.linalg.norm(centre_t[:, None, :] - centre_d[None, :, :], axis=2) / size[:, None]
+        # A face within one and a half face sizes of where it was predicted is plausibly the same face.
+        nearness = np.clip(1.0 - distance / 1.5, 0.0, 1.0)
+        geometry = (0.5 * overlap + 0.5 * nearness).astype(np.float32)
+        if embeddings is None:
+            return geometry
+        known = np.array([t.embedding is not None for t in tracks])
+        if not known.any():
+            return geometry
+        stored = np.stack([t.embedding if t.embedding is not None else np.zeros(embeddings.shape[1], np.float32)
+                           for t in tracks])
+        cosine = stored @ embeddings.T
+        appearance = np.clip((cosine - 0.2) / (SAME_PERSON_COSINE - 0.2), 0.0, 1.0) * 0.9
+        combined = APPEARANCE_WEIGHT * appearance + (1 - APPEARANCE_WEIGHT) * geometry
+        # Appearance vetoes a geometric match with a clearly different person.
+        combined = np.where(cosine < 0.3, np.minimum(combined, 0.2), combined)
+        return np.where(known[:, None], combined, geometry).astype(np.float32)
+
+    @staticmethod
+    def _continue(track: _Track, detections: FrameDetections, embeddings: FloatArray | None,
+                  index: int, now: float) -> None:
+        box = detections.boxes[index]
+        elapsed = now - track.last_seen
+        if 0 < elapsed <= MAX_PREDICTION_SECONDS:
+            old_centre = (track.box[:2] + track.box[2:]) / 2
+            new_centre = (box[:2] + box[2:]) / 2
+            # Smooth velocity: one noisy detection must not fling the prediction away.
+            track.velocity = (0.5 * track.velocity + 0.5 * (new_centre - old_centre) / elapsed).astype(np.float32)
+        else:
+            track.velocity = np.zeros(2, np.float32)
+        track.box = box.copy()
+        track.last_seen = now
+        track.samples += 1
+        if embeddings is not None:
+            new = embeddings[index]
+            mixed = new if track.embedding is None else 0.8 * track.embedding + 0.2 * new
+            track.embedding = (mixed / max(float(np.linalg.norm(mixed)), 1e-6)).astype(np.float32)
+
+    def summaries(self) -> list[TrackSummary]:
+        """Every track seen so far, in order of creation."""
+        return [self._summaries[k] for k in sorted(self._summaries)]
+
+
+def is_student(summary: TrackSummary, *, min_seconds: float, sample_interval: float) -> bool:
+    """Whether a track was seen long enough to count as a student rather than a passing or false face.
+
+    Each sample stands for one sampling interval of class time; a track needs at least
+    two samples and ``min_seconds`` of covered time.
+    """
+    covered = summary.last_seen - summary.first_seen + sample_interval
+    return summary.samples >= 2 and covered >= min_seconds

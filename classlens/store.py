@@ -1,0 +1,219 @@
+"""The store: sqlmodel schema and the few operations every app needs.
+
+Only derived numbers are stored: boxes, scores, probabilities, cues. No frame and
+no face crop ever reaches the database. Observations have a unique key per
+(analysis, stream, track, timestamp) and are inserted with ON CONFLICT DO NOTHING,
+so a retried or duplicated batch never double-counts.
+
+SQLite (the embedded default) and PostgreSQL are both supported.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, UniqueConstraint, delete, event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlmodel import Field, Session, SQLModel, create_engine, select
+
+from classlens.errors import ConfigurationError
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now, in UTC."""
+    return datetime.now(UTC)
+
+
+class AnalysisStatus(enum.StrEnum):
+    """Lifecycle of an analysis."""
+
+    running = "running"
+    done = "done"
+    failed = "failed"
+
+
+class Analysis(SQLModel, table=True):
+    """One analysed session: a recorded video or a live meeting."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(default="recording", description="'recording' or 'meeting'.")
+    source: str = Field(description="The recording's file name, or the meeting's address.")
+    title: str = Field(default="", description="Human-readable name shown in reports.")
+    status: AnalysisStatus = Field(default=AnalysisStatus.running, index=True)
+    failure_reason: str | None = Field(default=None, description="Why the analysis failed, in one line.")
+    created_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+    sample_fps: float = Field(default=1.0, description="Frames sampled per second of class time.")
+    duration_seconds: float = Field(default=0.0, description="Class time covered by the source.")
+    frames_sampled: int = Field(default=0)
+    faces_detected: int = Field(default=0)
+    emotion_inference: bool = Field(default=True, description="Whether emotion models ran at all.")
+    models_json: str = Field(default="{}", description="JSON: role -> model name, sha256 and provenance.")
+    report_path: str | None = Field(default=None, description="Folder of the rendered reports.")
+
+
+class Student(SQLModel, table=True):
+    """A person tracked within one analysis; identity never extends beyond the session."""
+
+    __table_args__ = (UniqueConstraint("analysis_id", "stream", "track_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    analysis_id: int = Field(foreign_key="analysis.id", index=True)
+    stream: str = Field(default="main")
+    track_id: int
+    label: str = Field(description="Display name in reports: 'Student 3', or the meeting display name.")
+    first_seen: float = Field(description="Class time of the first sample the face was seen in.")
+    last_seen: float
+    samples_visible: int = Field(description="Sampled frames in which the face was detected.")
+
+
+class FrameSample(SQLModel, table=True):
+    """One sampled frame of one stream: how many faces it held (for visibility and coverage)."""
+
+    __table_args__ = (UniqueConstraint("analysis_id", "stream", "timestamp"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    analysis_id: int = Field(foreign_key="analysis.id", index=True)
+    stream: str = Field(default="main")
+    timestamp: float
+    faces: int
+
+
+class FaceObservation(SQLModel, table=True):
+    """Derived numbers for one face at one timestamp."""
+
+    __table_args__ = (UniqueConstraint("analysis_id", "stream", "track_id", "timestamp"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    analysis_id: int = Field(foreign_key="analysis.id", index=True)
+    stream: str = Field(default="main")
+    track_id: int
+    timestamp: float
+    box_x1: float
+    box_y1: float
+    box_x2: float
+    box_y2: float
+    detection_score: float
+    head_yaw: float = Field(description="Degrees, positive when the face turns to the image's right.")
+    head_pitch: float = Field(description="Degrees, positive when the face tilts up.")
+    head_roll: float
+    eyes_closed: float | None = None
+    gaze_away: float | None = None
+    emotion_angry: float | None = None
+    emotion_disgust: float | None = None
+    emotion_fear: float | None = None
+    emotion_happy: float | None = None
+    emotion_sad: float | None = None
+    emotion_surprise: float | None = None
+    emotion_neutral: float | None = None
+    engagement_p0: float
+    engagement_p1: float
+    engagement_p2: float
+    engagement_p3: float
+    engagement_level: int = Field(description="Most probable level, 0 (very low) to 3 (very high).")
+    engagement_score: float = Field(description="Expected level: sum of level × probability, 0–3.")
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine for a SQLAlchemy URL, creating the SQLite file's folder when needed."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigurationError(f"database_url: not a SQLAlchemy URL: {url!r}") from None
+    kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    else:
+        kwargs["pool_pre_ping"] = True
+    engine = create_engine(url, **kwargs)
+    if parsed.get_backend_name() == "sqlite":
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            # WAL lets the report step read while workers write; foreign keys keep deletes honest.
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+    return engine
+
+
+def init_store(url: str) -> Engine:
+    """Open the store and create missing tables; a database that cannot be reached is a one-line error."""
+    engine = make_engine(url)
+    try:
+        SQLModel.metadata.create_all(engine)
+    except OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise ConfigurationError(f"cannot open the database {engine.url!r}: {reason}") from None
+    return engine
+
+
+@contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error."""
+    with Session(engine) as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+def insert_ignoring_duplicates(session: Session, model: type[SQLModel], rows: Sequence[dict[str, Any]]) -> None:
+    """Insert rows, skipping any that collide with a unique key (idempotent writes)."""
+    if not rows:
+        return
+    table = model.__table__  # type: ignore[attr-defined]
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        statement: Any = postgresql.insert(table).values(list(rows)).on_conflict_do_nothing()
+    elif dialect == "sqlite":
+        statement = sqlite.insert(table).values(list(rows)).on_conflict_do_nothing()
+    else:
+        raise ConfigurationError(f"database dialect {dialect!r} is not supported; use SQLite or PostgreSQL")
+    session.execute(statement)
+
+
+def delete_analysis_data(session: Session, analysis_id: int, *, keep_analysis: bool = True) -> None:
+    """Delete everything derived for an analysis (and the analysis row unless ``keep_analysis``)."""
+    for model in (FaceObservation, FrameSample, Student):
+        session.execute(delete(model).where(model.analysis_id == analysis_id))  # type: ignore[attr-defined]
+    if not keep_analysis:
+        session.execute(delete(Analysis).where(Analysis.id == analysis_id))  # type: ignore[arg-type]
+
+
+def observations_for(session: Session, analysis_id: int) -> list[FaceObservation]:
+    """Every observation of an analysis, ordered by stream, track and time."""
+    statement = (
+        select(FaceObservation)
+        .where(FaceObservation.analysis_id == analysis_id)
+        .order_by(FaceObservation.stream, FaceObservation.track_id, FaceObservation.timestamp)  # type: ignore[arg-type]
+    )
+    return list(session.exec(statement))
+
+
+def students_for(session: Session, analysis_id: int) -> list[Student]:
+    """The students of an analysis, in the order they first appeared."""
+    statement = select(Student).where(Student.analysis_id == analysis_id).order_by(Student.first_seen, Student.id)  # type: ignore[arg-type]
+    return list(session.exec(statement))
+
+
+def frame_samples_for(session: Session, analysis_id: int) -> list[FrameSample]:
+    """The sampled frames of an analysis in time order."""
+    statement = select(FrameSample).where(FrameSample.analysis_id == analysis_id).order_by(FrameSample.timestamp)  # type: ignore[arg-type]
+    return list(session.exec(statement))
+
+
+def all_rows(rows: Iterable[SQLModel]) -> list[dict[str, Any]]:
+    """Plain dicts of ORM rows, for exports."""
+    return [row.model_dump() for row in rows]

@@ -1,0 +1,1 @@
+"""Model supply: pinned sources, conversions to ONNX, the model manifest and parity checks."""

@@ -1,0 +1,51 @@
+"""Conversions from a model's raw source file to the ONNX bytes the workers run.
+
+Each conversion is a pure function ``bytes -> bytes``; heavy imports stay inside them
+so that listing models does not load converters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from classlens.errors import ModelSupplyError
+
+
+def _unchanged(raw: bytes) -> bytes:
+    return raw
+
+
+def _retinaface_to_scrfd(raw: bytes) -> bytes:
+    from model_export.retinaface import convert_retinaface_to_scrfd, extract_retinaface_onnx
+
+    return convert_retinaface_to_scrfd(extract_retinaface_onnx(raw))
+
+
+def _keras_hdf5_to_onnx(raw: bytes) -> bytes:
+    from model_export.keras_hdf5 import convert_keras_hdf5_to_onnx
+
+    return convert_keras_hdf5_to_onnx(raw)
+
+
+def _build_engagement_baseline(raw: bytes) -> bytes:
+    del raw  # built from code, there is no source file
+    from model_export.engagement_baseline import build_engagement_baseline
+
+    return build_engagement_baseline()
+
+
+CONVERSIONS: dict[str, Callable[[bytes], bytes]] = {
+    "none": _unchanged,
+    "retinaface_to_scrfd": _retinaface_to_scrfd,
+    "keras_hdf5_to_onnx": _keras_hdf5_to_onnx,
+    "build_engagement_baseline": _build_engagement_baseline,
+}
+
+
+def convert(conversion: str, raw: bytes) -> bytes:
+    """Run the named conversion."""
+    try:
+        function = CONVERSIONS[conversion]
+    except KeyError:
+        raise ModelSupplyError(f"unknown conversion {conversion!r}") from None
+    return function(raw)

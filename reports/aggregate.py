@@ -1,0 +1,940 @@
+"""Aggregation: store rows in, frozen report data out.
+
+Every function here is pure except :func:`build_report_data`, which only reads the
+store. The report templates, the charts and the exports all work from the
+:class:`ReportData` it returns, so a number shown in a table, drawn in a chart and
+written to the CSV is the same number.
+
+Time is put on one grid for the whole class: the sampled timestamps of every stream,
+clustered so that samples of different meeting feeds taken within half a sampling
+period of each other count as the same moment. For a recording (one stream) the grid
+is exactly the sampled timestamps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from sqlmodel import Session
+
+from classlens.errors import BadInputError
+from classlens.store import (
+    Analysis,
+    AnalysisStatus,
+    FaceObservation,
+    Student,
+    frame_samples_for,
+    observations_for,
+    students_for,
+)
+from classlens.types import EMOTION_LABELS, ENGAGEMENT_LEVELS
+from reports.formatting import format_interval, format_share, format_timestamp, slugify
+
+#: Head turned further than this (degrees, either side) counts as looking away.
+LOOK_AWAY_YAW_DEGREES = 30.0
+#: Head tilted further than this (degrees, up or down) counts as looking away.
+LOOK_AWAY_PITCH_DEGREES = 25.0
+#: Eyes-closed probability above which a sample counts as eyes closed.
+EYES_CLOSED_THRESHOLD = 0.5
+#: Gaze-away probability above which a sample counts as gaze off the screen.
+GAZE_AWAY_THRESHOLD = 0.5
+#: Highest engagement level (0–3) that counts as disengaged.
+DISENGAGED_MAX_LEVEL = 1
+#: Share of the visible students that must be disengaged for a class disengagement moment.
+DISENGAGED_CLASS_SHARE = 0.4
+#: How many lowest-engagement moments a student summary lists.
+LOWEST_MOMENTS = 3
+#: Minimum class time between two listed lowest moments of one student.
+LOWEST_MOMENT_GAP_SECONDS = 10.0
+#: Two-sided 95 % normal quantile, for the intervals around means.
+Z_95 = 1.959963984540054
+#: Visible share under which a student's numbers get a data-quality note.
+LOW_VISIBILITY_SHARE = 0.5
+#: Mean top-level probability under which the engagement model counts as unsure.
+LOW_CONFIDENCE = 0.5
+
+_MAX_SCORE = float(len(ENGAGEMENT_LEVELS) - 1)
+
+
+class AnalysisNotFoundError(BadInputError):
+    """The requested analysis is not in the store."""
+
+
+# ---------------------------------------------------------------------------
+# Data
+
+
+@dataclass(frozen=True, slots=True)
+class AnalysisInfo:
+    """A detached copy of the :class:`~classlens.store.Analysis` row the report is about.
+
+    A copy rather than the ORM row, so the report data stays valid after the session
+    that read it has closed.
+    """
+
+    id: int
+    """Primary key of the analysis."""
+    kind: str
+    """``"recording"`` or ``"meeting"``."""
+    source: str
+    """The recording's file name or the meeting's address."""
+    title: str
+    """Human-readable name; may be empty."""
+    status: AnalysisStatus
+    """running, done or failed."""
+    failure_reason: str | None
+    """Why the analysis failed, in one line, when it did."""
+    created_at: datetime
+    """When the analysis started."""
+    finished_at: datetime | None
+    """When it ended, if it has."""
+    sample_fps: float
+    """Frames sampled per second of class time."""
+    duration_seconds: float
+    """Class time covered by the source."""
+    frames_sampled: int
+    """Sampled frames over all streams."""
+    faces_detected: int
+    """Faces detected over all sampled frames."""
+    emotion_inference: bool
+    """Whether emotion models ran; when False no emotion appears anywhere in the report."""
+
+    @classmethod
+    def from_row(cls, row: Analysis) -> AnalysisInfo:
+        """Copy the fields of an ``Analysis`` row."""
+        if row.id is None:
+            raise ValueError("AnalysisInfo.from_row: the analysis row has no id (not yet saved)")
+        return cls(
+            id=row.id,
+            kind=row.kind,
+            source=row.source,
+            title=row.title,
+            status=AnalysisStatus(row.status),
+            failure_reason=row.failure_reason,
+            created_at=row.created_at,
+            finished_at=row.finished_at,
+            sample_fps=float(row.sample_fps),
+            duration_seconds=float(row.duration_seconds),
+            frames_sampled=int(row.frames_sampled),
+            faces_detected=int(row.faces_detected),
+            emotion_inference=bool(row.emotion_inference),
+        )
+
+    @property
+    def display_title(self) -> str:
+        """The title, or the source when the analysis has no title."""
+        return self.title or self.source
+
+    @property
+    def failed(self) -> bool:
+        """Whether the analysis failed."""
+        return self.status is AnalysisStatus.failed
+
+    @property
+    def running(self) -> bool:
+        """Whether the analysis was still running when the data was read."""
+        return self.status is AnalysisStatus.running
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """One model that produced the numbers, as recorded in ``Analysis.models_json``."""
+
+    role: str
+    """What the model does in the pipeline: ``detector``, ``emotion``, ``engagement`` …"""
+    name: str
+    """The model's name."""
+    sha256: str
+    """Digest of the exact file that ran; empty when not recorded."""
+    licence: str
+    """The model's licence; empty when not recorded."""
+    description: str
+    """What the model is and how it was made."""
+    heuristic: bool
+    """True for a hand-written baseline rather than a trained model."""
+
+    @property
+    def is_engagement(self) -> bool:
+        """Whether this is the model that estimates engagement levels."""
+        return "engagement" in self.role.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class StudentInfo:
+    """A student of the analysis and where their report lives."""
+
+    id: int
+    """Primary key of the ``Student`` row."""
+    number: int
+    """1-based position in the order students first appeared; used in the file name."""
+    label: str
+    """Display name: ``Student 3`` or the meeting display name (untrusted text)."""
+    stream: str
+    """The stream the student's face came from."""
+    track_id: int
+    """The tracker's id for the face within its stream."""
+    slug: str
+    """File-name-safe form of the label."""
+
+    @property
+    def file_name(self) -> str:
+        """The student report's file name: ``<number>-<slug>.html``."""
+        return f"{self.number}-{self.slug}.html"
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineSample:
+    """One student at one sampled moment: visible or not, and what the models said."""
+
+    timestamp: float
+    """Class time in seconds (the grid time of the moment)."""
+    visible: bool
+    """Whether the student's face was detected at this moment; all else is None when not."""
+    engagement_score: float | None = None
+    """Expected engagement level, 0–3."""
+    engagement_level: int | None = None
+    """Most probable engagement level, 0–3."""
+    level_probabilities: tuple[float, float, float, float] | None = None
+    """Probabilities of the four engagement levels."""
+    confidence: float | None = None
+    """The highest level probability: how sure the model was of ``engagement_level``."""
+    score_sd: float | None = None
+    """Standard deviation of the level under the model's probabilities (per-sample band)."""
+    emotion_probabilities: tuple[float, ...] | None = None
+    """Probabilities in :data:`~classlens.types.EMOTION_LABELS` order, or None when off."""
+    head_yaw: float | None = None
+    """Degrees, positive when the face turns to the image's right."""
+    head_pitch: float | None = None
+    """Degrees, positive when the face tilts up."""
+    eyes_closed: float | None = None
+    """Probability that the eyes are closed, when a landmark model ran."""
+    gaze_away: float | None = None
+    """Probability that the gaze is off the screen, when a landmark model ran."""
+
+    @property
+    def looking_away(self) -> bool | None:
+        """Head turned or tilted beyond the thresholds; None when not visible or unknown."""
+        if not self.visible or self.head_yaw is None or self.head_pitch is None:
+            return None
+        return abs(self.head_yaw) > LOOK_AWAY_YAW_DEGREES or abs(self.head_pitch) > LOOK_AWAY_PITCH_DEGREES
+
+    @property
+    def eyes_closed_flag(self) -> bool | None:
+        """Eyes-closed probability above the threshold; None when unknown."""
+        if not self.visible or self.eyes_closed is None:
+            return None
+        return self.eyes_closed > EYES_CLOSED_THRESHOLD
+
+    @property
+    def gaze_away_flag(self) -> bool | None:
+        """Gaze-away probability above the threshold; None when unknown."""
+        if not self.visible or self.gaze_away is None:
+            return None
+        return self.gaze_away > GAZE_AWAY_THRESHOLD
+
+    @property
+    def dominant_emotion(self) -> str | None:
+        """The most probable emotion at this moment, or None."""
+        if self.emotion_probabilities is None:
+            return None
+        return EMOTION_LABELS[int(np.argmax(self.emotion_probabilities))]
+
+
+@dataclass(frozen=True, slots=True)
+class StudentTimeline:
+    """Every sampled moment of the class for one student, visible or not, in time order."""
+
+    student: StudentInfo
+    """Whose timeline it is."""
+    samples: tuple[TimelineSample, ...]
+    """One sample per grid time of the class."""
+
+    @property
+    def label(self) -> str:
+        """The student's display name."""
+        return self.student.label
+
+    @property
+    def student_id(self) -> int:
+        """The student's row id."""
+        return self.student.id
+
+
+@dataclass(frozen=True, slots=True)
+class Moment:
+    """A point of class time with the student's engagement then."""
+
+    timestamp: float
+    """Class time in seconds."""
+    engagement_score: float
+    """Expected engagement level, 0–3."""
+    engagement_level: int
+    """Most probable level, 0–3."""
+    confidence: float
+    """The model's probability of that level."""
+
+    @property
+    def time_label(self) -> str:
+        """The moment as ``m:ss``."""
+        return format_timestamp(self.timestamp)
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionCues:
+    """How often attention cues were seen.
+
+    Looking away, eyes closed and gaze away are shares of the samples where the face
+    was visible (and the cue known); not visible is a share of all sampled time.
+    """
+
+    looking_away_share: float | None
+    """Share of visible samples with |yaw| > 30° or |pitch| > 25°; None when never visible."""
+    eyes_closed_share: float | None
+    """Share of visible samples with eyes-closed probability > 0.5; None when never known."""
+    gaze_away_share: float | None
+    """Share of visible samples with gaze-away probability > 0.5; None when never known."""
+    not_visible_share: float
+    """Share of the sampled time in which the face was not detected."""
+
+
+@dataclass(frozen=True, slots=True)
+class StudentSummary:
+    """One student's class in numbers, with the uncertainty and data quality behind them."""
+
+    student: StudentInfo
+    """Whose summary it is."""
+    samples_total: int
+    """Sampled moments of the class."""
+    samples_visible: int
+    """Sampled moments in which the face was detected."""
+    visible_share: float
+    """``samples_visible / samples_total`` (0 when nothing was sampled)."""
+    seconds_visible: float
+    """Class time the face was visible: visible samples times the sampling period."""
+    mean_engagement: float | None
+    """Mean expected engagement level over visible samples; None when never visible."""
+    engagement_se: float | None
+    """Standard error of that mean, corrected for samples close in time being alike."""
+    engagement_low: float | None
+    """Lower end of the 95 % interval of the mean (clipped to 0–3)."""
+    engagement_high: float | None
+    """Upper end of the 95 % interval of the mean (clipped to 0–3)."""
+    effective_samples: float | None
+    """How many independent samples the visible ones are worth (lag-1 autocorrelation)."""
+    mean_confidence: float | None
+    """Mean top-level probability of the engagement model: how sure it was on average."""
+    level_shares: tuple[float, float, float, float] | None
+    """Share of visible samples at each most-probable level 0–3."""
+    dominant_emotion: str | None
+    """The emotion most often most probable; None when emotion inference was off."""
+    emotion_shares: tuple[tuple[str, float], ...] | None
+    """(emotion, share of visible samples where it was the argmax) in label order, or None."""
+    cues: AttentionCues
+    """Attention cue shares."""
+    lowest_moments: tuple[Moment, ...]
+    """Up to three lowest-engagement moments, lowest first, at least 10 s apart."""
+
+    @property
+    def label(self) -> str:
+        """The student's display name."""
+        return self.student.label
+
+    @property
+    def uncertainty(self) -> float | None:
+        """Half-width of the 95 % interval (``mean ± this``), when there is one."""
+        if self.engagement_se is None:
+            return None
+        return Z_95 * self.engagement_se
+
+
+@dataclass(frozen=True, slots=True)
+class ClassPoint:
+    """The class at one sampled moment."""
+
+    timestamp: float
+    """Class time in seconds."""
+    mean_engagement: float | None
+    """Mean expected engagement over the students visible then; None when nobody was."""
+    band_low: float | None
+    """Lower end of the 95 % interval of that mean over students (None under two visible)."""
+    band_high: float | None
+    """Upper end of that interval."""
+    students_visible: int
+    """How many students' faces were detected."""
+    share_visible: float
+    """``students_visible`` over the number of students."""
+    share_disengaged: float | None
+    """Share of the visible students at level ≤ 1; None when nobody was visible."""
+    disengaged: bool
+    """Whether this moment counts as a class disengagement moment."""
+
+
+@dataclass(frozen=True, slots=True)
+class Interval:
+    """A span of class time in which the class was disengaged."""
+
+    start: float
+    """First disengaged moment, seconds."""
+    end: float
+    """One sampling period after the last disengaged moment, seconds."""
+    peak_share: float
+    """Highest share of visible students at level ≤ 1 within the span."""
+
+    @property
+    def label(self) -> str:
+        """The span as ``m:ss–m:ss``."""
+        return format_interval(self.start, self.end)
+
+    @property
+    def duration(self) -> float:
+        """Length in seconds."""
+        return self.end - self.start
+
+
+@dataclass(frozen=True, slots=True)
+class HeatmapRow:
+    """One student's engagement over the class grid, None where not visible."""
+
+    student: StudentInfo
+    """Whose row it is."""
+    values: tuple[float | None, ...]
+    """Expected engagement level per grid time, or None."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClassOverview:
+    """The class as a whole over time."""
+
+    timestamps: tuple[float, ...]
+    """The class time grid, seconds."""
+    points: tuple[ClassPoint, ...]
+    """One point per grid time."""
+    disengagement_intervals: tuple[Interval, ...]
+    """Spans where at least 40 % of the visible students were at level ≤ 1."""
+    heatmap: tuple[HeatmapRow, ...]
+    """Students × time matrix of expected engagement, None where not visible."""
+    sample_period: float
+    """Seconds between two sampled moments."""
+    end_seconds: float
+    """End of class time shown on time axes."""
+    mean_engagement: float | None
+    """Mean over time of the class mean engagement (moments with someone visible)."""
+    mean_share_visible: float
+    """Mean over time of the share of students visible."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReportData:
+    """Everything the reports, the charts and the exports show about one analysis."""
+
+    analysis: AnalysisInfo
+    """The analysis the report is about."""
+    models: tuple[ModelInfo, ...]
+    """The models that produced the numbers, by role."""
+    students: tuple[StudentInfo, ...]
+    """Students in the order they first appeared."""
+    timelines: tuple[StudentTimeline, ...]
+    """One timeline per student, same order."""
+    summaries: tuple[StudentSummary, ...]
+    """One summary per student, same order."""
+    overview: ClassOverview
+    """The class over time."""
+    quality_notes: tuple[str, ...]
+    """Plain-text notes on data quality a reader should know before trusting the numbers."""
+    ignored_observations: int
+    """Face observations of tracks that are not students, left out of every number."""
+
+    @property
+    def emotion_enabled(self) -> bool:
+        """Whether emotion inference ran (when False the report shows no emotion at all)."""
+        return self.analysis.emotion_inference
+
+    @property
+    def engagement_model(self) -> ModelInfo | None:
+        """The model that estimated engagement, when recorded."""
+        for model in self.models:
+            if model.is_engagement:
+                return model
+        return None
+
+    @property
+    def engagement_is_heuristic(self) -> bool:
+        """Whether engagement came from a heuristic baseline rather than a trained model."""
+        model = self.engagement_model
+        return model is not None and model.heuristic
+
+
+# ---------------------------------------------------------------------------
+# Pure helpers
+
+
+def _finite(value: float | None) -> float | None:
+    """The value as a float, or None when missing or not finite (NaN never reaches a report)."""
+    if value is None:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def parse_models(models_json: str) -> tuple[tuple[ModelInfo, ...], bool]:
+    """Parse ``Analysis.models_json``: a JSON map role -> model description.
+
+    Each value is a map with ``name``, ``sha256``, ``licence``, ``description`` and
+    ``heuristic``; a plain string is taken as the name. Returns the models sorted by
+    role and whether the JSON was readable (an unreadable value gives no models and a
+    data-quality note rather than a failed report).
+    """
+    try:
+        raw: Any = json.loads(models_json or "{}")
+    except (TypeError, ValueError):
+        return (), False
+    if not isinstance(raw, dict):
+        return (), False
+    models: list[ModelInfo] = []
+    for role, entry in raw.items():
+        fields: Mapping[str, Any] = entry if isinstance(entry, dict) else {"name": entry}
+        models.append(
+            ModelInfo(
+                role=str(role),
+                name=str(fields.get("name") or ""),
+                sha256=str(fields.get("sha256") or ""),
+                licence=str(fields.get("licence") or fields.get("license") or ""),
+                description=str(fields.get("description") or ""),
+                heuristic=fields.get("heuristic") is True,
+            )
+        )
+    return tuple(sorted(models, key=lambda model: model.role)), True
+
+
+def sample_period_for(sample_fps: float, timestamps: Sequence[float] = ()) -> float:
+    """Seconds between sampled moments: ``1 / sample_fps``.
+
+    When the recorded rate is unusable (0, negative, NaN), the median spacing of the
+    timestamps is used instead, and 1 s when there are fewer than two.
+    """
+    if math.isfinite(sample_fps) and sample_fps > 0:
+        return 1.0 / sample_fps
+    ordered = sorted(set(timestamps))
+    if len(ordered) >= 2:
+        spacing = float(np.median(np.diff(ordered)))
+        if spacing > 0:
+            return spacing
+    return 1.0
+
+
+def build_time_grid(timestamps: Iterable[float], sample_period: float) -> tuple[tuple[float, ...], dict[float, int]]:
+    """Cluster sampled timestamps into one class time grid.
+
+    Returns the grid (the first timestamp of each cluster) and a map from every input
+    timestamp to its grid index. A cluster holds the timestamps less than half a
+    sampling period after its first one: meeting feeds are sampled at slightly
+    different times, but one stream's own samples, a full period apart, never share one.
+    """
+    grid: list[float] = []
+    index: dict[float, int] = {}
+    tolerance = 0.5 * sample_period
+    for stamp in sorted({float(t) for t in timestamps if math.isfinite(t)}):
+        if not grid or stamp - grid[-1] >= tolerance - 1e-9:
+            grid.append(stamp)
+        index[stamp] = len(grid) - 1
+    return tuple(grid), index
+
+
+def student_infos(students: Sequence[Student]) -> tuple[StudentInfo, ...]:
+    """Number the students 1, 2, … in the given order and give each a file-name slug."""
+    infos: list[StudentInfo] = []
+    for number, row in enumerate(students, start=1):
+        if row.id is None:
+            raise ValueError(f"student_infos: student {row.label!r} has no id (not yet saved)")
+        infos.append(
+            StudentInfo(
+                id=row.id,
+                number=number,
+                label=row.label,
+                stream=row.stream,
+                track_id=row.track_id,
+                slug=slugify(row.label),
+            )
+        )
+    return tuple(infos)
+
+
+def _sample_from_observation(obs: FaceObservation, timestamp: float, emotion_inference: bool) -> TimelineSample:
+    """Turn one observation into a visible timeline sample."""
+    raw = (obs.engagement_p0, obs.engagement_p1, obs.engagement_p2, obs.engagement_p3)
+    probs = np.array([_finite(p) or 0.0 for p in raw], dtype=np.float64)
+    total = float(probs.sum())
+    levels = np.arange(len(ENGAGEMENT_LEVELS), dtype=np.float64)
+    if total > 0:
+        normalised = probs / total
+        expected = float(normalised @ levels)
+        score_sd = float(math.sqrt(max(0.0, float(normalised @ (levels - expected) ** 2))))
+    else:
+        normalised = probs
+        expected = float(obs.engagement_level)
+        score_sd = None
+    # The stored expected level is authoritative; recompute only when it is unusable.
+    score = _finite(obs.engagement_score)
+    if score is None:
+        score = expected
+    level = int(obs.engagement_level)
+    if not 0 <= level < len(ENGAGEMENT_LEVELS):
+        level = int(np.argmax(normalised))
+    emotions: tuple[float, ...] | None = None
+    if emotion_inference:
+        values = [
+            _finite(getattr(obs, f"emotion_{label}")) for label in EMOTION_LABELS
+        ]
+        if all(v is not None for v in values):
+            emotions = tuple(float(v) for v in values if v is not None)
+    return TimelineSample(
+        timestamp=timestamp,
+        visible=True,
+        engagement_score=min(_MAX_SCORE, max(0.0, score)),
+        engagement_level=level,
+        level_probabilities=(
+            float(normalised[0]), float(normalised[1]), float(normalised[2]), float(normalised[3])
+        ),
+        confidence=float(normalised.max()),
+        score_sd=score_sd,
+        emotion_probabilities=emotions,
+        head_yaw=_finite(obs.head_yaw),
+        head_pitch=_finite(obs.head_pitch),
+        eyes_closed=_finite(obs.eyes_closed),
+        gaze_away=_finite(obs.gaze_away),
+    )
+
+
+def build_timelines(
+    students: Sequence[StudentInfo],
+    observations: Iterable[FaceObservation],
+    grid: Sequence[float],
+    grid_index: Mapping[float, int],
+    *,
+    emotion_inference: bool,
+) -> tuple[tuple[StudentTimeline, ...], int]:
+    """One timeline per student over the whole grid, and the count of ignored observations.
+
+    Observations whose (stream, track) is not a student are ignored (and counted). If
+    one student has two observations in one grid cluster, the one the detector was
+    surest of is kept.
+    """
+    by_key = {(s.stream, s.track_id): s for s in students}
+    chosen: dict[int, dict[int, FaceObservation]] = {s.id: {} for s in students}
+    ignored = 0
+    for obs in observations:
+        student = by_key.get((obs.stream, obs.track_id))
+        position = grid_index.get(float(obs.timestamp))
+        if student is None or position is None:
+            ignored += 1
+            continue
+        cells = chosen[student.id]
+        current = cells.get(position)
+        if current is None or obs.detection_score > current.detection_score:
+            cells[position] = obs
+    timelines = []
+    for student in students:
+        cells = chosen[student.id]
+        samples = tuple(
+            _sample_from_observation(cells[i], t, emotion_inference) if i in cells
+            else TimelineSample(timestamp=t, visible=False)
+            for i, t in enumerate(grid)
+        )
+        timelines.append(StudentTimeline(student=student, samples=samples))
+    return tuple(timelines), ignored
+
+
+def mean_with_interval(values: Sequence[float]) -> tuple[float, float | None, float | None, float | None, float]:
+    """Mean of a time series with a 95 % interval that respects autocorrelation.
+
+    Returns ``(mean, standard_error, low, high, effective_n)``. Engagement one second
+    apart is nearly the same reading twice, so the plain ``sd / sqrt(n)`` would claim
+    far more certainty than the data holds; the effective sample size of an AR(1)
+    series, ``n (1 - r1) / (1 + r1)`` with r1 the lag-1 autocorrelation, corrects for
+    that. The interval is clipped to the 0–3 scale. Under two values there is no
+    standard error and no interval.
+    """
+    if not values:
+        raise ValueError("mean_with_interval: no values")
+    data = np.asarray(values, dtype=np.float64)
+    n = int(data.size)
+    mean = float(data.mean())
+    if n < 2:
+        return mean, None, None, None, float(n)
+    centred = data - mean
+    variance = float(centred @ centred)
+    r1 = float(centred[:-1] @ centred[1:]) / variance if variance > 0 else 0.0
+    # A negative r1 would inflate n beyond the data; treat it as independent samples.
+    effective = n * (1.0 - r1) / (1.0 + r1) if r1 > 0 else float(n)
+    effective = min(float(n), max(1.0, effective))
+    se = float(data.std(ddof=1)) / math.sqrt(effective)
+    low = max(0.0, mean - Z_95 * se)
+    high = min(_MAX_SCORE, mean + Z_95 * se)
+    return mean, se, low, high, effective
+
+
+def lowest_moments(
+    samples: Sequence[TimelineSample], count: int = LOWEST_MOMENTS, min_gap: float = LOWEST_MOMENT_GAP_SECONDS
+) -> tuple[Moment, ...]:
+    """The ``count`` lowest-engagement visible samples, lowest first.
+
+    Moments closer than ``min_gap`` seconds to one already picked are skipped, so the
+    three moments are three different episodes rather than three seconds of one dip.
+    Ties go to the earlier moment.
+    """
+    visible = [s for s in samples if s.visible and s.engagement_score is not None]
+    visible.sort(key=lambda s: (s.engagement_score, s.timestamp))
+    picked: list[Moment] = []
+    for sample in visible:
+        if len(picked) >= count:
+            break
+        if any(abs(sample.timestamp - m.timestamp) < min_gap for m in picked):
+            continue
+        assert sample.engagement_score is not None  # filtered above; narrows for mypy
+        picked.append(
+            Moment(
+                timestamp=sample.timestamp,
+                engagement_score=sample.engagement_score,
+                engagement_level=sample.engagement_level if sample.engagement_level is not None else 0,
+                confidence=sample.confidence if sample.confidence is not None else 0.0,
+            )
+        )
+    return tuple(picked)
+
+
+def _share(flags: Sequence[bool | None]) -> float | None:
+    """Share of True among the known flags; None when none is known."""
+    known = [f for f in flags if f is not None]
+    if not known:
+        return None
+    return sum(1 for f in known if f) / len(known)
+
+
+def summarize_student(timeline: StudentTimeline, sample_period: float) -> StudentSummary:
+    """Summarise one student's timeline: engagement with uncertainty, visibility, cues, emotions."""
+    samples = timeline.samples
+    visible = [s for s in samples if s.visible]
+    total = len(samples)
+    scores = [s.engagement_score for s in visible if s.engagement_score is not None]
+    mean: float | None = None
+    se = low = high = effective = None
+    if scores:
+        mean, se, low, high, effective = mean_with_interval(scores)
+    confidences = [s.confidence for s in visible if s.confidence is not None]
+    level_shares: tuple[float, float, float, float] | None = None
+    levels = [s.engagement_level for s in visible if s.engagement_level is not None]
+    if levels:
+        counts = [levels.count(k) / len(levels) for k in range(len(ENGAGEMENT_LEVELS))]
+        level_shares = (counts[0], counts[1], counts[2], counts[3])
+    emotion_shares: tuple[tuple[str, float], ...] | None = None
+    dominant: str | None = None
+    argmaxes = [s.dominant_emotion for s in visible if s.emotion_probabilities is not None]
+    if argmaxes:
+        emotion_shares = tuple((label, argmaxes.count(label) / len(argmaxes)) for label in EMOTION_LABELS)
+        # Ties go to the label listed first, so the dominant emotion is deterministic.
+        dominant = max(emotion_shares, key=lambda pair: pair[1])[0]
+    cues = AttentionCues(
+        looking_away_share=_share([s.looking_away for s in visible]),
+        eyes_closed_share=_share([s.eyes_closed_flag for s in visible]),
+        gaze_away_share=_share([s.gaze_away_flag for s in visible]),
+        not_visible_share=(total - len(visible)) / total if total else 1.0,
+    )
+    return StudentSummary(
+        student=timeline.student,
+        samples_total=total,
+        samples_visible=len(visible),
+        visible_share=len(visible) / total if total else 0.0,
+        seconds_visible=len(visible) * sample_period,
+        mean_engagement=mean,
+        engagement_se=se,
+        engagement_low=low,
+        engagement_high=high,
+        effective_samples=effective,
+        mean_confidence=float(np.mean(confidences)) if confidences else None,
+        level_shares=level_shares,
+        dominant_emotion=dominant,
+        emotion_shares=emotion_shares,
+        cues=cues,
+        lowest_moments=lowest_moments(samples),
+    )
+
+
+def merge_moments(
+    points: Sequence[ClassPoint], sample_period: float, max_gap_samples: int = 1
+) -> tuple[Interval, ...]:
+    """Merge disengaged class moments into intervals.
+
+    Consecutive disengaged moments form one interval; a gap of up to
+    ``max_gap_samples`` ordinary moments is bridged, because one noisy sample in the
+    middle of a dip does not end it. An interval ends one sampling period after its
+    last disengaged moment, so a dip sampled at 20 s … 29 s reads 0:20–0:30.
+    """
+    intervals: list[Interval] = []
+    start: float | None = None
+    last = 0.0
+    peak = 0.0
+    limit = (max_gap_samples + 1) * sample_period + 1e-6
+    for point in points:
+        if not point.disengaged:
+            continue
+        share = point.share_disengaged or 0.0
+        if start is not None and point.timestamp - last <= limit:
+            last = point.timestamp
+            peak = max(peak, share)
+            continue
+        if start is not None:
+            intervals.append(Interval(start=start, end=last + sample_period, peak_share=peak))
+        start, last, peak = point.timestamp, point.timestamp, share
+    if start is not None:
+        intervals.append(Interval(start=start, end=last + sample_period, peak_share=peak))
+    return tuple(intervals)
+
+
+def build_overview(
+    timelines: Sequence[StudentTimeline], grid: Sequence[float], sample_period: float, duration_seconds: float
+) -> ClassOverview:
+    """The class over time: mean engagement, visibility, disengagement intervals, heatmap.
+
+    A moment counts as disengaged when at least 40 % of the students visible then are
+    at level ≤ 1. With two or more students in the class, at least two must be visible:
+    one face among absent ones is that student's dip, shown in their own report, not
+    the class's.
+    """
+    n_students = len(timelines)
+    min_visible = 2 if n_students >= 2 else 1
+    points: list[ClassPoint] = []
+    for i, t in enumerate(grid):
+        seen = [tl.samples[i] for tl in timelines if tl.samples[i].visible]
+        scores = [s.engagement_score for s in seen if s.engagement_score is not None]
+        mean = band_low = band_high = share_disengaged = None
+        if scores:
+            mean = float(np.mean(scores))
+            if len(scores) >= 2:
+                se = float(np.std(scores, ddof=1)) / math.sqrt(len(scores))
+                band_low = max(0.0, mean - Z_95 * se)
+                band_high = min(_MAX_SCORE, mean + Z_95 * se)
+        levels = [s.engagement_level for s in seen if s.engagement_level is not None]
+        if levels:
+            share_disengaged = sum(1 for lv in levels if lv <= DISENGAGED_MAX_LEVEL) / len(levels)
+        disengaged = (
+            share_disengaged is not None
+            and len(levels) >= min_visible
+            and share_disengaged >= DISENGAGED_CLASS_SHARE - 1e-9
+        )
+        points.append(
+            ClassPoint(
+                timestamp=t,
+                mean_engagement=mean,
+                band_low=band_low,
+                band_high=band_high,
+                students_visible=len(seen),
+                share_visible=len(seen) / n_students if n_students else 0.0,
+                share_disengaged=share_disengaged,
+                disengaged=disengaged,
+            )
+        )
+    heatmap = tuple(
+        HeatmapRow(student=tl.student, values=tuple(s.engagement_score if s.visible else None for s in tl.samples))
+        for tl in timelines
+    )
+    means = [p.mean_engagement for p in points if p.mean_engagement is not None]
+    end = max(duration_seconds, (grid[-1] + sample_period) if grid else 0.0)
+    return ClassOverview(
+        timestamps=tuple(grid),
+        points=tuple(points),
+        disengagement_intervals=merge_moments(points, sample_period),
+        heatmap=heatmap,
+        sample_period=sample_period,
+        end_seconds=end if end > 0 else sample_period,
+        mean_engagement=float(np.mean(means)) if means else None,
+        mean_share_visible=float(np.mean([p.share_visible for p in points])) if points else 0.0,
+    )
+
+
+def quality_notes(
+    analysis: AnalysisInfo,
+    summaries: Sequence[StudentSummary],
+    overview: ClassOverview,
+    *,
+    ignored_observations: int,
+    models_readable: bool,
+) -> tuple[str, ...]:
+    """Plain-text notes a reader should see before trusting the numbers."""
+    notes: list[str] = []
+    if analysis.running:
+        notes.append("The analysis was still running when this report was made; the numbers are partial.")
+    if not overview.timestamps:
+        notes.append("No frames were sampled, so there is nothing to measure.")
+    elif not summaries:
+        notes.append("No face was tracked in the sampled frames, so no student could be measured.")
+    low = [s for s in summaries if s.visible_share < LOW_VISIBILITY_SHARE]
+    if low:
+        names = "; ".join(f"{s.label} ({format_share(s.visible_share)})" for s in low)
+        notes.append(
+            f"Visible less than {format_share(LOW_VISIBILITY_SHARE)} of the sampled time: {names}. "
+            "Their numbers rest on few samples and may not represent the whole class."
+        )
+    unsure = [s for s in summaries if s.mean_confidence is not None and s.mean_confidence < LOW_CONFIDENCE]
+    if unsure:
+        names = "; ".join(s.label for s in unsure)
+        notes.append(
+            f"The engagement model was unsure for: {names} (its most probable level had on average "
+            f"less than {format_share(LOW_CONFIDENCE)} probability)."
+        )
+    if ignored_observations:
+        notes.append(
+            f"{ignored_observations} face observation(s) belonged to faces not counted as students "
+            "(seen too briefly, or excluded) and were left out of every number."
+        )
+    if not models_readable:
+        notes.append("The record of which models ran could not be read.")
+    return tuple(notes)
+
+
+# ---------------------------------------------------------------------------
+# Entry point
+
+
+def build_report_data(session: Session, analysis_id: int) -> ReportData:
+    """Read one analysis from the store and compute everything its reports show.
+
+    Raises :class:`AnalysisNotFoundError` when the analysis does not exist. A failed
+    analysis still gets report data (with whatever rows exist), so its report can say
+    that it failed and why.
+    """
+    row = session.get(Analysis, analysis_id)
+    if row is None:
+        raise AnalysisNotFoundError(f"analysis {analysis_id} is not in the store")
+    analysis = AnalysisInfo.from_row(row)
+    models, models_readable = parse_models(row.models_json)
+    students = student_infos(students_for(session, analysis_id))
+    observations = observations_for(session, analysis_id)
+    frames = frame_samples_for(session, analysis_id)
+    # Observations are taken from sampled frames, but add their timestamps to the grid
+    # anyway so a missing FrameSample row can never drop a measured face.
+    stamps = [f.timestamp for f in frames] + [o.timestamp for o in observations]
+    period = sample_period_for(analysis.sample_fps, stamps)
+    grid, index = build_time_grid(stamps, period)
+    timelines, ignored = build_timelines(
+        students, observations, grid, index, emotion_inference=analysis.emotion_inference
+    )
+    summaries = tuple(summarize_student(tl, period) for tl in timelines)
+    overview = build_overview(timelines, grid, period, analysis.duration_seconds)
+    return ReportData(
+        analysis=analysis,
+        models=models,
+        students=students,
+        timelines=timelines,
+        summaries=summaries,
+        overview=overview,
+        quality_notes=quality_notes(
+            analysis, summaries, overview, ignored_observations=ignored, models_readable=models_readable
+        ),
+        ignored_observations=ignored,
+    )

@@ -1,0 +1,633 @@
+"""Server-side SVG charts, as strings: no JavaScript, no external assets.
+
+Each chart is an ``<svg role="img">`` with a ``<title>`` and a ``<desc>`` that says in
+words what the chart shows (the alt text), referenced by ``aria-labelledby``. Every
+piece of text goes through :func:`markupsafe.escape`, because student labels can be
+meeting display names typed by anyone. Coordinates are printed with fixed decimals,
+so the same data always gives the same bytes.
+
+Colours: the Okabe–Ito palette for lines and marks, and viridis stops for the heatmap;
+both stay distinguishable under the common colour-vision deficiencies and in greyscale
+print. Grey always means "not visible".
+
+Long classes are drawn from bins (at most a few hundred points per line, 120 heatmap
+columns), so a two-hour class does not produce megabytes of SVG; the bin width is
+said in the chart description.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from markupsafe import Markup, escape
+
+from classlens.types import ENGAGEMENT_LEVELS
+from reports.aggregate import ClassOverview, StudentSummary, StudentTimeline
+from reports.formatting import (
+    format_score,
+    format_share,
+    format_timestamp,
+    score_level_name,
+)
+
+#: Line colour of engagement (Okabe–Ito blue).
+ENGAGEMENT_COLOUR = "#0072b2"
+#: Shading of class disengagement intervals (Okabe–Ito orange).
+DIP_COLOUR = "#e69f00"
+#: Colour of the share-visible line.
+VISIBLE_COLOUR = "#555555"
+#: Fill of not-visible time and heatmap cells.
+NOT_VISIBLE_COLOUR = "#d4d4d4"
+#: Bars of the bar charts (Okabe–Ito bluish green).
+BAR_COLOUR = "#009e73"
+#: Viridis colour stops from 0 (very low engagement) to 1 (very high).
+VIRIDIS_STOPS: tuple[str, ...] = ("#440154", "#3b528b", "#21918c", "#5ec962", "#fde725")
+
+_FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, Helvetica, Arial, sans-serif"
+_MAX_SCORE = float(len(ENGAGEMENT_LEVELS) - 1)
+_TICK_STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1200, 1800, 3600, 7200, 14400)
+
+
+def _n(value: float) -> str:
+    """A coordinate with one decimal and no negative zero (deterministic output)."""
+    text = f"{value:.1f}"
+    return "0.0" if text == "-0.0" else text
+
+
+def _e(text: object) -> str:
+    """Escape text for SVG content and attribute values."""
+    return str(escape(str(text)))
+
+
+def _safe_id(chart_id: str) -> str:
+    """An XML id from a caller's chart id: letters, digits, hyphens."""
+    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "-", chart_id).strip("-")
+    return cleaned if cleaned and cleaned[0].isalpha() else f"chart-{cleaned or 'x'}"
+
+
+def viridis(value: float) -> str:
+    """The viridis-like colour of a value 0–1 (clipped), as ``#rrggbb``."""
+    v = min(1.0, max(0.0, value)) if math.isfinite(value) else 0.0
+    position = v * (len(VIRIDIS_STOPS) - 1)
+    i = min(int(position), len(VIRIDIS_STOPS) - 2)
+    frac = position - i
+    a, b = VIRIDIS_STOPS[i], VIRIDIS_STOPS[i + 1]
+    channels = []
+    for k in (1, 3, 5):
+        lo, hi = int(a[k : k + 2], 16), int(b[k : k + 2], 16)
+        channels.append(round(lo + (hi - lo) * frac))
+    return "#" + "".join(f"{c:02x}" for c in channels)
+
+
+def _open(chart_id: str, width: int, height: int, title: str, description: str) -> list[str]:
+    """The opening of an accessible chart: root element, title and description."""
+    cid = _safe_id(chart_id)
+    return [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" viewBox="0 0 {width} {height}" '
+        f'width="{width}" height="{height}" role="img" aria-labelledby="{cid}-title {cid}-desc" '
+        f'font-family="{_e(_FONT)}" font-size="12">',
+        f'<title id="{cid}-title">{_e(title)}</title>',
+        f'<desc id="{cid}-desc">{_e(description)}</desc>',
+    ]
+
+
+def _text(x: float, y: float, content: str, anchor: str = "start", extra: str = "") -> str:
+    """A text element with escaped content."""
+    attrs = f' text-anchor="{anchor}"' if anchor != "start" else ""
+    return f'<text x="{_n(x)}" y="{_n(y)}"{attrs}{extra}>{_e(content)}</text>'
+
+
+@dataclass(frozen=True, slots=True)
+class _Plot:
+    """Maps class time and engagement scores to pixel coordinates of a plot area."""
+
+    left: float
+    top: float
+    width: float
+    height: float
+    end_seconds: float
+
+    def x(self, seconds: float) -> float:
+        """Pixel x of a class time."""
+        return self.left + self.width * min(1.0, max(0.0, seconds / self.end_seconds))
+
+    def y(self, score: float) -> float:
+        """Pixel y of an engagement score 0–3."""
+        return self.top + self.height * (1.0 - min(1.0, max(0.0, score / _MAX_SCORE)))
+
+    def y_share(self, share: float) -> float:
+        """Pixel y of a share 0–1 (right axis)."""
+        return self.top + self.height * (1.0 - min(1.0, max(0.0, share)))
+
+    @property
+    def bottom(self) -> float:
+        """Pixel y of the plot's bottom edge."""
+        return self.top + self.height
+
+    @property
+    def right(self) -> float:
+        """Pixel x of the plot's right edge."""
+        return self.left + self.width
+
+
+def _tick_step(end_seconds: float, max_ticks: int = 8) -> int:
+    """The smallest round tick step that gives at most ``max_ticks`` time ticks."""
+    for step in _TICK_STEPS:
+        if end_seconds / step <= max_ticks:
+            return step
+    return _TICK_STEPS[-1]
+
+
+def _time_axis(plot: _Plot, parts: list[str]) -> None:
+    """Time ticks and labels (m:ss) under a plot."""
+    step = _tick_step(plot.end_seconds)
+    parts.append(
+        f'<line x1="{_n(plot.left)}" y1="{_n(plot.bottom)}" x2="{_n(plot.right)}" '
+        f'y2="{_n(plot.bottom)}" stroke="#333" stroke-width="1"/>'
+    )
+    t = 0
+    while t <= plot.end_seconds + 1e-6:
+        x = plot.x(t)
+        parts.append(
+            f'<line x1="{_n(x)}" y1="{_n(plot.bottom)}" x2="{_n(x)}" y2="{_n(plot.bottom + 4)}" stroke="#333"/>'
+        )
+        parts.append(_text(x, plot.bottom + 17, format_timestamp(t), "middle", ' fill="#333"'))
+        t += step
+    parts.append(_text(plot.right, plot.bottom + 32, "class time (m:ss)", "end", ' fill="#555" font-size="11"'))
+
+
+def _level_axis(plot: _Plot, parts: list[str]) -> None:
+    """Horizontal grid lines at the four levels, labelled with the level names."""
+    for level, name in enumerate(ENGAGEMENT_LEVELS):
+        y = plot.y(level)
+        parts.append(
+            f'<line x1="{_n(plot.left)}" y1="{_n(y)}" x2="{_n(plot.right)}" y2="{_n(y)}" '
+            f'stroke="#e3e3e3" stroke-width="1"/>'
+        )
+        parts.append(_text(plot.left - 8, y + 4, f"{name} ({level})", "end", ' fill="#333"'))
+
+
+@dataclass(frozen=True, slots=True)
+class _Bin:
+    """Consecutive grid moments drawn as one point."""
+
+    start: float
+    end: float
+    value: float | None
+    low: float | None
+    high: float | None
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    """Mean of the known values, or None."""
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+def _bins(
+    timestamps: Sequence[float],
+    values: Sequence[float | None],
+    lows: Sequence[float | None],
+    highs: Sequence[float | None],
+    period: float,
+    max_bins: int,
+) -> tuple[list[_Bin], int]:
+    """Group consecutive moments into at most ``max_bins`` bins of equal sample count.
+
+    Returns the bins and how many samples each holds. A bin's value is the mean of its
+    known values; a bin with none is None (drawn as a gap).
+    """
+    n = len(timestamps)
+    size = max(1, math.ceil(n / max_bins)) if n else 1
+    bins = []
+    for first in range(0, n, size):
+        last = min(n, first + size) - 1
+        end = timestamps[last + 1] if last + 1 < n else timestamps[last] + period
+        bins.append(
+            _Bin(
+                start=timestamps[first],
+                end=min(end, timestamps[last] + period),
+                value=_mean(values[first : last + 1]),
+                low=_mean(lows[first : last + 1]),
+                high=_mean(highs[first : last + 1]),
+            )
+        )
+    return bins, size
+
+
+def _segments(bins: Sequence[_Bin]) -> list[list[_Bin]]:
+    """Runs of bins with a value; a bin without one, or a jump in time, breaks the run."""
+    runs: list[list[_Bin]] = []
+    current: list[_Bin] = []
+    for b in bins:
+        if b.value is None or (current and b.start - current[-1].end > 1e-6 + 0.5 * (b.end - b.start)):
+            if current:
+                runs.append(current)
+            current = []
+        if b.value is not None:
+            current.append(b)
+    if current:
+        runs.append(current)
+    return runs
+
+
+def _line_and_band(plot: _Plot, bins: Sequence[_Bin], parts: list[str], colour: str) -> None:
+    """Draw a confidence band (where known) and a line through the bin centres."""
+    for run in _segments(bins):
+        centres = [0.5 * (b.start + b.end) for b in run]
+        banded = [(c, b) for c, b in zip(centres, run, strict=True) if b.low is not None and b.high is not None]
+        if banded:
+            upper = [f"{_n(plot.x(c))},{_n(plot.y(b.high or 0.0))}" for c, b in banded]
+            lower = [f"{_n(plot.x(c))},{_n(plot.y(b.low or 0.0))}" for c, b in reversed(banded)]
+            if len(banded) == 1:
+                # A single point: draw the band as a short vertical bar.
+                c, b = banded[0]
+                parts.append(
+                    f'<line x1="{_n(plot.x(c))}" y1="{_n(plot.y(b.high or 0.0))}" x2="{_n(plot.x(c))}" '
+                    f'y2="{_n(plot.y(b.low or 0.0))}" stroke="{colour}" stroke-opacity="0.3" stroke-width="4"/>'
+                )
+            else:
+                parts.append(
+                    f'<polygon points="{" ".join(upper + lower)}" fill="{colour}" fill-opacity="0.18" stroke="none"/>'
+                )
+        coords = [f"{_n(plot.x(c))},{_n(plot.y(b.value or 0.0))}" for c, b in zip(centres, run, strict=True)]
+        if len(coords) == 1:
+            x, y = coords[0].split(",")
+            parts.append(f'<circle cx="{x}" cy="{y}" r="2.5" fill="{colour}"/>')
+        else:
+            parts.append(
+                f'<polyline points="{" ".join(coords)}" fill="none" stroke="{colour}" '
+                f'stroke-width="2" stroke-linejoin="round"/>'
+            )
+
+
+def _legend(parts: list[str], x: float, y: float, items: Sequence[tuple[str, str]]) -> None:
+    """A one-line legend; each item is (swatch markup kind, label)."""
+    cursor = x
+    for kind, label in items:
+        if kind.startswith("line:"):
+            colour = kind[5:]
+            parts.append(
+                f'<line x1="{_n(cursor)}" y1="{_n(y - 4)}" x2="{_n(cursor + 18)}" y2="{_n(y - 4)}" '
+                f'stroke="{colour}" stroke-width="2"/>'
+            )
+        elif kind.startswith("dash:"):
+            colour = kind[5:]
+            parts.append(
+                f'<line x1="{_n(cursor)}" y1="{_n(y - 4)}" x2="{_n(cursor + 18)}" y2="{_n(y - 4)}" '
+                f'stroke="{colour}" stroke-width="2" stroke-dasharray="4 3"/>'
+            )
+        else:
+            colour, _, opacity = kind[5:].partition("@")
+            parts.append(
+                f'<rect x="{_n(cursor)}" y="{_n(y - 10)}" width="18" height="10" fill="{colour}" '
+                f'fill-opacity="{opacity or "1"}"/>'
+            )
+        parts.append(_text(cursor + 23, y, label, extra=' fill="#333"'))
+        # Approximate text width: fine for a legend, and deterministic.
+        cursor += 23 + 6.6 * len(label) + 18
+
+
+def student_engagement_svg(
+    timeline: StudentTimeline,
+    summary: StudentSummary,
+    *,
+    end_seconds: float,
+    sample_period: float,
+    chart_id: str = "engagement",
+    width: int = 880,
+    height: int = 280,
+    max_points: int = 400,
+) -> Markup:
+    """One student's engagement over class time, with the model's uncertainty as a band.
+
+    The line is the expected level (0–3); the band is ±1 standard deviation of the
+    level under the model's probabilities; grey columns mark time the face was not
+    visible; numbered dots mark the lowest moments.
+    """
+    samples = timeline.samples
+    times = [s.timestamp for s in samples]
+    values = [s.engagement_score if s.visible else None for s in samples]
+    lows = [
+        max(0.0, s.engagement_score - s.score_sd)
+        if s.engagement_score is not None and s.score_sd is not None else None
+        for s in samples
+    ]
+    highs = [
+        min(_MAX_SCORE, s.engagement_score + s.score_sd)
+        if s.engagement_score is not None and s.score_sd is not None else None
+        for s in samples
+    ]
+    bins, per_bin = _bins(times, values, lows, highs, sample_period, max_points)
+    label = timeline.label
+    moments = ", ".join(f"{m.time_label} ({format_score(m.engagement_score)})" for m in summary.lowest_moments)
+    description = (
+        f"Engagement of {label} over class time on a scale from very low (0) to very high (3). "
+        f"Mean {format_score(summary.mean_engagement)}"
+        + (
+            f" (95% interval {format_score(summary.engagement_low)}–{format_score(summary.engagement_high)})"
+            if summary.engagement_low is not None
+            else ""
+        )
+        + f". Visible {format_share(summary.visible_share)} of the sampled time. "
+        + (f"Lowest moments: {moments}. " if moments else "")
+        + (f"Each point averages {per_bin} samples. " if per_bin > 1 else "")
+    ).strip()
+    parts = _open(chart_id, width, height, f"Engagement over time: {label}", description)
+    plot = _Plot(left=110, top=34, width=width - 130, height=height - 34 - 46, end_seconds=end_seconds)
+    parts.append(f'<rect x="{_n(plot.left)}" y="{_n(plot.top)}" width="{_n(plot.width)}" '
+                 f'height="{_n(plot.height)}" fill="#ffffff"/>')
+    for b in bins:
+        if b.value is None:
+            parts.append(
+                f'<rect x="{_n(plot.x(b.start))}" y="{_n(plot.top)}" '
+                f'width="{_n(max(0.0, plot.x(b.end) - plot.x(b.start)))}" height="{_n(plot.height)}" '
+                f'fill="{NOT_VISIBLE_COLOUR}" fill-opacity="0.6"/>'
+            )
+    _level_axis(plot, parts)
+    if summary.mean_engagement is not None:
+        y = plot.y(summary.mean_engagement)
+        parts.append(
+            f'<line x1="{_n(plot.left)}" y1="{_n(y)}" x2="{_n(plot.right)}" y2="{_n(y)}" '
+            f'stroke="{ENGAGEMENT_COLOUR}" stroke-width="1" stroke-dasharray="2 4"/>'
+        )
+    _line_and_band(plot, bins, parts, ENGAGEMENT_COLOUR)
+    for rank, moment in enumerate(summary.lowest_moments, start=1):
+        cx = plot.x(moment.timestamp + 0.5 * sample_period)
+        cy = plot.y(moment.engagement_score)
+        parts.append(f'<circle cx="{_n(cx)}" cy="{_n(cy)}" r="7" fill="#ffffff" stroke="#d55e00" stroke-width="2"/>')
+        parts.append(_text(cx, cy + 4, str(rank), "middle", ' font-size="10" font-weight="bold" fill="#d55e00"'))
+    _time_axis(plot, parts)
+    _legend(
+        parts,
+        plot.left,
+        18,
+        [
+            (f"line:{ENGAGEMENT_COLOUR}", "engagement (expected level)"),
+            (f"rect:{ENGAGEMENT_COLOUR}@0.18", "model uncertainty (±1 sd)"),
+            (f"rect:{NOT_VISIBLE_COLOUR}@0.6", "not visible"),
+        ],
+    )
+    parts.append("</svg>")
+    return Markup("\n".join(parts))
+
+
+def class_curve_svg(
+    overview: ClassOverview,
+    *,
+    chart_id: str = "class-curve",
+    width: int = 880,
+    height: int = 300,
+    max_points: int = 400,
+) -> Markup:
+    """The class's mean engagement over time, disengagement intervals shaded, share visible dashed.
+
+    The band is the 95 % interval of the class mean over the students visible at each
+    moment; the dashed line is the share of students visible (right axis, 0–100 %).
+    """
+    points = overview.points
+    times = [p.timestamp for p in points]
+    bins, per_bin = _bins(
+        times,
+        [p.mean_engagement for p in points],
+        [p.band_low for p in points],
+        [p.band_high for p in points],
+        overview.sample_period,
+        max_points,
+    )
+    visible_bins, _ = _bins(
+        times, [p.share_visible for p in points], [None] * len(points), [None] * len(points),
+        overview.sample_period, max_points,
+    )
+    intervals = overview.disengagement_intervals
+    if intervals:
+        dips = "; ".join(f"{iv.label} (up to {format_share(iv.peak_share)} of visible students)" for iv in intervals)
+        dip_text = f"{len(intervals)} disengagement moment(s), shaded: {dips}."
+    else:
+        dip_text = "No moment where at least 40% of the visible students were at a low level."
+    description = (
+        f"Mean engagement of the class over time on a scale from very low (0) to very high (3); "
+        f"overall {format_score(overview.mean_engagement)} "
+        f"({score_level_name(overview.mean_engagement)}). {dip_text} "
+        f"On average {format_share(overview.mean_share_visible)} of the students were visible."
+        + (f" Each point averages {per_bin} samples." if per_bin > 1 else "")
+    )
+    parts = _open(chart_id, width, height, "Class engagement over time", description)
+    plot = _Plot(left=110, top=34, width=width - 170, height=height - 34 - 46, end_seconds=overview.end_seconds)
+    parts.append(f'<rect x="{_n(plot.left)}" y="{_n(plot.top)}" width="{_n(plot.width)}" '
+                 f'height="{_n(plot.height)}" fill="#ffffff"/>')
+    for iv in intervals:
+        x0, x1 = plot.x(iv.start), plot.x(iv.end)
+        parts.append(
+            f'<rect x="{_n(x0)}" y="{_n(plot.top)}" width="{_n(max(1.0, x1 - x0))}" height="{_n(plot.height)}" '
+            f'fill="{DIP_COLOUR}" fill-opacity="0.28"><title>{_e("Disengaged: " + iv.label)}</title></rect>'
+        )
+    _level_axis(plot, parts)
+    for share in (0.0, 0.5, 1.0):
+        parts.append(
+            _text(plot.right + 8, plot.y_share(share) + 4, format_share(share), extra=f' fill="{VISIBLE_COLOUR}"')
+        )
+    parts.append(
+        _text(plot.right + 8, plot.top - 8, "visible", extra=f' fill="{VISIBLE_COLOUR}" font-size="11"')
+    )
+    for run in _segments(visible_bins):
+        coords = " ".join(f"{_n(plot.x(0.5 * (b.start + b.end)))},{_n(plot.y_share(b.value or 0.0))}" for b in run)
+        parts.append(
+            f'<polyline points="{coords}" fill="none" stroke="{VISIBLE_COLOUR}" stroke-width="1.5" '
+            f'stroke-dasharray="4 3"/>'
+        )
+    _line_and_band(plot, bins, parts, ENGAGEMENT_COLOUR)
+    _time_axis(plot, parts)
+    _legend(
+        parts,
+        plot.left,
+        18,
+        [
+            (f"line:{ENGAGEMENT_COLOUR}", "class mean"),
+            (f"rect:{ENGAGEMENT_COLOUR}@0.18", "95% interval"),
+            (f"rect:{DIP_COLOUR}@0.28", "disengagement"),
+            (f"dash:{VISIBLE_COLOUR}", "share of students visible"),
+        ],
+    )
+    parts.append("</svg>")
+    return Markup("\n".join(parts))
+
+
+def heatmap_svg(
+    overview: ClassOverview,
+    *,
+    chart_id: str = "heatmap",
+    width: int = 880,
+    row_height: int = 20,
+    max_columns: int = 120,
+) -> Markup:
+    """Students × time heatmap of engagement: viridis from very low to very high, grey = not visible.
+
+    A strip above the rows marks the class disengagement intervals, so a reader can see
+    which students made up a dip.
+    """
+    rows = overview.heatmap
+    times = overview.timestamps
+    label_width = 180
+    top = 40
+    grid_top = top + 14
+    plot = _Plot(
+        left=label_width, top=grid_top, width=width - label_width - 20,
+        height=max(1, len(rows)) * row_height, end_seconds=overview.end_seconds,
+    )
+    height = int(grid_top + plot.height + 46 + 44)
+    per_bin = max(1, math.ceil(len(times) / max_columns)) if times else 1
+    bin_seconds = per_bin * overview.sample_period
+    description = (
+        f"Heatmap of engagement for {len(rows)} students (rows) over class time (columns), "
+        "dark purple for very low (0) through green to yellow for very high (3); "
+        "grey where the student's face was not visible. "
+        + (f"Each column covers about {bin_seconds:g} seconds. " if per_bin > 1 else "")
+        + (
+            "Orange marks above the rows show class disengagement moments: "
+            + ", ".join(iv.label for iv in overview.disengagement_intervals) + "."
+            if overview.disengagement_intervals else "There were no class disengagement moments."
+        )
+    )
+    parts = _open(chart_id, width, height, "Engagement of each student over time", description)
+    parts.append(_text(label_width - 8, grid_top - 4, "class dip", "end", ' fill="#555" font-size="11"'))
+    for iv in overview.disengagement_intervals:
+        x0, x1 = plot.x(iv.start), plot.x(iv.end)
+        parts.append(
+            f'<rect x="{_n(x0)}" y="{_n(grid_top - 12)}" width="{_n(max(1.0, x1 - x0))}" height="8" '
+            f'fill="{DIP_COLOUR}"><title>{_e("Disengaged: " + iv.label)}</title></rect>'
+        )
+    for r, row in enumerate(rows):
+        y = grid_top + r * row_height
+        label = row.student.label
+        shown = label if len(label) <= 24 else label[:23] + "…"
+        parts.append(f"<g><title>{_e(label)}</title>")
+        parts.append(_text(label_width - 8, y + row_height / 2 + 4, shown, "end", ' fill="#222"'))
+        bins, _ = _bins(times, list(row.values), [None] * len(times), [None] * len(times),
+                        overview.sample_period, max_columns)
+        # Neighbouring columns of one colour are drawn as one rectangle: far fewer elements.
+        run_colour: str | None = None
+        run_start = 0.0
+        run_end = 0.0
+        for b in bins:
+            colour = NOT_VISIBLE_COLOUR if b.value is None else viridis(b.value / _MAX_SCORE)
+            if colour == run_colour and abs(b.start - run_end) < 1e-6 + 0.5 * overview.sample_period:
+                run_end = b.end
+                continue
+            if run_colour is not None:
+                parts.append(_cell(plot, run_start, run_end, y, row_height, run_colour))
+            run_colour, run_start, run_end = colour, b.start, b.end
+        if run_colour is not None:
+            parts.append(_cell(plot, run_start, run_end, y, row_height, run_colour))
+        parts.append("</g>")
+    _time_axis(plot, parts)
+    _heatmap_legend(parts, chart_id, label_width, int(plot.bottom + 50))
+    parts.append("</svg>")
+    return Markup("\n".join(parts))
+
+
+def _cell(plot: _Plot, start: float, end: float, y: float, row_height: int, colour: str) -> str:
+    """One heatmap rectangle; rows are separated by a one-pixel white gap."""
+    x0, x1 = plot.x(start), plot.x(end)
+    return (
+        f'<rect x="{_n(x0)}" y="{_n(y)}" width="{_n(max(0.5, x1 - x0))}" height="{row_height - 1}" '
+        f'fill="{colour}"/>'
+    )
+
+
+def _heatmap_legend(parts: list[str], chart_id: str, x: float, y: float) -> None:
+    """Gradient legend labelled with the level names, and the grey not-visible swatch."""
+    gradient_id = f"{_safe_id(chart_id)}-scale"
+    stops = "".join(
+        f'<stop offset="{i / (len(VIRIDIS_STOPS) - 1):.2f}" stop-color="{c}"/>' for i, c in enumerate(VIRIDIS_STOPS)
+    )
+    parts.append(f'<defs><linearGradient id="{gradient_id}" x1="0" x2="1" y1="0" y2="0">{stops}</linearGradient></defs>')
+    bar_width = 300.0
+    parts.append(f'<rect x="{_n(x)}" y="{_n(y)}" width="{_n(bar_width)}" height="12" fill="url(#{gradient_id})"/>')
+    for level, name in enumerate(ENGAGEMENT_LEVELS):
+        lx = x + bar_width * level / _MAX_SCORE
+        anchor = "start" if level == 0 else "end" if level == len(ENGAGEMENT_LEVELS) - 1 else "middle"
+        parts.append(_text(lx, y + 26, name, anchor, ' fill="#333" font-size="11"'))
+    gx = x + bar_width + 30
+    parts.append(f'<rect x="{_n(gx)}" y="{_n(y)}" width="18" height="12" fill="{NOT_VISIBLE_COLOUR}"/>')
+    parts.append(_text(gx + 24, y + 10, "not visible", extra=' fill="#333" font-size="11"'))
+
+
+def bar_chart_svg(
+    items: Sequence[tuple[str, float | None]],
+    *,
+    chart_id: str,
+    title: str,
+    description: str,
+    width: int = 560,
+    bar_height: int = 22,
+    colour: str = BAR_COLOUR,
+) -> Markup:
+    """Horizontal bars of shares 0–1, one per (label, share); a None share reads "not known".
+
+    The values are also written next to each bar, so the chart reads without colour
+    and the description can stay short.
+    """
+    label_width = 150
+    bar_space = width - label_width - 70
+    height = 10 + len(items) * (bar_height + 6) + 4
+    values = ", ".join(f"{label} {format_share(value) if value is not None else 'not known'}" for label, value in items)
+    parts = _open(chart_id, width, height, title, f"{description} {values}.".strip())
+    for i, (label, value) in enumerate(items):
+        y = 10 + i * (bar_height + 6)
+        parts.append(_text(label_width - 8, y + bar_height / 2 + 4, label, "end", ' fill="#222"'))
+        parts.append(
+            f'<rect x="{label_width}" y="{y}" width="{bar_space}" height="{bar_height}" fill="#f1f1f1"/>'
+        )
+        if value is None:
+            parts.append(_text(label_width + 6, y + bar_height / 2 + 4, "not known", extra=' fill="#666"'))
+            continue
+        bar = bar_space * min(1.0, max(0.0, value))
+        parts.append(f'<rect x="{label_width}" y="{y}" width="{_n(bar)}" height="{bar_height}" fill="{colour}"/>')
+        parts.append(_text(label_width + bar_space + 8, y + bar_height / 2 + 4, format_share(value),
+                           extra=' fill="#222"'))
+    parts.append("</svg>")
+    return Markup("\n".join(parts))
+
+
+def emotion_shares_svg(summary: StudentSummary, *, chart_id: str = "emotions") -> Markup | None:
+    """Bars of how often each emotion was the most probable one; None when there are no emotions.
+
+    Emotions keep the models' fixed order (not sorted by size), so two students'
+    charts can be compared at a glance.
+    """
+    if summary.emotion_shares is None:
+        return None
+    return bar_chart_svg(
+        [(label, share) for label, share in summary.emotion_shares],
+        chart_id=chart_id,
+        title=f"Emotion shares: {summary.label}",
+        description=(
+            f"Share of the visible samples of {summary.label} in which each emotion was the most probable "
+            "one, as estimated from the face:"
+        ),
+    )
+
+
+def attention_cues_svg(summary: StudentSummary, *, chart_id: str = "cues") -> Markup:
+    """Bars of the attention cue shares of one student."""
+    cues = summary.cues
+    return bar_chart_svg(
+        [
+            ("looking away", cues.looking_away_share),
+            ("eyes closed", cues.eyes_closed_share),
+            ("gaze off screen", cues.gaze_away_share),
+            ("not visible", cues.not_visible_share),
+        ],
+        chart_id=chart_id,
+        title=f"Attention cues: {summary.label}",
+        description=(
+            f"Attention cues of {summary.label}. Looking away, eyes closed and gaze off screen are shares of "
+            "the time the face was visible; not visible is a share of all sampled time:"
+        ),
+        colour="#56b4e9",
+    )
+

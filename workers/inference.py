@@ -1,0 +1,61 @@
+"""The pure function at the heart of every worker: face crops in, derived numbers out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from classlens.types import EMOTION_LABELS, CropBatch, FaceAnalysisBatch, FloatArray
+from workers.runners import EmotionRunner, EngagementRunner
+
+
+@dataclass
+class InferenceModels:
+    """The models a worker runs; emotion is None when emotion inference is switched off."""
+
+    engagement: EngagementRunner
+    """Engagement model (required)."""
+    emotion: EmotionRunner | None = None
+    """Emotion model, or None when the deployment switched emotion inference off."""
+    provenance: dict[str, dict[str, object]] = field(default_factory=dict)
+    """Role → name, sha256, licence, description: recorded on the analysis for the reports."""
+
+
+def engagement_features(
+    head_pose: FloatArray,
+    emotions: FloatArray | None,
+    eyes_closed: FloatArray | None,
+    gaze_away: FloatArray | None,
+) -> FloatArray:
+    """Build the engagement model's input rows in ``ENGAGEMENT_FEATURES`` order.
+
+    Unknown cues are 0 (no evidence); without emotion inference the emotion columns are 0.
+    """
+    count = head_pose.shape[0]
+    features = np.zeros((count, 4 + len(EMOTION_LABELS)), np.float32)
+    features[:, 0] = np.abs(head_pose[:, 0])
+    features[:, 1] = np.abs(head_pose[:, 1])
+    if eyes_closed is not None:
+        features[:, 2] = eyes_closed
+    if gaze_away is not None:
+        features[:, 3] = gaze_away
+    if emotions is not None:
+        features[:, 4:] = emotions
+    return features
+
+
+def analyse_crops(batch: CropBatch, models: InferenceModels) -> FaceAnalysisBatch:
+    """Run every configured model on a batch of aligned crops."""
+    emotions = models.emotion.predict(batch.crops) if models.emotion is not None else None
+    # Eye and gaze cues need a landmark model; until one is configured they are unknown.
+    eyes_closed: FloatArray | None = None
+    gaze_away: FloatArray | None = None
+    features = engagement_features(batch.head_pose, emotions, eyes_closed, gaze_away)
+    engagement = models.engagement.predict(features)
+    return FaceAnalysisBatch(
+        emotion_probabilities=emotions,
+        eyes_closed=eyes_closed,
+        gaze_away=gaze_away,
+        engagement_probabilities=engagement,
+    )
