@@ -13,26 +13,23 @@ import cv2
 import numpy as np
 from insightface.utils import face_align
 
-from classlens.types import CROP_SIZE, ByteArray, FloatArray
+from classlens.types import CROP_SIZE, ByteArray, FloatArray, as_float32
 
 #: How much of the crop the ArcFace template's face occupies: below 1 adds a margin.
 CROP_TEMPLATE_SCALE = 0.78
 
 #: Frontal layout of the five keypoints (insightface's ArcFace template), the zero of head pose:
-#: where the nose sits across the eye line and between the eye and mouth lines.
-_TEMPLATE_NOSE_ACROSS = 0.0
-_TEMPLATE_NOSE_DOWN = (71.7366 - 51.5989) / (92.2848 - 51.5989)
+#: the nose tip sits on the eyes' midline, 0.5715 eye-spans below the eye line.
+_TEMPLATE_NOSE_DROP = (71.7366 - 51.5989) / (73.5318 - 38.2946)
 
-#: Nose tip depth over inter-ocular distance, and over eye-to-mouth height, of an adult
-#: face (about 32 mm, 62 mm and 72 mm): how far the nose moves in the image per degree.
-_NOSE_DEPTH_PER_EYE_SPAN = 32.0 / 62.0
-_NOSE_DEPTH_PER_FACE_HEIGHT = 32.0 / 72.0
+#: Depth of the nose tip in front of the eyes, in eye spans (about 32 mm over 62 mm for an adult).
+_NOSE_DEPTH = 32.0 / 62.0
 
 
 def _crop_template(size: int) -> FloatArray:
     template = face_align.arcface_dst.astype(np.float32) * (size / 112.0)
     centre = np.float32(size / 2.0)
-    return ((template - centre) * CROP_TEMPLATE_SCALE + centre).astype(np.float32)
+    return as_float32((template - centre) * CROP_TEMPLATE_SCALE + centre)
 
 
 _TEMPLATE = _crop_template(CROP_SIZE)
@@ -62,33 +59,32 @@ def head_pose(keypoints: FloatArray, frame_size: tuple[int, int]) -> tuple[float
     """Estimate (yaw, pitch, roll) in degrees from five keypoints.
 
     Roll is the angle of the eye line. After undoing it, yaw follows from how far the
-    nose tip sits beside the midpoint of the eyes, and pitch from how far it sits between
-    the eye line and the mouth line, both relative to the frontal template and scaled by
-    an adult face's nose depth. Yaw is positive when the face turns towards the image's
-    right, pitch positive when it tilts up. This is a few degrees accurate near frontal
-    and saturates past about 60°, where the keypoints themselves become unreliable; it is
-    meant to tell "facing the screen" from "turned away", not for measurement.
+    nose tip sits beside the midpoint of the eyes, and pitch from how far it sits below
+    the eye line, both measured in eye spans against the frontal template and a typical
+    nose depth. The mouth corners are not used: a smile moves them, not the head. Yaw is
+    positive when the face turns towards the image's right, pitch positive when it tilts
+    up. This is a few degrees accurate near frontal and saturates past about 60°, where
+    the keypoints themselves become unreliable; it tells "facing the screen" from
+    "turned away", it is not a measurement.
     """
     del frame_size  # the estimate is scale-free; kept for a future perspective-aware model
     points = keypoints.astype(np.float64)
-    left_eye, right_eye, nose, mouth_left, mouth_right = points
+    left_eye, right_eye, nose = points[0], points[1], points[2]
     eye_vector = right_eye - left_eye
     roll = math.degrees(math.atan2(eye_vector[1], eye_vector[0]))
     angle = -math.radians(roll)
     rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-    eye_mid = (left_eye + right_eye) / 2.0
-    mouth_mid = (mouth_left + mouth_right) / 2.0
-    nose_r = rotation @ (nose - eye_mid)
-    mouth_r = rotation @ (mouth_mid - eye_mid)
+    nose_r = rotation @ (nose - (left_eye + right_eye) / 2.0)
     eye_span = max(float(np.hypot(*eye_vector)), 1e-6)
-    face_height = max(float(mouth_r[1]), 1e-6)
-    across = float(nose_r[0]) / eye_span - _TEMPLATE_NOSE_ACROSS
-    down = float(nose_r[1]) / face_height
-    # The eye span itself shrinks with cos(yaw), hence atan rather than asin.
-    yaw = math.degrees(math.atan(across / _NOSE_DEPTH_PER_EYE_SPAN))
-    sine = (_TEMPLATE_NOSE_DOWN - down) / _NOSE_DEPTH_PER_FACE_HEIGHT
-    pitch = math.degrees(math.asin(max(-1.0, min(1.0, sine))))
-    return yaw, pitch, roll
+    # The eye span shrinks with cos(yaw); the nose moves sideways with sin(yaw): tan(yaw) = offset / depth.
+    yaw_radians = math.atan(float(nose_r[0]) / eye_span / _NOSE_DEPTH)
+    true_span = eye_span / max(math.cos(yaw_radians), 0.3)
+    drop = float(nose_r[1]) / true_span
+    # drop(p) = A·cos p − D·sin p = R·cos(p + φ): solve for the pitch p.
+    radius = math.hypot(_TEMPLATE_NOSE_DROP, _NOSE_DEPTH)
+    phase = math.atan2(_NOSE_DEPTH, _TEMPLATE_NOSE_DROP)
+    pitch_radians = math.acos(max(-1.0, min(1.0, drop / radius))) - phase
+    return math.degrees(yaw_radians), math.degrees(pitch_radians), roll
 
 
 def head_poses(keypoints: FloatArray, frame_size: tuple[int, int]) -> FloatArray:

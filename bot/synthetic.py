@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import av
 import cv2
@@ -37,7 +38,7 @@ def encode_video(frames: list[ByteArray], fps: int, *, codec: str = "libx264") -
     buffer = io.BytesIO()
     height, width = frames[0].shape[:2]
     with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream(codec, rate=fps)
+        stream: Any = container.add_stream(codec, rate=fps)
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p"
         if codec == "libx264":
@@ -68,14 +69,14 @@ def classroom_frames(seconds: float = 12.0, fps: int = 10, size: tuple[int, int]
         progress = t / max(seconds, 1e-6)
         x = int((scaled.shape[1] - width) * progress)
         y = int((scaled.shape[0] - height) * (0.3 + 0.2 * np.sin(progress * np.pi)))
-        frame = scaled[y:y + height, x:x + width].copy()
+        frame: ByteArray = np.ascontiguousarray(scaled[y:y + height, x:x + width], dtype=np.uint8)
         if t >= 3.0:
             # A seventh student joins in the lower left corner.
             frame[height - inset.shape[0] - 20:height - 20, 20:20 + inset.shape[1]] = inset
         if 6.0 <= t < 8.0:
             # Someone walks in front of the camera: the left part of the picture is hidden.
             frame[:, : width // 5] = (90, 90, 90)
-        frames.append(np.ascontiguousarray(frame))
+        frames.append(frame)
     return frames
 
 

@@ -17,7 +17,7 @@ from scipy.optimize import linear_sum_assignment
 
 from bot.geometry import arcface_crop
 from classlens.errors import ModelSupplyError
-from classlens.types import ByteArray, FloatArray, FrameDetections
+from classlens.types import ByteArray, FloatArray, FrameDetections, as_float32
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def box_iou(a: FloatArray, b: FloatArray) -> FloatArray:
     area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     union = area_a[:, None] + area_b[None, :] - inter
-    return (inter / np.maximum(union, 1e-6)).astype(np.float32)
+    return as_float32(inter / np.maximum(union, 1e-6))
 
 
 class FaceEmbedder:
@@ -72,9 +72,9 @@ class FaceEmbedder:
             return np.zeros((0, 1), np.float32)
         crops = np.stack([arcface_crop(image, k, self._size) for k in keypoints])
         rgb = crops[..., ::-1].transpose(0, 3, 1, 2).astype(np.float32)
-        features = np.asarray(self._model.forward(rgb), dtype=np.float32)
-        features /= np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-6)
-        return features
+        features: FloatArray = np.asarray(self._model.forward(rgb), dtype=np.float32)
+        norms = np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-6)
+        return as_float32(features / norms)
 
 
 @dataclass
@@ -91,6 +91,13 @@ class TrackSummary:
     """Class time of the last sample with this face."""
     samples: int
     """Sampled frames in which the face was matched to this track."""
+    score_total: float = 0.0
+    """Sum of the detector's confidence over those samples."""
+
+    @property
+    def mean_score(self) -> float:
+        """Mean detector confidence of the track's faces."""
+        return self.score_total / self.samples if self.samples else 0.0
 
 
 @dataclass
@@ -146,10 +153,11 @@ class StudentTracker:
             tracks.append(track)
             ids[index] = track.track_id
             self._summaries[track.track_id] = TrackSummary(track.track_id, stream, now, now, 0)
-        for track_id in ids:
+        for track_id, score in zip(ids, detections.scores, strict=True):
             summary = self._summaries[int(track_id)]
             summary.last_seen = now
             summary.samples += 1
+            summary.score_total += float(score)
         self._live[stream] = tracks
         return detections.with_track_ids(ids)
 
@@ -164,7 +172,7 @@ class StudentTracker:
         distance = np.linalg.norm(centre_t[:, None, :] - centre_d[None, :, :], axis=2) / size[:, None]
         # A face within one and a half face sizes of where it was predicted is plausibly the same face.
         nearness = np.clip(1.0 - distance / 1.5, 0.0, 1.0)
-        geometry = (0.5 * overlap + 0.5 * nearness).astype(np.float32)
+        geometry = as_float32(0.5 * overlap + 0.5 * nearness)
         if embeddings is None:
             return geometry
         known = np.array([t.embedding is not None for t in tracks])
@@ -177,7 +185,7 @@ class StudentTracker:
         combined = APPEARANCE_WEIGHT * appearance + (1 - APPEARANCE_WEIGHT) * geometry
         # Appearance vetoes a geometric match with a clearly different person.
         combined = np.where(cosine < 0.3, np.minimum(combined, 0.2), combined)
-        return np.where(known[:, None], combined, geometry).astype(np.float32)
+        return as_float32(np.where(known[:, None], combined, geometry))
 
     @staticmethod
     def _continue(track: _Track, detections: FrameDetections, embeddings: FloatArray | None,
@@ -204,11 +212,12 @@ class StudentTracker:
         return [self._summaries[k] for k in sorted(self._summaries)]
 
 
-def is_student(summary: TrackSummary, *, min_seconds: float, sample_interval: float) -> bool:
-    """Whether a track was seen long enough to count as a student rather than a passing or false face.
+def is_student(summary: TrackSummary, *, min_seconds: float, sample_interval: float, min_score: float = 0.0) -> bool:
+    """Whether a track was seen long enough, and clearly enough, to count as a student.
 
     Each sample stands for one sampling interval of class time; a track needs at least
-    two samples and ``min_seconds`` of covered time.
+    two samples, ``min_seconds`` of covered time and a mean detector confidence of
+    ``min_score`` (face-like objects in the background flicker at low confidence).
     """
     covered = summary.last_seen - summary.first_seen + sample_interval
-    return summary.samples >= 2 and covered >= min_seconds
+    return summary.samples >= 2 and covered >= min_seconds and summary.mean_score >= min_score

@@ -176,7 +176,7 @@ def _finalise_students(session: Session, analysis_id: int, summaries: list[Track
     """Create Student rows for tracks seen long enough; drop observations of the rest."""
     interval = 1.0 / settings.sample_fps
     students = [s for s in summaries if is_student(s, min_seconds=settings.min_student_seconds,
-                                                    sample_interval=interval)]
+                                                    sample_interval=interval, min_score=settings.min_student_score)]
     students.sort(key=lambda s: (s.first_seen, s.track_id))
     for number, summary in enumerate(students, start=1):
         session.add(Student(analysis_id=analysis_id, stream=summary.stream, track_id=summary.track_id,
@@ -211,7 +211,12 @@ def analyze_recording(
     analysis_id = _create_analysis(engine, name if isinstance(path, io.BytesIO) else str(path), settings,
                                    title or name)
     dispatcher: CropDispatcher | None = None
+    report_dir = (out_dir or settings.resolved_reports_dir / f"analysis-{analysis_id}").resolve()
     try:
+        from reports.render import check_report_folder, render_reports
+
+        # Refuse an occupied report folder before spending time on the analysis.
+        check_report_folder(report_dir, analysis_id)
         source = RecordedFileSource(path, settings.sample_fps)
         info = source.probe()
         state = AnalysisProgress(frames_expected=info.expected_samples(settings.sample_fps))
@@ -257,19 +262,16 @@ def analyze_recording(
             assert analysis is not None
             analysis.frames_sampled = state.frames_sampled
             analysis.faces_detected = state.faces_found
-            analysis.duration_seconds = max(info.duration_seconds, last_timestamp + 1.0 / settings.sample_fps)
-        report_dir = (out_dir or settings.resolved_reports_dir / f"analysis-{analysis_id}").resolve()
-        from reports.render import render_reports
-
-        paths = render_reports(engine, analysis_id, report_dir)
-        with session_scope(engine) as session:
-            analysis = session.get(Analysis, analysis_id)
-            assert analysis is not None
+            # The container's duration when it states one; otherwise the sampled span.
+            analysis.duration_seconds = info.duration_seconds or last_timestamp + 1.0 / settings.sample_fps
+            # Done before rendering so the report describes a finished analysis; a render
+            # failure below still marks it failed and removes what was stored.
             analysis.status = AnalysisStatus.done
             analysis.finished_at = utcnow()
             analysis.report_path = str(report_dir)
+        paths = render_reports(engine, analysis_id, report_dir)
         return AnalysisOutcome(analysis_id, students, state.frames_sampled, state.faces_found, report_dir,
-                               report_files=paths.all_files())
+                               report_files=[paths.overview, *paths.students, paths.csv, paths.json])
     except BaseException as exc:
         reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
         _mark_failed(engine, analysis_id, reason.splitlines()[0])

@@ -118,7 +118,8 @@ DbOption = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of th
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 EmotionOption = Annotated[bool | None, typer.Option(
     "--emotion/--no-emotion", help="Run emotion recognition (off where the law forbids it).")]
-DetectorOption = Annotated[str | None, typer.Option("--detector", help="Detector model name, ONNX file or pack folder.")]
+DetectorOption = Annotated[str | None, typer.Option(
+    "--detector", help="Detector model name, ONNX file or pack folder.")]
 RecognizerOption = Annotated[str | None, typer.Option(
     "--recognizer", help="Face-embedding model for re-identification within the session.")]
 
@@ -187,16 +188,21 @@ def models_list() -> None:
     with _user_errors():
         cache = _cache(_settings())
         table = Table(title=f"models (cache: {cache.cache_dir})")
-        for column in ("name", "role", "source", "licence", "cached", "note"):
-            table.add_column(column)
+        table.add_column("name", no_wrap=True)
+        table.add_column("role", no_wrap=True)
+        table.add_column("cached", no_wrap=True)
+        table.add_column("source", overflow="fold")
+        table.add_column("licence", overflow="fold")
+        table.add_column("note")
         for status in cache.status():
             spec = status.spec
             source = spec.source
             origin = {"archive": source.requirement, "local": f"local: {source.filename}",
                       "url": source.url, "built": "built by ClassLens"}[source.kind]
-            table.add_row(spec.name, spec.role, origin, spec.licence, "yes" if status.present else "no",
+            table.add_row(spec.name, spec.role, "yes" if status.present else "no", origin, spec.licence,
                           "heuristic baseline" if spec.heuristic else "")
-        out.print(table)
+        # Piped output has no terminal width; keep rows on one line anyway.
+        Console(width=max(out.width, 150)).print(table)
 
 
 def _default_pull_names(settings: Settings) -> list[str]:

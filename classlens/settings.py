@@ -125,6 +125,12 @@ class Settings(BaseSettings):
         ge=0.0,
         description="A track seen for less class time than this (and in fewer than 2 samples) is not a student.",
     )
+    min_student_score: float = Field(
+        default=0.7,
+        ge=0.0,
+        le=1.0,
+        description="Mean detector confidence a track needs to count as a student (filters face-like objects).",
+    )
     batch_size: int = Field(
         default=32, ge=1, le=1024, description="Face crops per inference batch."
     )

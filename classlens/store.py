@@ -159,8 +159,8 @@ def init_store(url: str) -> Engine:
 
 @contextmanager
 def session_scope(engine: Engine) -> Iterator[Session]:
-    """A session that commits on success and rolls back on error."""
-    with Session(engine) as session:
+    """A session that commits on success and rolls back on error; rows stay readable after commit."""
+    with Session(engine, expire_on_commit=False) as session:
         try:
             yield session
             session.commit()
@@ -186,8 +186,9 @@ def insert_ignoring_duplicates(session: Session, model: type[SQLModel], rows: Se
 
 def delete_analysis_data(session: Session, analysis_id: int, *, keep_analysis: bool = True) -> None:
     """Delete everything derived for an analysis (and the analysis row unless ``keep_analysis``)."""
-    for model in (FaceObservation, FrameSample, Student):
-        session.execute(delete(model).where(model.analysis_id == analysis_id))  # type: ignore[attr-defined]
+    tables: tuple[Any, ...] = (FaceObservation, FrameSample, Student)
+    for model in tables:
+        session.execute(delete(model).where(model.analysis_id == analysis_id))
     if not keep_analysis:
         session.execute(delete(Analysis).where(Analysis.id == analysis_id))  # type: ignore[arg-type]
 

@@ -33,6 +33,11 @@ CROP_SIZE = 112
 UNASSIGNED = -1
 
 
+def as_float32(values: Any) -> FloatArray:
+    """View or convert array-like values as a float32 array (typed, for numpy's loose stubs)."""
+    return np.asarray(values, dtype=np.float32)
+
+
 def _check(name: str, array: np.ndarray[Any, Any], shape: tuple[int | None, ...], dtype: type) -> None:
     """Raise ValueError naming the field when an array's rank, shape or dtype is off."""
     if array.dtype != np.dtype(dtype):

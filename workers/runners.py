@@ -72,7 +72,7 @@ class EmotionRunner(OnnxRunner):
     def preprocess(self, crops: ByteArray) -> FloatArray:
         """BGR uint8 crops [N,S,S,3] → grey float32 [N,1,size,size] in 0–255."""
         side = crops.shape[1]
-        margin = int(round(side * (1 - self.crop_fraction) / 2))
+        margin = round(side * (1 - self.crop_fraction) / 2)
         result = np.empty((crops.shape[0], 1, self.size, self.size), np.float32)
         for index, crop in enumerate(crops):
             grey = cv2.cvtColor(crop[margin:side - margin, margin:side - margin], cv2.COLOR_BGR2GRAY)

@@ -1,0 +1,357 @@
+"""Render an analysis's reports to a folder: class overview, one page per student, exports.
+
+Layout of the folder::
+
+    index.html                  class overview
+    students/<n>-<slug>.html    one report per student
+    timelines.csv               every student × sampled moment
+    timelines.json              the same, with analysis facts
+    .classlens-report.json      marker: which analysis the folder holds
+
+Everything is rendered in memory first, written into a temporary sibling folder and
+then renamed into place, so a failure never leaves a half-written report behind. A
+folder holding an earlier report of the same analysis is replaced; any other non-empty
+folder is left alone and the call fails.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup
+from sqlalchemy import Engine
+
+from classlens.errors import ClassLensError
+from classlens.store import session_scope
+from classlens.types import ENGAGEMENT_LEVELS
+from reports.aggregate import (
+    LOW_VISIBILITY_SHARE,
+    ReportData,
+    StudentSummary,
+    StudentTimeline,
+    build_report_data,
+)
+from reports.charts import (
+    attention_cues_svg,
+    class_curve_svg,
+    emotion_shares_svg,
+    heatmap_svg,
+    student_engagement_svg,
+)
+from reports.export import timeline_rows, timelines_csv, timelines_json
+from reports.formatting import (
+    format_score,
+    format_share,
+    format_timestamp,
+    level_name,
+    score_level_name,
+)
+
+#: Name of the marker file that says which analysis a report folder holds.
+MARKER_NAME = ".classlens-report.json"
+#: Most disengagement intervals listed in words on the overview (all are charted).
+MAX_LISTED_DIPS = 10
+#: Folder of the student reports inside a report folder.
+STUDENTS_DIR = "students"
+
+
+class ReportOutputError(ClassLensError):
+    """The report folder cannot be written (occupied by something else, or not a folder)."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ReportPaths:
+    """Where the rendered files of one analysis are."""
+
+    folder: Path
+    """The report folder."""
+    overview: Path
+    """The class overview, ``folder/index.html``."""
+    students: tuple[Path, ...]
+    """One report per student, in :attr:`ReportData.students` order; empty when failed."""
+    csv: Path
+    """The CSV export, ``folder/timelines.csv``."""
+    json: Path
+    """The JSON export, ``folder/timelines.json``."""
+
+
+def _format_utc(moment: datetime) -> str:
+    """A timestamp as ``YYYY-MM-DD HH:MM UTC``.
+
+    SQLite hands back naive datetimes; the store writes them in UTC.
+    """
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _format_fps(fps: float) -> str:
+    """A sampling rate in words: ``1 frame per second``, ``every 2 seconds``."""
+    if not math.isfinite(fps) or fps <= 0:
+        return "at an unrecorded rate"
+    if fps >= 1:
+        return f"{fps:g} frame{'s' if fps != 1 else ''} per second"
+    return f"one frame every {1 / fps:g} seconds"
+
+
+@functools.cache
+def template_environment() -> Environment:
+    """The Jinja2 environment of the report templates, autoescaping HTML.
+
+    Autoescape is on for every template except the stylesheet: student labels can be
+    meeting display names typed by anyone, and must always print as text.
+    """
+    environment = Environment(
+        loader=PackageLoader("reports", "templates"),
+        autoescape=select_autoescape(
+            enabled_extensions=("html", "htm", "xml", "svg"),
+            disabled_extensions=("css",),
+            default_for_string=True,
+            default=True,
+        ),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    environment.filters.update(
+        {
+            "ts": format_timestamp,
+            "pct": format_share,
+            "score": format_score,
+            "level": score_level_name,
+            "levelname": level_name,
+            "utc": _format_utc,
+            "fps": _format_fps,
+        }
+    )
+    return environment
+
+
+def _moment_context(data: ReportData, timestamp: float) -> str:
+    """What the class was doing at a student's low moment: its mean, and any class dip then."""
+    overview = data.overview
+    for interval in overview.disengagement_intervals:
+        if interval.start - 1e-6 <= timestamp < interval.end:
+            return f"class disengagement moment {interval.label}"
+    for point in overview.points:
+        if abs(point.timestamp - timestamp) < 1e-6 and point.mean_engagement is not None:
+            mean = point.mean_engagement
+            return f"class mean {format_score(mean)} ({score_level_name(mean)})"
+    return "–"
+
+
+def _student_page(data: ReportData, timeline: StudentTimeline, summary: StudentSummary) -> str:
+    """Render one student's report."""
+    number = timeline.student.number
+    visible = [s.timestamp for s in timeline.samples if s.visible]
+    charts: dict[str, Markup | None] = {
+        "engagement": student_engagement_svg(
+            timeline,
+            summary,
+            end_seconds=data.overview.end_seconds,
+            sample_period=data.overview.sample_period,
+            chart_id=f"engagement-{number}",
+        ),
+        "cues": attention_cues_svg(summary, chart_id=f"cues-{number}"),
+        "emotions": emotion_shares_svg(summary, chart_id=f"emotions-{number}")
+        if data.emotion_enabled
+        else None,
+    }
+    return (
+        template_environment()
+        .get_template("student.html")
+        .render(
+            data=data,
+            summary=summary,
+            timeline=timeline,
+            charts=charts,
+            overview_href="../index.html",
+            method_href="../index.html#method",
+            low_visibility=LOW_VISIBILITY_SHARE,
+            level_names=ENGAGEMENT_LEVELS,
+            moment_context=[_moment_context(data, m.timestamp) for m in summary.lowest_moments],
+            first_seen=visible[0] if visible else None,
+            last_seen=visible[-1] if visible else None,
+        )
+    )
+
+
+def _overview_page(data: ReportData) -> str:
+    """Render the class overview (or, for a failed analysis, the failure page)."""
+    charts: dict[str, Markup] = {}
+    if not data.analysis.failed:
+        charts = {
+            "class_curve": class_curve_svg(data.overview),
+            "heatmap": heatmap_svg(data.overview),
+        }
+    intervals = data.overview.disengagement_intervals
+    # A long list buries the moments that matter: list the longest, in class order.
+    longest = sorted(intervals, key=lambda iv: (-iv.duration, iv.start))[:MAX_LISTED_DIPS]
+    listed = sorted(longest, key=lambda iv: iv.start)
+    student_rows = [
+        {"summary": summary, "href": f"{STUDENTS_DIR}/{summary.student.file_name}"}
+        for summary in data.summaries
+    ]
+    return (
+        template_environment()
+        .get_template("class_overview.html")
+        .render(
+            data=data,
+            charts=charts,
+            student_rows=student_rows,
+            low_visibility=LOW_VISIBILITY_SHARE,
+            dip_seconds=sum(iv.duration for iv in intervals),
+            dips_listed=listed,
+            dips_not_listed=len(intervals) - len(listed),
+            method_href="#method",
+        )
+    )
+
+
+def render_documents(data: ReportData) -> dict[str, str]:
+    """Every file of the report folder as text, keyed by its POSIX path inside the folder.
+
+    Pure: nothing is written. A failed analysis gets the overview (saying it failed and
+    why), header-only exports and no student pages.
+    """
+    documents: dict[str, str] = {"index.html": _overview_page(data)}
+    if not data.analysis.failed:
+        for timeline, summary in zip(data.timelines, data.summaries, strict=True):
+            documents[f"{STUDENTS_DIR}/{timeline.student.file_name}"] = _student_page(
+                data, timeline, summary
+            )
+    rows = timeline_rows(data)
+    documents["timelines.csv"] = timelines_csv(data, rows)
+    documents["timelines.json"] = timelines_json(data, rows)
+    marker: dict[str, Any] = {
+        "format": "classlens-report",
+        "version": 1,
+        "analysis_id": data.analysis.id,
+    }
+    documents[MARKER_NAME] = json.dumps(marker, indent=1) + "\n"
+    return documents
+
+
+def _previous_analysis_id(folder: Path) -> int | None:
+    """The analysis id in a report folder's marker, or None when there is no readable marker."""
+    try:
+        marker = json.loads((folder / MARKER_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(marker, dict) and marker.get("format") == "classlens-report":
+        value = marker.get("analysis_id")
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def check_report_folder(out_dir: Path, analysis_id: int) -> None:
+    """Refuse to replace anything but nothing, an empty folder, or this analysis's old report."""
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not out_dir.is_dir() or out_dir.is_symlink():
+        raise ReportOutputError(
+            f"report folder {out_dir} exists and is not a folder; choose another path"
+        )
+    if not any(out_dir.iterdir()):
+        return
+    previous = _previous_analysis_id(out_dir)
+    if previous != analysis_id:
+        holds = f"the report of analysis {previous}" if previous is not None else "other files"
+        raise ReportOutputError(
+            f"report folder {out_dir} holds {holds}; "
+            "choose an empty folder or that analysis's own folder"
+        )
+
+
+def write_documents(documents: dict[str, str], out_dir: Path, analysis_id: int) -> None:
+    """Write rendered files into ``out_dir`` atomically (temporary sibling folder, then rename).
+
+    An existing ``out_dir`` must be empty or hold an earlier report of ``analysis_id``;
+    it is then replaced. On any error the temporary folder is removed and ``out_dir``
+    is as it was.
+    """
+    out_dir = out_dir.absolute()
+    check_report_folder(out_dir, analysis_id)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # A sibling, not the system temp folder: rename is only atomic within one file system.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        for relative, text in sorted(documents.items()):
+            path = staging.joinpath(*relative.split("/"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8", newline="\n")
+        # mkdtemp makes the folder private (0700); a report folder is meant to be shared or served.
+        staging.chmod(0o755)
+        _swap_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _swap_into_place(staging: Path, out_dir: Path) -> None:
+    """Rename ``staging`` to ``out_dir``, moving an existing ``out_dir`` aside first.
+
+    POSIX has no portable atomic exchange of two folders, so the old report is renamed
+    away, the new one renamed in, and the old one deleted; if the second rename fails
+    the old report is put back.
+    """
+    if not out_dir.exists():
+        os.rename(staging, out_dir)
+        return
+    if not any(out_dir.iterdir()):
+        out_dir.rmdir()
+        os.rename(staging, out_dir)
+        return
+    backup = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:12]}"
+    os.rename(out_dir, backup)
+    try:
+        os.rename(staging, out_dir)
+    except BaseException:
+        os.rename(backup, out_dir)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def report_paths(data: ReportData, out_dir: Path) -> ReportPaths:
+    """The paths :func:`render_reports` writes for ``data`` into ``out_dir``."""
+    folder = out_dir.absolute()
+    students: tuple[Path, ...] = ()
+    if not data.analysis.failed:
+        students = tuple(folder / STUDENTS_DIR / s.file_name for s in data.students)
+    return ReportPaths(
+        folder=folder,
+        overview=folder / "index.html",
+        students=students,
+        csv=folder / "timelines.csv",
+        json=folder / "timelines.json",
+    )
+
+
+def render_reports(engine: Engine, analysis_id: int, out_dir: Path) -> ReportPaths:
+    """Read an analysis from the store and write its complete report folder to ``out_dir``.
+
+    Raises :class:`~reports.aggregate.AnalysisNotFoundError` for an unknown analysis and
+    :class:`ReportOutputError` when ``out_dir`` holds something other than an earlier
+    report of the same analysis. Does not write to the store (the caller records
+    ``Analysis.report_path`` if it wants to).
+    """
+    with session_scope(engine) as session:
+        data = build_report_data(session, analysis_id)
+    documents = render_documents(data)
+    write_documents(documents, out_dir, analysis_id)
+    return report_paths(data, out_dir)

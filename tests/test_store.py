@@ -1,0 +1,69 @@
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import func, text
+from sqlmodel import select
+
+from classlens.store import Analysis, FaceObservation, init_store, session_scope
+from classlens.types import CropBatch, FaceAnalysisBatch
+from tests.conftest import POSTGRES_URL
+from workers.persistence import store_face_results
+
+
+def _batch(analysis_id: int, count: int = 4) -> tuple[CropBatch, FaceAnalysisBatch]:
+    rng = np.random.default_rng(1)
+    batch = CropBatch(
+        analysis_id=analysis_id, streams=("main",) * count, track_ids=np.arange(count, dtype=np.int64),
+        timestamps=np.full(count, 3.0), crops=np.zeros((count, 112, 112, 3), np.uint8),
+        boxes=rng.random((count, 4), dtype=np.float32), detection_scores=np.full(count, 0.9, np.float32),
+        head_pose=np.zeros((count, 3), np.float32),
+    )
+    engagement = rng.random((count, 4)).astype(np.float32)
+    engagement /= engagement.sum(axis=1, keepdims=True)
+    emotions = rng.random((count, 7)).astype(np.float32)
+    results = FaceAnalysisBatch(emotion_probabilities=emotions / emotions.sum(axis=1, keepdims=True),
+                                eyes_closed=None, gaze_away=None, engagement_probabilities=engagement)
+    return batch, results
+
+
+def _check_idempotent(url: str) -> None:
+    engine = init_store(url)
+    with session_scope(engine) as session:
+        analysis = Analysis(source=f"test-{uuid.uuid4()}")
+        session.add(analysis)
+        session.flush()
+        analysis_id = analysis.id
+    assert analysis_id is not None
+    batch, results = _batch(analysis_id)
+    store_face_results(engine, batch, results)
+    store_face_results(engine, batch, results)  # a retried batch
+    with session_scope(engine) as session:
+        count = session.exec(select(func.count()).select_from(FaceObservation)
+                             .where(FaceObservation.analysis_id == analysis_id)).one()
+        rows = session.exec(select(FaceObservation).where(FaceObservation.analysis_id == analysis_id)).all()
+    assert count == 4
+    for row in rows:
+        total = row.engagement_p0 + row.engagement_p1 + row.engagement_p2 + row.engagement_p3
+        assert total == pytest.approx(1.0, abs=1e-5)
+        assert 0 <= row.engagement_level <= 3
+        assert row.emotion_happy is not None
+
+
+def test_retried_batches_are_stored_once_in_sqlite(tmp_path: Path) -> None:
+    _check_idempotent(f"sqlite:///{tmp_path / 'store.sqlite3'}")
+
+
+@pytest.mark.postgres
+def test_retried_batches_are_stored_once_in_postgres() -> None:
+    _check_idempotent(POSTGRES_URL)
+
+
+def test_no_column_can_hold_pixels(tmp_path: Path) -> None:
+    engine = init_store(f"sqlite:///{tmp_path / 'store.sqlite3'}")
+    with engine.connect() as connection:
+        tables = [r[0] for r in connection.execute(text("SELECT name FROM sqlite_master WHERE type='table'"))]
+        for table in tables:
+            for column in connection.execute(text(f"PRAGMA table_info('{table}')")):
+                assert "BLOB" not in str(column[2]).upper(), f"{table}.{column[1]} could hold pixels"
