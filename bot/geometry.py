@@ -26,18 +26,17 @@ _TEMPLATE_NOSE_DROP = (71.7366 - 51.5989) / (73.5318 - 38.2946)
 _NOSE_DEPTH = 32.0 / 62.0
 
 
-def _crop_template(size: int) -> FloatArray:
+def _crop_template(size: int, scale: float = CROP_TEMPLATE_SCALE) -> FloatArray:
     template = face_align.arcface_dst.astype(np.float32) * (size / 112.0)
     centre = np.float32(size / 2.0)
-    return as_float32((template - centre) * CROP_TEMPLATE_SCALE + centre)
+    return as_float32((template - centre) * scale + centre)
 
 
 _TEMPLATE = _crop_template(CROP_SIZE)
 
 
-def align_face(image: ByteArray, keypoints: FloatArray, size: int = CROP_SIZE) -> ByteArray:
-    """Warp one face to an upright ``size``×``size`` crop from its five keypoints."""
-    template = _TEMPLATE if size == CROP_SIZE else _crop_template(size)
+def _warp(image: ByteArray, keypoints: FloatArray, template: FloatArray, size: int) -> ByteArray:
+    """Similarity-warp the face whose keypoints are given onto the template."""
     matrix, _ = cv2.estimateAffinePartial2D(keypoints.astype(np.float32), template, method=cv2.LMEDS)
     if matrix is None:
         # Degenerate keypoints (all on one point): fall back to a plain resize of the box around them.
@@ -50,9 +49,15 @@ def align_face(image: ByteArray, keypoints: FloatArray, size: int = CROP_SIZE) -
     return np.ascontiguousarray(crop, dtype=np.uint8)
 
 
+def align_face(image: ByteArray, keypoints: FloatArray, size: int = CROP_SIZE) -> ByteArray:
+    """Warp one face to an upright ``size``×``size`` crop with a margin around the face."""
+    template = _TEMPLATE if size == CROP_SIZE else _crop_template(size)
+    return _warp(image, keypoints, template, size)
+
+
 def arcface_crop(image: ByteArray, keypoints: FloatArray, size: int = 112) -> ByteArray:
-    """The standard ArcFace-aligned crop that face-embedding models expect."""
-    return np.ascontiguousarray(face_align.norm_crop(image, landmark=keypoints, image_size=size), dtype=np.uint8)
+    """The standard ArcFace-aligned crop (insightface's template, no margin) that embedding models expect."""
+    return _warp(image, keypoints, _crop_template(size, 1.0), size)
 
 
 def head_pose(keypoints: FloatArray, frame_size: tuple[int, int]) -> tuple[float, float, float]:

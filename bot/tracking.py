@@ -16,7 +16,6 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from bot.geometry import arcface_crop
-from classlens.errors import ModelSupplyError
 from classlens.types import ByteArray, FloatArray, FrameDetections, as_float32
 
 logger = logging.getLogger(__name__)
@@ -50,21 +49,17 @@ class FaceEmbedder:
 
     def __init__(self, model_path: Path, *, imagenet_normalisation: bool, preference: str = "auto",
                  intra_op_threads: int = 0) -> None:
-        from bot.detection import _load_zoo_model, find_pack_model
+        from bot.detection import load_insightface_model
 
-        if model_path.is_dir():
-            model = find_pack_model(model_path, "recognition", preference=preference,
-                                    intra_op_threads=intra_op_threads)
-        else:
-            model = _load_zoo_model(model_path, preference, intra_op_threads)
-        if model is None or getattr(model, "taskname", None) != "recognition":
-            raise ModelSupplyError(f"{model_path}: insightface does not see a face-embedding model in this file")
+        model = load_insightface_model(model_path, "recognition", preference=preference,
+                                       intra_op_threads=intra_op_threads)
         if imagenet_normalisation:
             # insightface assumes (x-127.5)/127.5; MobileFaceNet was trained with ImageNet statistics.
             model.input_mean = np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 3, 1, 1) * 255.0
             model.input_std = np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 3, 1, 1) * 255.0
         self._model = model
         self._size = int(model.input_size[0])
+        self._fixed_batch = model.input_shape[0] == 1
 
     def embed(self, image: ByteArray, keypoints: FloatArray) -> FloatArray:
         """Unit-length embeddings [K, D] of the faces given by their keypoints [K, 5, 2]."""
@@ -72,7 +67,12 @@ class FaceEmbedder:
             return np.zeros((0, 1), np.float32)
         crops = np.stack([arcface_crop(image, k, self._size) for k in keypoints])
         rgb = crops[..., ::-1].transpose(0, 3, 1, 2).astype(np.float32)
-        features: FloatArray = np.asarray(self._model.forward(rgb), dtype=np.float32)
+        if self._fixed_batch:
+            # Models exported with batch size 1 (MobileFaceNet) take one face at a time.
+            features: FloatArray = as_float32(np.concatenate([self._model.forward(rgb[i:i + 1])
+                                                              for i in range(rgb.shape[0])]))
+        else:
+            features = as_float32(self._model.forward(rgb))
         norms = np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-6)
         return as_float32(features / norms)
 

@@ -21,7 +21,7 @@ from sqlmodel import Session
 
 from bot.detection import FaceDetector
 from bot.geometry import align_face, head_poses
-from bot.sources import RecordedFileSource
+from bot.sources import RecordedFileSource, prefetched
 from bot.tracking import FaceEmbedder, StudentTracker, TrackSummary, is_student
 from classlens.errors import BadInputError
 from classlens.settings import Settings
@@ -236,7 +236,7 @@ def analyze_recording(
         tracker = StudentTracker(max_gap_seconds=settings.track_max_gap_seconds, embedder=components.embedder)
         samples: list[dict[str, Any]] = []
         last_timestamp = 0.0
-        for frame in source:
+        for frame in prefetched(source):
             detections = components.detector.detect(frame)
             detections = tracker.update(detections, frame.image)
             if len(detections):

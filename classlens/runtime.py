@@ -44,6 +44,9 @@ def session_options(intra_op_threads: int) -> Any:
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
+    # Spinning threads burn a core while they wait for work; on small machines that core is
+    # needed by the decoder thread (measured in docs/benchmarks.md).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if intra_op_threads:
         options.intra_op_num_threads = intra_op_threads
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -144,6 +144,32 @@ class Settings(BaseSettings):
         description="onnxruntime threads per session; 0 lets onnxruntime choose (all cores).",
     )
 
+    broker_url: str | None = Field(
+        default=None,
+        description=(
+            "Celery broker URL (e.g. redis://127.0.0.1:6379/0). Unset: inference runs in-process. "
+            "Set: crop batches go to Celery workers (`classlens worker`)."
+        ),
+    )
+    inference_queue: str = Field(
+        default="cpu",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Celery queue that producers send crop batches to: 'gpu' for GPU workers, 'cpu' otherwise.",
+    )
+    task_time_limit_seconds: int = Field(
+        default=300, ge=10, description="Hard time limit of one worker task; a task past it is killed and retried."
+    )
+    task_max_retries: int = Field(
+        default=5, ge=0, le=50, description="Retries of a task that failed with a transient error (database, broker)."
+    )
+    dispatch_timeout_seconds: int = Field(
+        default=900,
+        ge=10,
+        description=(
+            "How long a producer waits without any progress from the workers before it marks the analysis failed."
+        ),
+    )
+
     @model_validator(mode="after")
     def _check_sizes(self) -> Settings:
         if self.detector_input_size % 32:

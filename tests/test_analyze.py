@@ -128,3 +128,20 @@ def test_4k_video_is_analysed(isolated_env: Path, components: Any) -> None:
     path = media_factory.group_photo_video(isolated_env / "uhd.mp4", seconds=2, size=(3840, 2160), fps=2)
     outcome = _run(path, isolated_env, components)
     assert outcome.students == 6
+
+
+@pytest.mark.postgres
+def test_analysis_stores_in_postgresql(isolated_env: Path, components: Any) -> None:
+    from tests.conftest import POSTGRES_URL
+
+    outcome = _run(demo_classroom_video(seconds=4), isolated_env, components, database_url=POSTGRES_URL)
+    engine = init_store(POSTGRES_URL)
+    with session_scope(engine) as session:
+        analysis = session.get(Analysis, outcome.analysis_id)
+        students = list(session.exec(select(Student).where(Student.analysis_id == outcome.analysis_id)))
+        observations = list(session.exec(select(FaceObservation)
+                                         .where(FaceObservation.analysis_id == outcome.analysis_id)))
+    assert analysis is not None and analysis.status == "done"
+    assert len(students) == outcome.students >= 6
+    assert len(observations) >= 6 * 4
+    assert not (isolated_env / "data" / "classlens.sqlite3").exists()

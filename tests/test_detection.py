@@ -1,0 +1,119 @@
+"""Face detection through insightface's classes, for every supported configuration, on real images."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from bot.detection import FaceDetector
+from bot.geometry import align_face, head_pose
+from classlens.errors import ModelSupplyError
+from classlens.types import EMOTION_LABELS, VideoFrame
+from tests.conftest import LOCAL_MODELS_DIR, MEDIA_DIR
+from workers.runners import EmotionRunner
+
+
+def _frame(path: Path) -> VideoFrame:
+    image = cv2.imread(str(path))
+    assert image is not None, path
+    return VideoFrame(stream="main", timestamp=0.0, image=np.ascontiguousarray(image))
+
+
+@pytest.fixture(scope="module")
+def default_detector(default_models: Path) -> FaceDetector:
+    return FaceDetector(default_models / "retinaface-mnet025" / "model.onnx", preference="cpu")
+
+
+def test_default_detector_finds_the_six_faces_of_t1(default_detector: FaceDetector, insightface_images: Path) -> None:
+    detections = default_detector.detect(_frame(insightface_images / "t1.jpg"))
+    assert len(detections) == 6
+    assert (detections.scores > 0.8).all()
+    # Keypoints lie inside their boxes: eyes above the mouth corners.
+    for box, points in zip(detections.boxes, detections.keypoints, strict=True):
+        assert (points[:, 0] >= box[0] - 2).all() and (points[:, 0] <= box[2] + 2).all()
+        assert points[0, 1] < points[3, 1] and points[1, 1] < points[4, 1]
+
+
+@pytest.mark.media
+@pytest.mark.parametrize("config", ["scrfd-500m file", "scrfd-2.5g file", "model pack folder"])
+def test_other_detectors_work_by_configuration(config: str, insightface_images: Path, tmp_path: Path) -> None:
+    if config == "scrfd-500m file":
+        target = LOCAL_MODELS_DIR / "det_500m.onnx"
+    elif config == "scrfd-2.5g file":
+        target = LOCAL_MODELS_DIR / "scrfd_2.5g_kps.onnx"
+    else:
+        # An insightface model pack is a folder of ONNX files; the detector is found by its outputs.
+        target = tmp_path / "pack"
+        target.mkdir()
+        shutil.copy(LOCAL_MODELS_DIR / "MobileFaceNet.onnx", target / "w600k_stand_in.onnx")
+        shutil.copy(LOCAL_MODELS_DIR / "det_500m.onnx", target / "det_500m.onnx")
+    detector = FaceDetector(target, preference="cpu")
+    assert len(detector.detect(_frame(insightface_images / "t1.jpg"))) == 6
+    assert detector.providers == ["CPUExecutionProvider"]
+
+
+@pytest.mark.media
+@pytest.mark.parametrize(("name", "least", "most"), [("multi_face.jpg", 5, 5), ("12_angry_men.jpg", 9, 12),
+                                                     ("solvay_conference.jpg", 6, 6), ("single_face.jpg", 1, 1)])
+def test_group_photos(default_detector: FaceDetector, name: str, least: int, most: int) -> None:
+    assert least <= len(default_detector.detect(_frame(MEDIA_DIR / name))) <= most
+
+
+def test_a_file_that_is_not_a_detector_is_refused(tmp_path: Path, default_models: Path) -> None:
+    with pytest.raises(ModelSupplyError, match="does not see a face detector"):
+        FaceDetector(default_models / "fer-mini-xception" / "model.onnx", preference="cpu")
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not onnx")
+    with pytest.raises(ModelSupplyError, match="cannot load"):
+        FaceDetector(broken, preference="cpu")
+
+
+def test_frontal_faces_have_small_head_angles(default_detector: FaceDetector, insightface_images: Path) -> None:
+    detections = default_detector.detect(_frame(insightface_images / "Tom_Hanks_54745.png"))
+    assert len(detections) == 1
+    yaw, pitch, _roll = head_pose(detections.keypoints[0], detections.frame_size)
+    assert abs(yaw) < 20 and abs(pitch) < 20
+    # The same face mirrored turns the other way by the same amount.
+    mirrored = detections.keypoints[0].copy()
+    mirrored[:, 0] = detections.frame_size[1] - mirrored[:, 0]
+    mirrored = mirrored[[1, 0, 2, 4, 3]]
+    assert head_pose(mirrored, detections.frame_size)[0] == pytest.approx(-yaw, abs=1e-3)
+
+
+LABELLED = {"0-f1-su-ph.jpg": "surprise", "0-f15-hao-ph.jpg": "happy", "15-f13-anc-ph.jpg": "angry"}
+
+
+@pytest.mark.media
+@pytest.mark.parametrize("name", sorted(LABELLED))
+def test_labelled_photos_are_classified_through_the_pipeline(
+    default_detector: FaceDetector, default_models: Path, name: str
+) -> None:
+    frame = _frame(MEDIA_DIR / name)
+    detections = default_detector.detect(frame)
+    assert len(detections) == 1
+    emotion = EmotionRunner(default_models / "fer-mini-xception" / "model.onnx", preference="cpu")
+    probabilities = emotion.predict(align_face(frame.image, detections.keypoints[0])[None])[0]
+    assert EMOTION_LABELS[int(probabilities.argmax())] == LABELLED[name]
+
+
+@pytest.mark.media
+@pytest.mark.xfail(strict=True, reason="mini-Xception almost never predicts disgust (1.5 % of FER2013); "
+                   "it says sad here. Documented in docs/models.md; a better emotion model fixes it.")
+def test_disgust_photo(default_detector: FaceDetector, default_models: Path) -> None:
+    frame = _frame(MEDIA_DIR / "45-m7-di-ph.jpg")
+    detections = default_detector.detect(frame)
+    emotion = EmotionRunner(default_models / "fer-mini-xception" / "model.onnx", preference="cpu")
+    probabilities = emotion.predict(align_face(frame.image, detections.keypoints[0])[None])[0]
+    assert EMOTION_LABELS[int(probabilities.argmax())] == "disgust"
+
+
+def test_detector_input_follows_the_frame_aspect(default_detector: FaceDetector) -> None:
+    assert default_detector.input_size_for((720, 1280)) == (640, 384)
+    assert default_detector.input_size_for((1280, 720)) == (384, 640)
+    assert default_detector.input_size_for((500, 500)) == (640, 640)
+    width, height = default_detector.input_size_for((2160, 3840))
+    assert width % 32 == 0 and height % 32 == 0 and height >= 2160 / 3840 * 640
