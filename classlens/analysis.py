@@ -231,8 +231,16 @@ def analyze_recording(
         def stored(count: int) -> None:
             state.crops_stored += count
 
-        dispatcher = InProcessDispatcher(components.models, engine, batch_size=settings.batch_size,
-                                         on_stored=stored)
+        if settings.broker_url:
+            from workers.celery_app import make_celery_app
+            from workers.celery_dispatch import CeleryDispatcher
+
+            dispatcher = CeleryDispatcher(
+                make_celery_app(settings), engine, analysis_id, queue=settings.inference_queue,
+                batch_size=settings.batch_size, timeout_seconds=settings.dispatch_timeout_seconds, on_stored=stored)
+        else:
+            dispatcher = InProcessDispatcher(components.models, engine, batch_size=settings.batch_size,
+                                             on_stored=stored)
         tracker = StudentTracker(max_gap_seconds=settings.track_max_gap_seconds, embedder=components.embedder)
         samples: list[dict[str, Any]] = []
         last_timestamp = 0.0

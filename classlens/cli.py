@@ -134,12 +134,14 @@ def analyze(
     emotion: EmotionOption = None,
     detector: DetectorOption = None,
     recognizer: RecognizerOption = None,
+    broker: Annotated[str | None, typer.Option(
+        "--broker", help="Send inference to Celery workers on this broker (redis://host:6379/0).")] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Analyse recorded lectures and write per-student and class reports."""
     with _user_errors():
         settings = _settings(sample_fps=fps, database_url=db, emotion_inference=emotion, detector=detector,
-                             recognizer=recognizer)
+                             recognizer=recognizer, broker_url=broker)
         failures = 0
         for video in videos:
             target = out_dir / video.stem if out_dir is not None and len(videos) > 1 else out_dir
@@ -154,6 +156,27 @@ def analyze(
             _print_outcome(outcome)
         if failures:
             raise typer.Exit(code=2)
+
+
+@app.command()
+def worker(
+    queue: Annotated[list[str] | None, typer.Option(
+        "--queues", "--queue", "-Q", help="Queue to consume (repeatable, or comma-separated): cpu or gpu. "
+        "Default: the inference_queue setting.")] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1,
+                                             help="Worker processes; each loads the models once.")] = 1,
+    loglevel: Annotated[str, typer.Option(
+        "--loglevel", "-l", help="debug, info, warning, error or critical.")] = "info",
+    broker: Annotated[str | None, typer.Option("--broker", help="Celery broker URL (redis://host:6379/0).")] = None,
+    db: DbOption = None,
+) -> None:
+    """Run an inference worker: takes crop batches from the broker and stores the results."""
+    with _user_errors():
+        from workers.worker_main import run_worker
+
+        settings = _settings(broker_url=broker, database_url=db)
+        queues = [name for entry in (queue or [settings.inference_queue]) for name in entry.split(",") if name]
+        run_worker(settings, queues, concurrency, loglevel)
 
 
 @app.command()

@@ -162,6 +162,14 @@ class Settings(BaseSettings):
     task_max_retries: int = Field(
         default=5, ge=0, le=50, description="Retries of a task that failed with a transient error (database, broker)."
     )
+    broker_visibility_timeout_seconds: int | None = Field(
+        default=None,
+        ge=5,
+        description=(
+            "Seconds before Redis hands a message whose worker vanished (crash, kill -9) to another worker. "
+            "Default: 2 × task_time_limit_seconds + 60; shorter redelivers sooner but may run slow tasks twice."
+        ),
+    )
     dispatch_timeout_seconds: int = Field(
         default=900,
         ge=10,
@@ -172,6 +180,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_sizes(self) -> Settings:
+        visibility = self.broker_visibility_timeout_seconds or 2 * self.task_time_limit_seconds + 60
+        if self.broker_url and self.dispatch_timeout_seconds <= visibility + 10:
+            raise ValueError(
+                f"dispatch_timeout_seconds ({self.dispatch_timeout_seconds}) must exceed the broker visibility "
+                f"timeout ({visibility}) by more than 10 s, or producers give up before a lost batch is redelivered"
+            )
         if self.detector_input_size % 32:
             raise ValueError(
                 f"detector_input_size must be a multiple of 32, got {self.detector_input_size}"

@@ -21,7 +21,7 @@ from sqlalchemy import Engine, UniqueConstraint, delete, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
-from sqlmodel import Field, Session, SQLModel, create_engine, select
+from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
 from classlens.errors import ConfigurationError
 
@@ -149,6 +149,8 @@ def make_engine(url: str) -> Engine:
 def init_store(url: str) -> Engine:
     """Open the store and create missing tables; a database that cannot be reached is a one-line error."""
     engine = make_engine(url)
+    import workers.failures  # noqa: F401  registers FailedBatch; imported here because it imports this module
+
     try:
         SQLModel.metadata.create_all(engine)
     except OperationalError as exc:
@@ -190,6 +192,9 @@ def delete_analysis_data(session: Session, analysis_id: int, *, keep_analysis: b
     for model in tables:
         session.execute(delete(model).where(model.analysis_id == analysis_id))
     if not keep_analysis:
+        from workers.failures import FailedBatch
+
+        session.execute(delete(FailedBatch).where(col(FailedBatch.analysis_id) == analysis_id))
         session.execute(delete(Analysis).where(Analysis.id == analysis_id))  # type: ignore[arg-type]
 
 

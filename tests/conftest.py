@@ -52,6 +52,8 @@ def _check_prerequisites(request: pytest.FixtureRequest) -> None:
                 f"needs ../shared/media and ../shared/models beside the repository (looked in {SHARED_DIR})")
     if request.node.get_closest_marker("postgres"):
         require(_port_open("127.0.0.1", 5432), "needs PostgreSQL on 127.0.0.1:5432 (database 'test', trust auth)")
+    if request.node.get_closest_marker("redis"):
+        require(_port_open("127.0.0.1", 6379), "needs Redis on 127.0.0.1:6379 (apt install redis-server)")
 
 
 @pytest.fixture(scope="session")

