@@ -78,16 +78,28 @@ def _open(path: Path | io.BytesIO) -> Any:
 class RecordedFileSource:
     """Yields sampled frames of a recorded video file, on the video's own clock."""
 
-    def __init__(self, path: Path | io.BytesIO, sample_fps: float, *, stream_name: str = "main") -> None:
+    def __init__(self, path: Path | io.BytesIO, sample_fps: float, *, stream_name: str = "main",
+                 start_seconds: float = 0.0, end_seconds: float | None = None) -> None:
         if sample_fps <= 0:
             raise BadInputError(f"sample rate must be positive, got {sample_fps}")
+        if not math.isfinite(start_seconds) or start_seconds < 0:
+            raise BadInputError(f"start_seconds: expected a time of 0 s or later, got {start_seconds}")
+        if end_seconds is not None and not (math.isfinite(end_seconds) and end_seconds > start_seconds):
+            raise BadInputError(f"end_seconds: expected a time after start_seconds ({start_seconds}), "
+                                f"got {end_seconds}")
         self.path: Path | io.BytesIO = path if isinstance(path, io.BytesIO) else Path(path)
         self.sample_fps = sample_fps
         self.stream_name = stream_name
+        self.first_sample = sample_index_at(start_seconds, sample_fps)
+        """Index k of the first sampling instant k / sample_fps this source covers."""
+        self.end_sample = None if end_seconds is None else sample_index_at(end_seconds, sample_fps)
+        """Index of the first sampling instant after the covered range (None: to the end of the video)."""
         self.decode_errors = 0
         """Packets that failed to decode and were skipped."""
         self.frames_decoded = 0
         """Frames the decoder produced (sampled or not)."""
+        self.seeked = False
+        """Whether decoding started at a keyframe near ``start_seconds`` rather than at the beginning."""
 
     def probe(self) -> VideoInfo:
         """Open the file and describe its video stream; a file without one is bad input."""
@@ -130,55 +142,129 @@ class RecordedFileSource:
         return not info.intra_only and info.average_fps > 0 and self.sample_fps * 3 <= info.average_fps
 
     def __iter__(self) -> Iterator[VideoFrame]:
-        """Decode and yield one frame per sampling interval, in time order."""
+        """Decode and yield one frame per sampling interval, in time order.
+
+        With ``start_seconds``/``end_seconds`` only the sampling instants k / sample_fps in
+        [start, end) are covered, each by the same frame an unsegmented run picks for it, so
+        the samples of consecutive segments add up to exactly the samples of the whole video.
+        """
+        # Seek targets, seconds before the segment's first sampling instant: a container
+        # without an index (MPEG-TS) may land after the keyframe we need; go further back.
+        back_offs: list[float | None] = [0.0, 10.0, 60.0] if self.first_sample > 0 else []
+        back_offs.append(None)  # the beginning of the video: slower, always exact
         container = _open(self.path)
         try:
-            info = self._info(container)
-            stream = container.streams.video[0]
-            # Frame threading lets FFmpeg use both cores for decoding.
-            stream.thread_type = "AUTO"
-            if self.skips_non_reference_frames(info):
-                # No other frame is predicted from a non-reference frame, so the decoder can drop
-                # them without harming the rest: about half the decoding work for typical H.264.
-                stream.codec_context.skip_frame = "NONREF"
-            time_base = float(stream.time_base) if stream.time_base else 0.0
-            start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-            interval = 1.0 / self.sample_fps
-            next_sample = 0.0
-            consecutive_errors = 0
-            # Half a frame of slack so that 30 fps content sampled at 1 fps lands on frame 0, 30, 60...
-            slack = 0.5 / info.average_fps if info.average_fps else 0.0
-            for packet in container.demux(stream):
-                # Every frame of an intra-only codec decodes alone: skip the ones we do not sample.
-                if (info.intra_only and packet.pts is not None and time_base
-                        and packet.pts * time_base - start < next_sample - slack):
-                    continue
+            for back_off in back_offs:
                 try:
-                    frames = packet.decode()
-                except av.error.FFmpegError:
-                    self.decode_errors += 1
-                    consecutive_errors += 1
-                    if consecutive_errors > MAX_CONSECUTIVE_DECODE_ERRORS:
-                        raise BadInputError(
-                            f"{self.path}: the video is corrupt ({consecutive_errors} undecodable packets in a row)"
-                        ) from None
-                    continue
-                consecutive_errors = 0
-                for frame in frames:
-                    self.frames_decoded += 1
-                    if frame.pts is None:
-                        continue
-                    timestamp = float(frame.pts * frame.time_base) - start
-                    if timestamp < next_sample - slack:
-                        continue
-                    image = frame.to_ndarray(format="bgr24")
-                    yield VideoFrame(stream=self.stream_name, timestamp=round(timestamp, 3), image=image)
-                    # Skip ahead on the grid (not from this frame) so sampling does not drift.
-                    next_sample = (math.floor((timestamp + slack) / interval) + 1) * interval
+                    yield from self._decode(container, back_off=back_off)
+                    return
+                except _SeekMissedError:
+                    container.close()
+                    container = _open(self.path)
+            raise AssertionError("decoding from the beginning never misses")  # pragma: no cover
         except av.error.FFmpegError as exc:
             raise BadInputError(f"{self.path}: decoding failed ({exc.strerror or exc})") from None
         finally:
             container.close()
+
+    def _decode(self, container: Any, *, back_off: float | None) -> Iterator[VideoFrame]:
+        """Decode, after seeking ``back_off`` seconds before the first frame needed (None: no seek).
+
+        Raises :class:`_SeekMissedError` before yielding anything when the seek cannot be
+        trusted to decode every needed frame exactly as a run from the beginning does.
+        """
+        info = self._info(container)
+        stream = container.streams.video[0]
+        # Frame threading lets FFmpeg use both cores for decoding.
+        stream.thread_type = "AUTO"
+        if self.skips_non_reference_frames(info):
+            # No other frame is predicted from a non-reference frame, so the decoder can drop
+            # them without harming the rest: about half the decoding work for typical H.264.
+            stream.codec_context.skip_frame = "NONREF"
+        time_base = float(stream.time_base) if stream.time_base else 0.0
+        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        interval = 1.0 / self.sample_fps
+        # The sampler is a small state machine: a frame is sampled when it is the first decoded
+        # frame of its grid cell. Starting it at the segment's first instant reproduces the
+        # state an unsegmented run is in there, whatever came before.
+        next_sample = self.first_sample * interval
+        stop_at = None if self.end_sample is None else self.end_sample * interval
+        consecutive_errors = 0
+        # Half a frame of slack so that 30 fps content sampled at 1 fps lands on frame 0, 30, 60...
+        slack = 0.5 / info.average_fps if info.average_fps else 0.0
+        # The first frame that may be sampled, less one frame of margin.
+        needed = next_sample - slack - (1.0 / info.average_fps if info.average_fps else 0.0)
+        target = needed - (back_off or 0.0)
+        self.seeked = back_off is not None and target > 0 and bool(time_base)
+        if back_off is not None and not self.seeked:
+            raise _SeekMissedError  # nothing to seek to: the next attempt starts at the beginning
+        awaiting_keyframe = self.seeked
+        # Intra-only codecs skip the packets before the first sample, so their first frame is later.
+        awaiting_frame = self.seeked and not info.intra_only
+        if self.seeked:
+            try:
+                # Backward: the keyframe at or before the target, so every frame from there on
+                # decodes exactly as it does when decoding from the beginning.
+                container.seek(math.floor(target / time_base) + (stream.start_time or 0), backward=True,
+                               any_frame=False, stream=stream)
+            except av.error.FFmpegError:
+                raise _SeekMissedError from None
+        for packet in container.demux(stream):
+            if awaiting_keyframe:
+                # Some demuxers land on any packet; what precedes the first keyframe cannot decode.
+                if not (packet.is_keyframe or info.intra_only) or packet.pts is None:
+                    continue
+                if packet.pts * time_base - start > needed:
+                    raise _SeekMissedError
+                awaiting_keyframe = False
+            # Every frame of an intra-only codec decodes alone: skip the ones we do not sample.
+            if (info.intra_only and packet.pts is not None and time_base
+                    and packet.pts * time_base - start < next_sample - slack):
+                continue
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError:
+                self.decode_errors += 1
+                consecutive_errors += 1
+                if consecutive_errors > MAX_CONSECUTIVE_DECODE_ERRORS:
+                    raise BadInputError(
+                        f"{self.path}: the video is corrupt ({consecutive_errors} undecodable packets in a row)"
+                    ) from None
+                continue
+            consecutive_errors = 0
+            for frame in frames:
+                self.frames_decoded += 1
+                if frame.pts is None:
+                    continue
+                timestamp = float(frame.pts * frame.time_base) - start
+                if awaiting_frame:
+                    awaiting_frame = False
+                    if timestamp > needed:  # the decoder dropped frames after the keyframe
+                        raise _SeekMissedError
+                # The same test as the next segment's first sample, so a frame belongs to exactly one.
+                if stop_at is not None and timestamp >= stop_at - slack:
+                    return
+                if timestamp < next_sample - slack:
+                    continue
+                image = frame.to_ndarray(format="bgr24")
+                yield VideoFrame(stream=self.stream_name, timestamp=round(timestamp, 3), image=image)
+                # Skip ahead on the grid (not from this frame) so sampling does not drift.
+                next_sample = (math.floor((timestamp + slack) / interval) + 1) * interval
+        if awaiting_keyframe or awaiting_frame:
+            raise _SeekMissedError  # the seek landed past the last keyframe, or nothing decoded after it
+
+
+class _SeekMissedError(Exception):
+    """Seeking landed after the segment's first frame; decode from the beginning instead."""
+
+
+def sample_index_at(seconds: float, sample_fps: float) -> int:
+    """Index k of the first sampling instant k / sample_fps at or after ``seconds``.
+
+    A microsecond of tolerance keeps float noise (5.0 * 3 = 15.000000000000002) from
+    moving an instant that lies on the boundary into the next segment.
+    """
+    return max(0, math.ceil(seconds * sample_fps - 1e-6))
 
 
 T = TypeVar("T")

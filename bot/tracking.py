@@ -44,6 +44,22 @@ def box_iou(a: FloatArray, b: FloatArray) -> FloatArray:
     return as_float32(inter / np.maximum(union, 1e-6))
 
 
+def geometry_scores(expected: FloatArray, boxes: FloatArray) -> FloatArray:
+    """Score 0–1 of every (expected box [M,4], found box [N,4]) pair from overlap and distance → [M,N].
+
+    The tracker compares a track's predicted box with a frame's faces; segment stitching
+    compares a track's last box with another track's first box in the same way.
+    """
+    overlap = box_iou(expected, boxes)
+    centre_e = (expected[:, :2] + expected[:, 2:]) / 2
+    centre_b = (boxes[:, :2] + boxes[:, 2:]) / 2
+    size = np.maximum(expected[:, 2:] - expected[:, :2], 1.0).max(axis=1)
+    distance = np.linalg.norm(centre_e[:, None, :] - centre_b[None, :, :], axis=2) / size[:, None]
+    # A face within one and a half face sizes of where it was expected is plausibly the same face.
+    nearness = np.clip(1.0 - distance / 1.5, 0.0, 1.0)
+    return as_float32(0.5 * overlap + 0.5 * nearness)
+
+
 class FaceEmbedder:
     """Face embeddings through insightface's ``ArcFaceONNX`` class, for re-identification within a session."""
 
@@ -165,14 +181,7 @@ class StudentTracker:
                       embeddings: FloatArray | None, now: float) -> FloatArray:
         """Score 0–1 of every (track, face) pair from overlap, distance and appearance."""
         predicted = np.stack([t.predicted_box(now) for t in tracks])
-        overlap = box_iou(predicted, detections.boxes)
-        centre_t = (predicted[:, :2] + predicted[:, 2:]) / 2
-        centre_d = (detections.boxes[:, :2] + detections.boxes[:, 2:]) / 2
-        size = np.maximum(predicted[:, 2:] - predicted[:, :2], 1.0).max(axis=1)
-        distance = np.linalg.norm(centre_t[:, None, :] - centre_d[None, :, :], axis=2) / size[:, None]
-        # A face within one and a half face sizes of where it was predicted is plausibly the same face.
-        nearness = np.clip(1.0 - distance / 1.5, 0.0, 1.0)
-        geometry = as_float32(0.5 * overlap + 0.5 * nearness)
+        geometry = geometry_scores(predicted, detections.boxes)
         if embeddings is None:
             return geometry
         known = np.array([t.embedding is not None for t in tracks])

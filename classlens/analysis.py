@@ -13,17 +13,17 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import Engine, delete
-from sqlmodel import Session
+from sqlalchemy import Engine, delete, func, update
+from sqlmodel import Session, col, select
 
 from bot.detection import FaceDetector
 from bot.geometry import align_face, head_poses
-from bot.sources import RecordedFileSource, prefetched
+from bot.sources import RecordedFileSource, VideoInfo, prefetched
 from bot.tracking import FaceEmbedder, StudentTracker, TrackSummary, is_student
-from classlens.errors import BadInputError
+from classlens.errors import BadInputError, ClassLensError
 from classlens.settings import Settings
 from classlens.store import (
     Analysis,
@@ -38,10 +38,12 @@ from classlens.store import (
     utcnow,
 )
 from classlens.types import CROP_SIZE, CropBatch, FrameDetections, VideoFrame
-from model_export.cache import ModelCache, resolve_model
+from model_export.cache import ModelCache
 from workers.dispatch import CropDispatcher, InProcessDispatcher
 from workers.inference import InferenceModels
-from workers.runners import EmotionRunner, EngagementRunner
+
+if TYPE_CHECKING:
+    from workers.segment_dispatch import SegmentDispatcher, SegmentProgress
 
 logger = logging.getLogger(__name__)
 
@@ -105,30 +107,14 @@ class PipelineComponents:
     @classmethod
     def load(cls, settings: Settings) -> PipelineComponents:
         """Resolve, pull if needed, and load every configured model."""
-        cache = model_cache_for(settings)
-        common: dict[str, Any] = {"preference": settings.execution_provider,
-                                  "intra_op_threads": settings.intra_op_threads}
-        detector_model = resolve_model(cache, settings.detector)
-        detector = FaceDetector(detector_model.path, input_size=settings.detector_input_size,
-                                threshold=settings.detection_threshold,
-                                min_face_pixels=settings.min_face_pixels, **common)
-        provenance: dict[str, dict[str, object]] = {"detector": detector_model.provenance()}
-        embedder = None
-        if settings.recognizer:
-            recognizer_model = resolve_model(cache, settings.recognizer)
-            imagenet = bool(recognizer_model.spec and recognizer_model.spec.extra.get("input_mean") == "imagenet")
-            embedder = FaceEmbedder(recognizer_model.path, imagenet_normalisation=imagenet, **common)
-            provenance["recognizer"] = recognizer_model.provenance()
-        emotion = None
-        if settings.emotion_inference:
-            emotion_model = resolve_model(cache, settings.emotion_model)
-            emotion = EmotionRunner(emotion_model.path, **common)
-            provenance["emotion"] = emotion_model.provenance()
-        engagement_model = resolve_model(cache, settings.engagement_model)
-        engagement = EngagementRunner(engagement_model.path, **common)
-        provenance["engagement"] = engagement_model.provenance()
-        return cls(detector, embedder, InferenceModels(engagement=engagement, emotion=emotion,
-                                                       provenance=provenance))
+        # Imported here: both modules build on this one.
+        from workers.segments import load_capture_models
+        from workers.tasks import load_inference_models
+
+        capture = load_capture_models(settings)
+        models = load_inference_models(settings)
+        models.provenance = {**capture.provenance, **models.provenance}
+        return cls(capture.detector, capture.embedder, models)
 
 
 def crop_batch_for(analysis_id: int, frame: VideoFrame, detections: FrameDetections) -> CropBatch:
@@ -160,15 +146,17 @@ def _create_analysis(engine: Engine, source: str, settings: Settings, title: str
 
 
 def _mark_failed(engine: Engine, analysis_id: int, reason: str) -> None:
-    """Remove everything half-written and record why the analysis failed."""
+    """Remove everything half-written and record why the analysis failed.
+
+    The analysis row is marked before anything is deleted, in the same transaction: that
+    takes SQLite's write lock or PostgreSQL's row lock first, so a segment worker about to
+    store (it checks the status in its own transaction) either committed before and its
+    rows are deleted here, or sees ``failed`` and writes nothing.
+    """
     with session_scope(engine) as session:
+        session.execute(update(Analysis).where(col(Analysis.id) == analysis_id).values(
+            status=AnalysisStatus.failed, failure_reason=reason, finished_at=utcnow(), report_path=None))
         delete_analysis_data(session, analysis_id)
-        analysis = session.get(Analysis, analysis_id)
-        if analysis is not None:
-            analysis.status = AnalysisStatus.failed
-            analysis.failure_reason = reason
-            analysis.finished_at = utcnow()
-            analysis.report_path = None
 
 
 def _finalise_students(session: Session, analysis_id: int, summaries: list[TrackSummary],
@@ -205,7 +193,14 @@ def analyze_recording(
     Bad input (missing, unreadable, empty or corrupt video) raises
     :class:`~classlens.errors.BadInputError` after recording the analysis as failed;
     nothing derived from a failed analysis is left in the store or on disk.
+
+    With a broker, a file longer than ``segment_seconds`` is analysed in time segments by
+    the workers (:func:`submit_segmented_analysis`); ``components`` are then not needed.
     """
+    if settings.broker_url and isinstance(path, Path):
+        segmented = submit_segmented_analysis(path, settings, out_dir=out_dir, title=title)
+        if segmented is not None:
+            return segmented.wait(progress)
     engine = init_store(settings.resolved_database_url)
     name = path.name if isinstance(path, Path) else (title or "in-memory video")
     analysis_id = _create_analysis(engine, name if isinstance(path, io.BytesIO) else str(path), settings,
@@ -287,3 +282,158 @@ def analyze_recording(
     finally:
         if dispatcher is not None:
             dispatcher.close()
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """The one line recorded on a failed analysis."""
+    reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
+    return reason.splitlines()[0]
+
+
+@dataclass
+class SegmentedAnalysis:
+    """A recorded file whose time segments were sent to the workers; :meth:`wait` stitches and reports it."""
+
+    analysis_id: int
+    """Id of the analysis in the store."""
+    name: str
+    """The file's name, for messages."""
+    settings: Settings
+    """The producer's settings."""
+    engine: Engine
+    """The store."""
+    info: VideoInfo
+    """What the container says about the video."""
+    report_dir: Path
+    """Where the reports go."""
+    dispatcher: SegmentDispatcher
+    """Follows the segment tasks."""
+    finished: bool = False
+    """Whether the analysis was completed, failed or abandoned."""
+
+    def wait(self, progress: ProgressCallback | None = None) -> AnalysisOutcome:
+        """Wait for every segment, stitch ids across the boundaries, store the students and render the reports.
+
+        Fails like :func:`analyze_recording`: a failed segment (named in the error), no
+        progress for ``dispatch_timeout_seconds`` or an interruption marks the analysis
+        failed and removes everything derived for it.
+        """
+        settings = self.settings
+        state = AnalysisProgress(frames_expected=self.info.expected_samples(settings.sample_fps))
+        try:
+            from reports.render import render_reports
+
+            def update_state(segments: SegmentProgress) -> None:
+                state.frames_sampled, state.faces_found = segments.frames, segments.faces
+                state.crops_stored = segments.faces
+                if progress:
+                    progress(state)
+
+            result = self.dispatcher.wait(update_state)
+            if result.frames == 0:
+                raise BadInputError(f"{self.name}: the video contains no frames that can be decoded")
+            students, frames, last_timestamp = _finalise_segmented(self.engine, self.analysis_id, settings,
+                                                                   self.info, result, self.report_dir)
+            state.frames_sampled, state.students_tracked, state.class_time = frames, students, last_timestamp
+            if progress:
+                progress(state)
+            paths = render_reports(self.engine, self.analysis_id, self.report_dir)
+            return AnalysisOutcome(self.analysis_id, students, frames, result.faces, self.report_dir,
+                                   report_files=[paths.overview, *paths.students, paths.csv, paths.json])
+        except BaseException as exc:
+            _mark_failed(self.engine, self.analysis_id, _failure_reason(exc))
+            raise
+        finally:
+            self.finished = True
+
+    def abandon(self, reason: str) -> None:
+        """Give up without waiting: the analysis is marked failed, and workers drop its segments."""
+        if not self.finished:
+            self.finished = True
+            _mark_failed(self.engine, self.analysis_id, reason)
+
+
+def submit_segmented_analysis(
+    path: Path,
+    settings: Settings,
+    *,
+    out_dir: Path | None = None,
+    title: str | None = None,
+    single_segment: bool = False,
+) -> SegmentedAnalysis | None:
+    """Start analysing a recorded file in time segments on the Celery workers, when that applies.
+
+    It applies with a broker, to a file whose duration is known and longer than
+    ``segment_seconds``; with ``single_segment`` to shorter files too (a batch of videos
+    then spreads over the workers, one task per video). Returns None otherwise, and for a
+    file that cannot even be probed: :func:`analyze_recording` then takes the regular
+    route, which records and reports the bad input. The workers read the file at
+    ``path.resolve()``: it must be on a filesystem they share.
+    """
+    if not settings.broker_url:
+        return None
+    try:
+        info = RecordedFileSource(path, settings.sample_fps).probe()
+    except BadInputError:
+        return None
+    from workers.segments import plan_segments, segment_overrides
+
+    segments = plan_segments(info.duration_seconds, settings.sample_fps, settings.segment_seconds)
+    if not segments or (len(segments) == 1 and not single_segment):
+        return None
+    engine = init_store(settings.resolved_database_url)
+    analysis_id = _create_analysis(engine, str(path), settings, title or path.name)
+    report_dir = (out_dir or settings.resolved_reports_dir / f"analysis-{analysis_id}").resolve()
+    try:
+        from reports.render import check_report_folder
+        from workers.celery_app import make_celery_app
+        from workers.segment_dispatch import SegmentDispatcher
+
+        check_report_folder(report_dir, analysis_id)
+        dispatcher = SegmentDispatcher(
+            make_celery_app(settings), engine, analysis_id, path.resolve(), segments,
+            queue=settings.inference_queue, overrides=segment_overrides(settings),
+            timeout_seconds=settings.dispatch_timeout_seconds)
+        dispatcher.send()
+    except BaseException as exc:
+        _mark_failed(engine, analysis_id, _failure_reason(exc))
+        raise
+    logger.info("analysis %d: %s sent to the workers as %d segments", analysis_id, path.name, len(segments))
+    return SegmentedAnalysis(analysis_id, path.name, settings, engine, info, report_dir, dispatcher)
+
+
+def _finalise_segmented(engine: Engine, analysis_id: int, settings: Settings, info: VideoInfo,
+                        result: SegmentProgress, report_dir: Path) -> tuple[int, int, float]:
+    """Stitch the segments' tracks, rewrite observation ids, create students; returns (students, frames, last time)."""
+    from workers.segments import segment_tracks_for
+    from workers.stitching import stitch_segment_tracks
+
+    with session_scope(engine) as session:
+        # A write first: it takes SQLite's write lock and PostgreSQL's row lock, so that no late
+        # or duplicate segment delivery can store rows between reading tracks and rewriting ids.
+        locked: Any = session.execute(update(Analysis).where(
+            col(Analysis.id) == analysis_id, col(Analysis.status) == AnalysisStatus.running,
+        ).values(status=AnalysisStatus.running))
+        if locked.rowcount != 1:
+            raise ClassLensError(f"analysis {analysis_id} stopped running while its segments were collected")
+        stitched = stitch_segment_tracks(segment_tracks_for(session, analysis_id),
+                                         max_gap_seconds=settings.track_max_gap_seconds)
+        for old, new in stitched.renamed.items():
+            session.execute(update(FaceObservation).where(
+                col(FaceObservation.analysis_id) == analysis_id, col(FaceObservation.track_id) == old,
+            ).values(track_id=new))
+        students = _finalise_students(session, analysis_id, stitched.summaries, settings)
+        frames, last = session.exec(select(func.count(), func.max(FrameSample.timestamp)).where(
+            col(FrameSample.analysis_id) == analysis_id)).one()
+        last_timestamp = float(last or 0.0)
+        analysis = session.get(Analysis, analysis_id)
+        assert analysis is not None
+        analysis.models_json = result.models_json or "{}"
+        analysis.frames_sampled = int(frames)
+        analysis.faces_detected = result.faces
+        # The container's duration when it states one; otherwise the sampled span.
+        analysis.duration_seconds = info.duration_seconds or last_timestamp + 1.0 / settings.sample_fps
+        analysis.status = AnalysisStatus.done
+        analysis.finished_at = utcnow()
+        analysis.report_path = str(report_dir)
+    return students, int(frames), last_timestamp

@@ -106,6 +106,31 @@ def _analyze_one(source: Any, settings: Settings, out_dir: Path | None, quiet: b
     return outcome
 
 
+def _submit_batch(videos: list[Path], settings: Settings, out_dir: Path | None, submitted: dict[int, Any]) -> None:
+    """Queue the segments of every video of a batch before waiting for any, so all workers share the batch.
+
+    Fills ``submitted`` as it goes (so that an interruption can abandon what was sent):
+    a video's position → its segmented analysis, or the error that kept it from being
+    sent. Videos left out take the regular route.
+    """
+    from classlens.analysis import submit_segmented_analysis
+
+    for index, video in enumerate(videos):
+        target = out_dir / video.stem if out_dir is not None else None
+        try:
+            handle = submit_segmented_analysis(video, settings, out_dir=target, single_segment=True)
+        except ClassLensError as error:
+            submitted[index] = error
+            continue
+        if handle is not None:
+            submitted[index] = handle
+
+
+def _wait_one(handle: Any, quiet: bool, label: str) -> Any:
+    with _ProgressBar(label, enabled=not quiet) as bar:
+        return handle.wait(bar.update)
+
+
 def _print_outcome(outcome: Any) -> None:
     console.print(
         f"analysis {outcome.analysis_id}: {outcome.frames_sampled} frames sampled, "
@@ -143,17 +168,31 @@ def analyze(
         settings = _settings(sample_fps=fps, database_url=db, emotion_inference=emotion, detector=detector,
                              recognizer=recognizer, broker_url=broker)
         failures = 0
-        for video in videos:
-            target = out_dir / video.stem if out_dir is not None and len(videos) > 1 else out_dir
-            try:
-                outcome = _analyze_one(video, settings, target, quiet, f"analysing {video.name}")
-            except ClassLensError as error:
-                if len(videos) == 1 or _state["debug"]:
-                    raise
-                console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-                failures += 1
-                continue
-            _print_outcome(outcome)
+        submitted: dict[int, Any] = {}
+        try:
+            if settings.broker_url and len(videos) > 1:
+                _submit_batch(videos, settings, out_dir, submitted)
+            for index, video in enumerate(videos):
+                target = out_dir / video.stem if out_dir is not None and len(videos) > 1 else out_dir
+                handle = submitted.get(index)
+                try:
+                    if isinstance(handle, ClassLensError):
+                        raise handle
+                    label = f"analysing {video.name}"
+                    outcome = (_wait_one(handle, quiet, label) if handle is not None
+                               else _analyze_one(video, settings, target, quiet, label))
+                except ClassLensError as error:
+                    if len(videos) == 1 or _state["debug"]:
+                        raise
+                    console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+                    failures += 1
+                    continue
+                _print_outcome(outcome)
+        finally:
+            # Stopped early (Ctrl-C, --debug): videos not waited for are failed, and workers drop their segments.
+            for pending in submitted.values():
+                if not isinstance(pending, ClassLensError):
+                    pending.abandon("interrupted before this video's results were collected")
         if failures:
             raise typer.Exit(code=2)
 
@@ -170,7 +209,7 @@ def worker(
     broker: Annotated[str | None, typer.Option("--broker", help="Celery broker URL (redis://host:6379/0).")] = None,
     db: DbOption = None,
 ) -> None:
-    """Run an inference worker: takes crop batches from the broker and stores the results."""
+    """Run an inference worker: takes crop batches and video segments from the broker and stores the results."""
     with _user_errors():
         from workers.worker_main import run_worker
 

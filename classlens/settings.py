@@ -8,7 +8,6 @@ a deployment's environment fails loudly instead of being ignored.
 from __future__ import annotations
 
 import os
-from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -90,6 +89,13 @@ class Settings(BaseSettings):
     engagement_model: str = Field(
         default="engagement-baseline-v1",
         description="Engagement model over attention cues and emotion probabilities (manifest name or ONNX path).",
+    )
+    landmark_model: str | None = Field(
+        default=None,
+        description=(
+            "Optional landmark model for the eyes-closed and gaze-away cues: 'mediapipe-face-landmarker' "
+            "(needs the landmarks extra, see docs/models.md). Unset: those cues are reported as unknown."
+        ),
     )
     emotion_inference: bool = Field(
         default=True,
@@ -177,6 +183,15 @@ class Settings(BaseSettings):
             "How long a producer waits without any progress from the workers before it marks the analysis failed."
         ),
     )
+    segment_seconds: float = Field(
+        default=300.0,
+        ge=1.0,
+        description=(
+            "With a broker, a recorded file longer than this is split into segments of this much class time "
+            "that workers decode, detect, track and analyse in parallel; student ids are stitched across the "
+            "boundaries. The workers must read the file at the same path (shared filesystem)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_sizes(self) -> Settings:
@@ -192,14 +207,14 @@ class Settings(BaseSettings):
             )
         return self
 
-    @cached_property
+    @property
     def resolved_database_url(self) -> str:
         """The store URL, with the SQLite default under ``data_dir`` filled in."""
         if self.database_url:
             return self.database_url
         return f"sqlite:///{self.data_dir / 'classlens.sqlite3'}"
 
-    @cached_property
+    @property
     def resolved_reports_dir(self) -> Path:
         """Where reports go when no ``--out`` is given."""
         return self.reports_dir or self.data_dir / "reports"

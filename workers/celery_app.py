@@ -88,6 +88,9 @@ def make_celery_app(settings: Settings, *, visibility_timeout_seconds: int | Non
     app = Celery("classlens", broker=broker_url)
     transport_options: dict[str, Any] = {
         "visibility_timeout": visibility,
+        # Without it a publish to a broker that stops answering (hung host, partition) blocks forever;
+        # the worker's blocking pop waits about a second, well under it.
+        "socket_timeout": 5,
         # Sweep for abandoned messages a few times per visibility timeout, at most every 10 s,
         # scanning on every sweep (kombu's default scans every 10th, i.e. every 100 s).
         "unacked_restore_interval": max(1, min(10, visibility // 4)),
@@ -111,7 +114,8 @@ def make_celery_app(settings: Settings, *, visibility_timeout_seconds: int | Non
         task_soft_time_limit=soft_time_limit(settings),
         task_queues=[Queue(name, routing_key=name) for name in queue_names],  # type: ignore[no-untyped-call]
         task_default_queue=settings.inference_queue,
-        task_routes={tasks.ANALYSE_CROP_BATCH_TASK: {"queue": settings.inference_queue}},
+        task_routes={tasks.ANALYSE_CROP_BATCH_TASK: {"queue": settings.inference_queue},
+                     tasks.ANALYSE_RECORDING_SEGMENT_TASK: {"queue": settings.inference_queue}},
         task_create_missing_queues=True,
         broker_connection_retry=True,
         broker_connection_retry_on_startup=True,

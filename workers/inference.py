@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from classlens.types import EMOTION_LABELS, CropBatch, FaceAnalysisBatch, FloatArray
+from workers.landmarks import LandmarkRunner
 from workers.runners import EmotionRunner, EngagementRunner
 
 
@@ -18,6 +19,8 @@ class InferenceModels:
     """Engagement model (required)."""
     emotion: EmotionRunner | None = None
     """Emotion model, or None when the deployment switched emotion inference off."""
+    landmarks: LandmarkRunner | None = None
+    """Eye and gaze cues (MediaPipe Face Landmarker), or None when not configured."""
     provenance: dict[str, dict[str, object]] = field(default_factory=dict)
     """Role → name, sha256, licence, description: recorded on the analysis for the reports."""
 
@@ -36,10 +39,11 @@ def engagement_features(
     features = np.zeros((count, 4 + len(EMOTION_LABELS)), np.float32)
     features[:, 0] = np.abs(head_pose[:, 0])
     features[:, 1] = np.abs(head_pose[:, 1])
+    # NaN marks a face the landmark model did not find: no evidence, like an unknown cue.
     if eyes_closed is not None:
-        features[:, 2] = eyes_closed
+        features[:, 2] = np.nan_to_num(eyes_closed, nan=0.0)
     if gaze_away is not None:
-        features[:, 3] = gaze_away
+        features[:, 3] = np.nan_to_num(gaze_away, nan=0.0)
     if emotions is not None:
         features[:, 4:] = emotions
     return features
@@ -48,9 +52,11 @@ def engagement_features(
 def analyse_crops(batch: CropBatch, models: InferenceModels) -> FaceAnalysisBatch:
     """Run every configured model on a batch of aligned crops."""
     emotions = models.emotion.predict(batch.crops) if models.emotion is not None else None
-    # Eye and gaze cues need a landmark model; until one is configured they are unknown.
+    # Eye and gaze cues need a landmark model; without one they are unknown.
     eyes_closed: FloatArray | None = None
     gaze_away: FloatArray | None = None
+    if models.landmarks is not None:
+        eyes_closed, gaze_away = models.landmarks.predict(batch.crops, batch.boxes)
     features = engagement_features(batch.head_pose, emotions, eyes_closed, gaze_away)
     engagement = models.engagement.predict(features)
     return FaceAnalysisBatch(

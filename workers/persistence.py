@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 from sqlalchemy import Engine
 
 from classlens.store import FaceObservation, insert_ignoring_duplicates, session_scope
-from classlens.types import EMOTION_LABELS, CropBatch, FaceAnalysisBatch
+from classlens.types import EMOTION_LABELS, CropBatch, FaceAnalysisBatch, FloatArray
+
+
+def _known(values: FloatArray | None, index: int) -> float | None:
+    """A cue's value, or None when it is unknown (no model, or NaN: the face was not found)."""
+    if values is None:
+        return None
+    value = float(values[index])
+    return value if math.isfinite(value) else None
 
 
 def observation_rows(batch: CropBatch, results: FaceAnalysisBatch) -> list[dict[str, Any]]:
@@ -31,8 +40,8 @@ def observation_rows(batch: CropBatch, results: FaceAnalysisBatch) -> list[dict[
             "box_x1": float(box[0]), "box_y1": float(box[1]), "box_x2": float(box[2]), "box_y2": float(box[3]),
             "detection_score": float(batch.detection_scores[index]),
             "head_yaw": yaw, "head_pitch": pitch, "head_roll": roll,
-            "eyes_closed": None if results.eyes_closed is None else float(results.eyes_closed[index]),
-            "gaze_away": None if results.gaze_away is None else float(results.gaze_away[index]),
+            "eyes_closed": _known(results.eyes_closed, index),
+            "gaze_away": _known(results.gaze_away, index),
             "engagement_level": int(best[index]),
             "engagement_score": float(expected[index]),
         }

@@ -18,6 +18,7 @@ import os
 import random
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -28,6 +29,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from classlens.errors import ClassLensError, ConfigurationError
 from classlens.settings import Settings, load_settings
 from classlens.store import make_engine
 from classlens.types import CROP_SIZE, CropBatch
@@ -36,13 +38,25 @@ from workers.failures import FailedBatch, ensure_failed_batch_table, record_fail
 from workers.inference import InferenceModels, analyse_crops
 from workers.persistence import store_face_results
 from workers.runners import EmotionRunner, EngagementRunner
+from workers.segments import (
+    CaptureModels,
+    Segment,
+    analyse_segment,
+    capture_key,
+    load_capture_models,
+    record_segment_failure,
+    segment_settings,
+)
 
 __all__ = [
     "ANALYSE_CROP_BATCH_TASK",
+    "ANALYSE_RECORDING_SEGMENT_TASK",
     "FailedBatch",  # re-exported so that importing the tasks registers the table's metadata
     "InferenceTask",
+    "SegmentTask",
     "WorkerResources",
     "analyse_crop_batch",
+    "analyse_recording_segment",
     "load_inference_models",
 ]
 
@@ -50,6 +64,9 @@ logger = logging.getLogger(__name__)
 
 #: Registered name of :func:`analyse_crop_batch`, used for routing and by producers.
 ANALYSE_CROP_BATCH_TASK = "classlens.analyse_crop_batch"
+
+#: Registered name of :func:`analyse_recording_segment`, used for routing and by producers.
+ANALYSE_RECORDING_SEGMENT_TASK = "classlens.analyse_recording_segment"
 
 #: Attribute of a Celery app that holds the :class:`Settings` it was built from.
 SETTINGS_ATTRIBUTE = "classlens_settings"
@@ -60,7 +77,7 @@ MAX_RETRY_COUNTDOWN_SECONDS = 60.0
 
 
 def load_inference_models(settings: Settings) -> InferenceModels:
-    """Resolve (pulling into the cache if needed) and load the emotion and engagement models."""
+    """Resolve (pulling into the cache if needed) and load the emotion, landmark and engagement models."""
     cache = ModelCache(settings.model_cache_dir, local_models_dir=settings.local_models_dir,
                        index_url=settings.package_index_url)
     common: dict[str, Any] = {"preference": settings.execution_provider,
@@ -71,10 +88,17 @@ def load_inference_models(settings: Settings) -> InferenceModels:
         emotion_model = resolve_model(cache, settings.emotion_model)
         emotion = EmotionRunner(emotion_model.path, **common)
         provenance["emotion"] = emotion_model.provenance()
+    landmarks = None
+    if settings.landmark_model:
+        from workers.landmarks import LandmarkRunner
+
+        landmark_model = resolve_model(cache, settings.landmark_model)
+        landmarks = LandmarkRunner(landmark_model.path)
+        provenance["landmarks"] = landmark_model.provenance()
     engagement_model = resolve_model(cache, settings.engagement_model)
     engagement = EngagementRunner(engagement_model.path, **common)
     provenance["engagement"] = engagement_model.provenance()
-    return InferenceModels(engagement=engagement, emotion=emotion, provenance=provenance)
+    return InferenceModels(engagement=engagement, emotion=emotion, landmarks=landmarks, provenance=provenance)
 
 
 def settings_of(app: Any) -> Settings:
@@ -248,3 +272,86 @@ def analyse_crop_batch(self: InferenceTask, payload: bytes) -> int:
             reason = describe_error(exc)
         return self.give_up(payload, reason, analysis_id=batch.analysis_id, crops=len(batch))
     return len(batch)
+
+
+#: Detector configurations one worker process keeps loaded (producers may ask for different ones).
+_MAX_CAPTURE_CONFIGURATIONS = 2
+
+
+class SegmentTask(InferenceTask):
+    """Base of the segment task: :class:`InferenceTask`'s models and engine, plus the capture models.
+
+    The detector (and optional recognizer) are loaded lazily, once per worker process and
+    detector configuration, like the inference models.
+    """
+
+    _capture: tuple[int, dict[tuple[object, ...], CaptureModels]] | None = None
+
+    def capture_models(self, settings: Settings) -> CaptureModels:
+        """The detector and recognizer for ``settings``, loaded on first use in this process."""
+        pid = os.getpid()
+        if self._capture is None or self._capture[0] != pid:
+            self._capture = (pid, {})
+        loaded = self._capture[1]
+        key = capture_key(settings)
+        if key not in loaded:
+            if len(loaded) >= _MAX_CAPTURE_CONFIGURATIONS:
+                loaded.pop(next(iter(loaded)))
+            loaded[key] = load_capture_models(settings)
+            logger.info("worker process %d loaded its detector %s on %s", pid, settings.detector,
+                        loaded[key].detector.providers)
+        return loaded[key]
+
+
+@shared_task(bind=True, base=SegmentTask, name=ANALYSE_RECORDING_SEGMENT_TASK)  # type: ignore[untyped-decorator]
+def analyse_recording_segment(self: SegmentTask, analysis_id: int, path: str, segment_index: int, start: float,
+                              end: float | None, settings_overrides: dict[str, Any] | None = None) -> int:
+    """Decode, detect, track and analyse one time segment of a recorded file; returns the frames sampled.
+
+    The work is :func:`workers.segments.analyse_segment`. Transient errors are retried
+    like a crop batch's; anything else marks the segment failed with its reason, which
+    fails the analysis. A segment past the soft time limit is not retried: it would run
+    out of time again.
+    """
+    if not isinstance(analysis_id, int) or isinstance(analysis_id, bool):
+        logger.error("segment task without a readable analysis id (%r): dropped", analysis_id)
+        return 0
+    try:
+        segment = Segment(segment_index, start, end)
+    except ValueError as exc:
+        if not isinstance(segment_index, int) or isinstance(segment_index, bool) or segment_index < 0:
+            logger.error("segment task of analysis %d without a readable segment index: %s", analysis_id, exc)
+            return 0
+        record_segment_failure(self.engine, analysis_id, Segment(segment_index, 0.0, None), describe_error(exc))
+        return 0
+    try:
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"path: expected the video's path, got {path!r}")
+        settings = segment_settings(self.settings, settings_overrides)
+    except (ValueError, ConfigurationError) as exc:  # pydantic's ValidationError is a ValueError
+        record_segment_failure(self.engine, analysis_id, segment, describe_error(exc))
+        return 0
+    try:
+        outcome = analyse_segment(self.engine, analysis_id, Path(path), segment, settings,
+                                  self.capture_models(settings), self.models)
+    except SoftTimeLimitExceeded:
+        reason = (f"took longer than the task time limit ({self.settings.task_time_limit_seconds} s); "
+                  "lower segment_seconds or raise task_time_limit_seconds")
+    except Exception as exc:
+        if is_transient(exc):
+            retries: int = self.request.retries
+            max_retries = self.settings.task_max_retries
+            if retries < max_retries:
+                countdown = retry_countdown(retries)
+                logger.warning("segment %d of analysis %d: %s; retry %d of %d in %.1f s", segment.index,
+                               analysis_id, describe_error(exc), retries + 1, max_retries, countdown)
+                raise self.retry(exc=exc, countdown=countdown, max_retries=max_retries) from None
+            reason = f"gave up after {retries} retries: {describe_error(exc)}"
+        else:
+            if not isinstance(exc, ClassLensError):  # bad input needs its message, not a traceback
+                logger.exception("segment %d of analysis %d failed", segment.index, analysis_id)
+            reason = describe_error(exc)
+    else:
+        return outcome.frames
+    record_segment_failure(self.engine, analysis_id, segment, reason)
+    return 0
