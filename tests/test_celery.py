@@ -558,3 +558,26 @@ def test_analyze_with_a_broker_matches_the_local_mode(
     for key, values in local_rows.items():
         assert remote_rows[key] == pytest.approx(values, abs=1e-5)
     assert (tmp_path / "remote" / "index.html").is_file()
+
+
+@pytest.mark.redis
+def test_a_partial_batch_goes_out_at_its_deadline(
+    broker: redis.Redis, store: Store, queue: str, demo_batches: list[CropBatch], default_models: Path,
+) -> None:
+    """Live feeds: crops are sent when the batch is full or its deadline passed, whichever comes first."""
+    settings = _settings(store, queue, default_models)
+    analysis_id = store.new_analysis("deadline")
+    small = [dataclasses.replace(b, analysis_id=analysis_id) for b in demo_batches[:3]]
+    assert all(len(b) < 64 for b in small)
+    waiting = CeleryDispatcher(make_celery_app(settings), store.engine, analysis_id, queue=queue,
+                               batch_size=64, timeout_seconds=5, max_batch_delay_seconds=0.2)
+    waiting.submit(small[0])
+    assert broker.llen(queue) == 0  # not full, deadline not reached: held back
+    time.sleep(0.3)
+    waiting.submit(small[1])
+    assert broker.llen(queue) == 1  # deadline passed: both batches went out as one message
+    patient = CeleryDispatcher(make_celery_app(settings), store.engine, analysis_id, queue=queue,
+                               batch_size=64, timeout_seconds=5)
+    patient.submit(small[2])
+    time.sleep(0.3)
+    assert broker.llen(queue) == 1  # without a deadline, a partial batch waits for the flush

@@ -73,6 +73,7 @@ class CeleryDispatcher:
         on_stored: Callable[[int], None] | None = None,
         max_pending_crops: int | None = None,
         poll_interval_seconds: float = 0.25,
+        max_batch_delay_seconds: float | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size: expected at least 1, got {batch_size}")
@@ -87,6 +88,9 @@ class CeleryDispatcher:
         self.on_stored = on_stored
         self.max_pending_crops = max_pending_crops or 64 * batch_size
         self.poll_interval_seconds = poll_interval_seconds
+        self.max_batch_delay_seconds = max_batch_delay_seconds
+        """A partial batch older than this is published at the next submit (live feeds); None: wait for a full one."""
+        self._pending_since = 0.0
         self.stats = DispatchStats()
         """``batches_run`` counts the batches published."""
         self._task: Any = app.tasks[ANALYSE_CROP_BATCH_TASK]
@@ -110,9 +114,16 @@ class CeleryDispatcher:
         if len(batch) == 0:
             return
         self.stats.crops_submitted += len(batch)
+        if not self._pending:
+            self._pending_since = time.monotonic()
         self._pending.append(batch)
         self._pending_count += len(batch)
-        if self._pending_count >= self.batch_size:
+        overdue = (self.max_batch_delay_seconds is not None
+                   and time.monotonic() - self._pending_since >= self.max_batch_delay_seconds)
+        if overdue and self._pending_count < self.batch_size:
+            # A batch is filled up to its size or its deadline, whichever comes first.
+            self.flush()
+        elif self._pending_count >= self.batch_size:
             joined = self._pending[0] if len(self._pending) == 1 else CropBatch.concatenate(self._pending)
             start = 0
             while len(joined) - start >= self.batch_size:
