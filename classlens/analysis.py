@@ -232,7 +232,8 @@ def analyze_recording(
 
             dispatcher = CeleryDispatcher(
                 make_celery_app(settings), engine, analysis_id, queue=settings.inference_queue,
-                batch_size=settings.batch_size, timeout_seconds=settings.dispatch_timeout_seconds, on_stored=stored)
+                batch_size=settings.batch_size, timeout_seconds=settings.dispatch_timeout_seconds, on_stored=stored,
+                emotion_inference=settings.emotion_inference)
         else:
             dispatcher = InProcessDispatcher(components.models, engine, batch_size=settings.batch_size,
                                              on_stored=stored)

@@ -581,3 +581,30 @@ def test_a_partial_batch_goes_out_at_its_deadline(
     patient.submit(small[2])
     time.sleep(0.3)
     assert broker.llen(queue) == 1  # without a deadline, a partial batch waits for the flush
+
+
+@pytest.mark.redis
+def test_a_producer_without_emotion_gets_no_emotion_from_workers_that_have_it(
+    broker: redis.Redis, store: Store, queue: str, demo_batches: list[CropBatch], default_models: Path,
+    tmp_path: Path,
+) -> None:
+    """--no-emotion on the producer switches emotion off on the workers for that analysis only."""
+    settings = _settings(store, queue, default_models)  # the worker runs with emotion inference on
+    without, with_emotion = store.new_analysis("no emotion"), store.new_analysis("emotion")
+    with _workers() as workers:
+        workers.append(_celery_worker(settings, tmp_path / "worker.log"))
+        for analysis_id, emotion in ((without, False), (with_emotion, True)):
+            dispatcher = CeleryDispatcher(make_celery_app(settings), store.engine, analysis_id, queue=queue,
+                                          batch_size=settings.batch_size, timeout_seconds=60,
+                                          emotion_inference=emotion)
+            for batch in _relabel(demo_batches[:2], analysis_id):
+                dispatcher.submit(batch)
+            dispatcher.drain()
+            dispatcher.close()
+    with session_scope(store.engine) as session:
+        off = observations_for(session, without)
+        on = observations_for(session, with_emotion)
+    assert off and all(o.emotion_happy is None and o.emotion_neutral is None for o in off)
+    assert on and all(o.emotion_neutral is not None for o in on)
+    # Engagement is still computed without emotion, from the attention cues alone.
+    assert all(0 <= o.engagement_level <= 3 for o in off)

@@ -74,6 +74,7 @@ class CeleryDispatcher:
         max_pending_crops: int | None = None,
         poll_interval_seconds: float = 0.25,
         max_batch_delay_seconds: float | None = None,
+        emotion_inference: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size: expected at least 1, got {batch_size}")
@@ -89,6 +90,8 @@ class CeleryDispatcher:
         self.max_pending_crops = max_pending_crops or 64 * batch_size
         self.poll_interval_seconds = poll_interval_seconds
         self.max_batch_delay_seconds = max_batch_delay_seconds
+        self.emotion_inference = emotion_inference
+        """False: workers skip the emotion model for this analysis (they can never be made to run it)."""
         """A partial batch older than this is published at the next submit (live feeds); None: wait for a full one."""
         self._pending_since = 0.0
         self.stats = DispatchStats()
@@ -168,7 +171,8 @@ class CeleryDispatcher:
     def _send(self, batch: CropBatch) -> None:
         payload = batch.to_bytes()
         try:
-            self._task.apply_async(args=[payload], queue=self.queue, retry=True, retry_policy=PUBLISH_RETRY_POLICY)
+            self._task.apply_async(args=[payload], kwargs={"emotion_inference": self.emotion_inference},
+                                   queue=self.queue, retry=True, retry_policy=PUBLISH_RETRY_POLICY)
         except (KombuError, redis.exceptions.RedisError, OSError) as exc:
             from kombu.utils.url import maybe_sanitize_url
 

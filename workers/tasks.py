@@ -13,6 +13,7 @@ returns normally so the worker goes on with the next batch.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -246,8 +247,12 @@ class InferenceTask(Task):  # type: ignore[misc]  # celery ships no type informa
 
 
 @shared_task(bind=True, base=InferenceTask, name=ANALYSE_CROP_BATCH_TASK)  # type: ignore[untyped-decorator]
-def analyse_crop_batch(self: InferenceTask, payload: bytes) -> int:
-    """Analyse one packed :class:`CropBatch` and store the results; returns the number of crops."""
+def analyse_crop_batch(self: InferenceTask, payload: bytes, emotion_inference: bool = True) -> int:
+    """Analyse one packed :class:`CropBatch` and store the results; returns the number of crops.
+
+    ``emotion_inference=False`` (the producer's ``--no-emotion``) skips the emotion model for
+    this batch. It can only switch emotion off: a worker configured without emotion never runs it.
+    """
     if not isinstance(payload, bytes | bytearray):
         return self.give_up(payload, f"payload: expected bytes, got {type(payload).__name__}")
     try:
@@ -255,7 +260,8 @@ def analyse_crop_batch(self: InferenceTask, payload: bytes) -> int:
     except Exception as exc:  # a payload that does not decode now never will
         return self.give_up(payload, describe_error(exc))
     try:
-        results = analyse_crops(batch, self.models)
+        models = self.models if emotion_inference else dataclasses.replace(self.models, emotion=None)
+        results = analyse_crops(batch, models)
         store_face_results(self.engine, batch, results)
     except Exception as exc:
         if is_transient(exc):
