@@ -198,6 +198,19 @@ class CropBatch:
             head_pose=np.concatenate([b.head_pose for b in batches]),
         )
 
+    def slice(self, start: int, stop: int) -> CropBatch:
+        """Crops ``start:stop`` of the batch, with their ids."""
+        return CropBatch(
+            analysis_id=self.analysis_id,
+            streams=self.streams[start:stop],
+            track_ids=self.track_ids[start:stop],
+            timestamps=self.timestamps[start:stop],
+            crops=self.crops[start:stop],
+            boxes=self.boxes[start:stop],
+            detection_scores=self.detection_scores[start:stop],
+            head_pose=self.head_pose[start:stop],
+        )
+
     def to_bytes(self) -> bytes:
         """Pack as msgpack: raw array bytes with dtype and shape, nothing executable."""
         def pack(array: np.ndarray[Any, Any]) -> dict[str, Any]:

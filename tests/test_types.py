@@ -80,3 +80,12 @@ def test_concatenate_refuses_mixed_analyses() -> None:
     with pytest.raises(ValueError, match="several analyses"):
         CropBatch.concatenate([first, second])
     assert len(CropBatch.concatenate([first, _batch(1)])) == 3
+
+
+def test_slice_keeps_crops_and_ids_together() -> None:
+    batch = _batch(5)
+    part = batch.slice(1, 3)
+    assert len(part) == 2 and part.analysis_id == batch.analysis_id
+    np.testing.assert_array_equal(part.track_ids, batch.track_ids[1:3])
+    np.testing.assert_array_equal(part.crops, batch.crops[1:3])
+    assert part.streams == batch.streams[1:3]

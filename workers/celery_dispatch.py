@@ -50,6 +50,22 @@ class CeleryDispatchError(ClassLensError, RuntimeError):
     """The workers cannot be reached, stopped making progress, or gave up on batches."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message, or its type when the message is empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def publish_error(app: Celery, what: str, exc: BaseException) -> CeleryDispatchError:
+    """The one-line error for a publish that failed after kombu's retries."""
+    from kombu.utils.url import maybe_sanitize_url
+
+    broker = maybe_sanitize_url(app.conf.broker_url or "")
+    return CeleryDispatchError(
+        f"cannot send {what} to the broker {broker}: {first_line(exc)}; is Redis running and reachable?"
+    )
+
+
 class CeleryDispatcher:
     """Sends crop batches of one analysis to Celery workers and waits for their results in the store.
 
@@ -130,9 +146,9 @@ class CeleryDispatcher:
             joined = self._pending[0] if len(self._pending) == 1 else CropBatch.concatenate(self._pending)
             start = 0
             while len(joined) - start >= self.batch_size:
-                self._send(_slice(joined, start, start + self.batch_size))
+                self._send(joined.slice(start, start + self.batch_size))
                 start += self.batch_size
-            rest = _slice(joined, start, len(joined)) if start < len(joined) else None
+            rest = joined.slice(start, len(joined)) if start < len(joined) else None
             self._pending = [rest] if rest is not None else []
             self._pending_count = len(rest) if rest is not None else 0
         self._wait_for_room()
@@ -174,13 +190,7 @@ class CeleryDispatcher:
             self._task.apply_async(args=[payload], kwargs={"emotion_inference": self.emotion_inference},
                                    queue=self.queue, retry=True, retry_policy=PUBLISH_RETRY_POLICY)
         except (KombuError, redis.exceptions.RedisError, OSError) as exc:
-            from kombu.utils.url import maybe_sanitize_url
-
-            broker = maybe_sanitize_url(self.app.conf.broker_url or "")
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CeleryDispatchError(
-                f"cannot send crops to the broker {broker}: {reason}; is Redis running and reachable?"
-            ) from exc
+            raise publish_error(self.app, "crops", exc) from exc
         self._sent_keys.update(zip(batch.streams, batch.track_ids.tolist(), batch.timestamps.tolist(), strict=True))
         self.stats.batches_run += 1
 
@@ -210,7 +220,7 @@ class CeleryDispatcher:
             with Session(self.engine) as session:
                 return read(session)
         except (OperationalError, InterfaceError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             if reason != self._store_error:
                 logger.warning("cannot read progress from the store (will keep trying): %s", reason)
             self._store_error = reason
@@ -246,17 +256,3 @@ class CeleryDispatcher:
         count = len(self._failed)
         noun = "crop batch" if count == 1 else "crop batches"
         return CeleryDispatchError(f"{count} {noun} failed on the workers: {self._failed[0].reason}")
-
-
-def _slice(batch: CropBatch, start: int, stop: int) -> CropBatch:
-    """Crops ``start:stop`` of a batch."""
-    return CropBatch(
-        analysis_id=batch.analysis_id,
-        streams=batch.streams[start:stop],
-        track_ids=batch.track_ids[start:stop],
-        timestamps=batch.timestamps[start:stop],
-        crops=batch.crops[start:stop],
-        boxes=batch.boxes[start:stop],
-        detection_scores=batch.detection_scores[start:stop],
-        head_pose=batch.head_pose[start:stop],
-    )

@@ -165,17 +165,4 @@ def _split(batch: CropBatch, size: int) -> tuple[CropBatch, CropBatch | None]:
     """Split a batch into its first ``size`` crops and the rest."""
     if len(batch) <= size:
         return batch, None
-
-    def part(start: int, stop: int) -> CropBatch:
-        return CropBatch(
-            analysis_id=batch.analysis_id,
-            streams=batch.streams[start:stop],
-            track_ids=batch.track_ids[start:stop],
-            timestamps=batch.timestamps[start:stop],
-            crops=batch.crops[start:stop],
-            boxes=batch.boxes[start:stop],
-            detection_scores=batch.detection_scores[start:stop],
-            head_pose=batch.head_pose[start:stop],
-        )
-
-    return part(0, size), part(size, len(batch))
+    return batch.slice(0, size), batch.slice(size, len(batch))

@@ -25,7 +25,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlmodel import Session
 
 from classlens.store import SegmentState, SegmentStatus, insert_ignoring_duplicates, session_scope
-from workers.celery_dispatch import PUBLISH_RETRY_POLICY, CeleryDispatchError
+from workers.celery_dispatch import PUBLISH_RETRY_POLICY, CeleryDispatchError, first_line, publish_error
 from workers.segments import Segment, statuses_for
 from workers.tasks import ANALYSE_RECORDING_SEGMENT_TASK
 
@@ -102,13 +102,7 @@ class SegmentDispatcher:
                           segment.end_seconds, self.overrides],
                     queue=self.queue, retry=True, retry_policy=PUBLISH_RETRY_POLICY)
             except (KombuError, redis.exceptions.RedisError, OSError) as exc:
-                from kombu.utils.url import maybe_sanitize_url
-
-                broker = maybe_sanitize_url(self.app.conf.broker_url or "")
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise CeleryDispatchError(
-                    f"cannot send video segments to the broker {broker}: {reason}; is Redis running and reachable?"
-                ) from exc
+                raise publish_error(self.app, "video segments", exc) from exc
         self._last_progress = time.monotonic()
 
     def poll(self) -> SegmentProgress:
@@ -118,7 +112,7 @@ class SegmentDispatcher:
                 rows = statuses_for(session, self.analysis_id)
         except (OperationalError, InterfaceError) as exc:
             # A store that is briefly unreachable counts as no progress, not as a failure.
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             if reason != self._store_error:
                 logger.warning("cannot read segment progress from the store (will keep trying): %s", reason)
             self._store_error = reason
