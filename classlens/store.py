@@ -39,6 +39,59 @@ class AnalysisStatus(enum.StrEnum):
     failed = "failed"
 
 
+class ConsentMode(enum.StrEnum):
+    """Who in a session may be analysed."""
+
+    everyone = "everyone"
+    """Every participant."""
+    opt_out = "opt_out"
+    """Everyone except the names on the session's list."""
+    opt_in = "opt_in"
+    """Only the names on the session's list."""
+
+
+class EmailStatus(enum.StrEnum):
+    """Delivery state of the after-class email to the host."""
+
+    not_sent = "not_sent"
+    pending = "pending"
+    sent = "sent"
+    failed = "failed"
+
+
+class UserRole(enum.StrEnum):
+    """What a user of the archive may see: teachers their own sessions, admins everyone's."""
+
+    teacher = "teacher"
+    admin = "admin"
+
+
+class User(SQLModel, table=True):
+    """A teacher or admin of the archive web app."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    email: str = Field(index=True, unique=True, description="Login name; stored lower-case.")
+    display_name: str = Field(default="", description="Shown in the web app and on reports.")
+    password_hash: str = Field(description="Argon2id hash of the password; never the password.")
+    role: UserRole = Field(default=UserRole.teacher)
+    api_token_hash: str | None = Field(default=None, description="SHA-256 of the user's API token, if one was issued.")
+    created_at: datetime = Field(default_factory=utcnow)
+    last_login_at: datetime | None = None
+
+
+class AuditEvent(SQLModel, table=True):
+    """Who did what to which session: viewed, exported, deleted, invited the bot, logged in."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(default_factory=utcnow, index=True)
+    actor_id: int | None = Field(default=None, index=True, description="User id; kept when the user is deleted.")
+    actor_email: str = Field(default="", description="The actor's email at the time ('system' for scheduled jobs).")
+    action: str = Field(index=True, description="'viewed', 'exported', 'deleted', 'invited', 'login', ...")
+    target_kind: str = Field(default="", description="'session', 'student', 'user', 'meeting' or ''.")
+    target_id: str = Field(default="", description="Id of the target, as text.")
+    detail: str = Field(default="", description="One line of context (never pixels, never a password).")
+
+
 class Analysis(SQLModel, table=True):
     """One analysed session: a recorded video or a live meeting."""
 
@@ -57,6 +110,15 @@ class Analysis(SQLModel, table=True):
     emotion_inference: bool = Field(default=True, description="Whether emotion models ran at all.")
     models_json: str = Field(default="{}", description="JSON: role -> model name, sha256 and provenance.")
     report_path: str | None = Field(default=None, description="Folder of the rendered reports.")
+    owner_id: int | None = Field(default=None, foreign_key="user.id", index=True,
+                                 description="The teacher who owns the session; None for command-line runs.")
+    course: str = Field(default="", index=True, description="Course the session belongs to (trends compare within it).")
+    host_email: str | None = Field(default=None, description="Where the after-class email goes.")
+    consent_mode: ConsentMode = Field(default=ConsentMode.everyone, description="Who could be analysed.")
+    consent_names_json: str = Field(default="[]", description="JSON list of display names on the opt-out/opt-in list.")
+    email_status: EmailStatus = Field(default=EmailStatus.not_sent)
+    email_detail: str | None = Field(default=None, description="The mail server's last answer when delivery failed.")
+    emailed_at: datetime | None = None
 
 
 class Student(SQLModel, table=True):

@@ -9,7 +9,9 @@ reason that says what to provide.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,8 @@ MEDIA_DIR = SHARED_DIR / "media"
 LOCAL_MODELS_DIR = SHARED_DIR / "models"
 DATA_DIR = SHARED_DIR / "data"
 IN_CI = bool(os.environ.get("CI"))
+JANUS_BINARY = Path("/usr/bin/janus")
+CHROMIUM_BINARY = shutil.which("chromium")
 POSTGRES_URL = os.environ.get(
     "CLASSLENS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
@@ -54,6 +58,13 @@ def _check_prerequisites(request: pytest.FixtureRequest) -> None:
         require(_port_open("127.0.0.1", 5432), "needs PostgreSQL on 127.0.0.1:5432 (database 'test', trust auth)")
     if request.node.get_closest_marker("redis"):
         require(_port_open("127.0.0.1", 6379), "needs Redis on 127.0.0.1:6379 (apt install redis-server)")
+    if request.node.get_closest_marker("janus"):
+        require(JANUS_BINARY.exists(), "needs Debian's janus package (run scripts/setup-system)")
+    if request.node.get_closest_marker("browser"):
+        require(CHROMIUM_BINARY is not None, "needs Debian's chromium package (run scripts/setup-system)")
+    if request.node.get_closest_marker("torch"):
+        require(importlib.util.find_spec("torch") is not None,
+                "needs PyTorch: pip install torch==2.13.0 && pip install -e '.[train]'")
 
 
 @pytest.fixture(scope="session")
