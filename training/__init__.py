@@ -1,0 +1,1 @@
+"""Training and evaluation of emotion and engagement models (FER2013, image folders, DAiSEE)."""
