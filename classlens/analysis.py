@@ -11,7 +11,7 @@ import io
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -160,15 +160,22 @@ def _mark_failed(engine: Engine, analysis_id: int, reason: str) -> None:
 
 
 def _finalise_students(session: Session, analysis_id: int, summaries: list[TrackSummary],
-                       settings: Settings) -> int:
-    """Create Student rows for tracks seen long enough; drop observations of the rest."""
+                       settings: Settings, *,
+                       label_students: Callable[[list[TrackSummary]], list[str]] | None = None) -> int:
+    """Create Student rows for tracks seen long enough; drop observations of the rest.
+
+    Students are labelled ``Student 1…n`` in order of first appearance unless
+    ``label_students`` names them (a meeting labels them by display name).
+    """
     interval = 1.0 / settings.sample_fps
     students = [s for s in summaries if is_student(s, min_seconds=settings.min_student_seconds,
                                                     sample_interval=interval, min_score=settings.min_student_score)]
     students.sort(key=lambda s: (s.first_seen, s.track_id))
-    for number, summary in enumerate(students, start=1):
+    labels = (label_students(students) if label_students is not None
+              else [f"Student {number}" for number in range(1, len(students) + 1)])
+    for summary, label in zip(students, labels, strict=True):
         session.add(Student(analysis_id=analysis_id, stream=summary.stream, track_id=summary.track_id,
-                            label=f"Student {number}", first_seen=summary.first_seen,
+                            label=label, first_seen=summary.first_seen,
                             last_seen=summary.last_seen, samples_visible=summary.samples))
     transient = [s.track_id for s in summaries if s not in students]
     if transient:
@@ -208,7 +215,7 @@ def analyze_recording(
     dispatcher: CropDispatcher | None = None
     report_dir = (out_dir or settings.resolved_reports_dir / f"analysis-{analysis_id}").resolve()
     try:
-        from reports.render import check_report_folder, render_reports
+        from reports.render import ReportOptions, check_report_folder, render_reports
 
         # Refuse an occupied report folder before spending time on the analysis.
         check_report_folder(report_dir, analysis_id)
@@ -218,6 +225,7 @@ def analyze_recording(
         if progress:
             progress(state)
         components = components or PipelineComponents.load(settings)
+        components = replace(components, models=components.models.for_settings(settings.emotion_inference))
         with session_scope(engine) as session:
             analysis = session.get(Analysis, analysis_id)
             assert analysis is not None
@@ -273,7 +281,7 @@ def analyze_recording(
             analysis.status = AnalysisStatus.done
             analysis.finished_at = utcnow()
             analysis.report_path = str(report_dir)
-        paths = render_reports(engine, analysis_id, report_dir)
+        paths = render_reports(engine, analysis_id, report_dir, ReportOptions.from_settings(settings))
         return AnalysisOutcome(analysis_id, students, state.frames_sampled, state.faces_found, report_dir,
                                report_files=[paths.overview, *paths.students, paths.csv, paths.json])
     except BaseException as exc:
@@ -322,7 +330,7 @@ class SegmentedAnalysis:
         settings = self.settings
         state = AnalysisProgress(frames_expected=self.info.expected_samples(settings.sample_fps))
         try:
-            from reports.render import render_reports
+            from reports.render import ReportOptions, render_reports
 
             def update_state(segments: SegmentProgress) -> None:
                 state.frames_sampled, state.faces_found = segments.frames, segments.faces
@@ -338,7 +346,8 @@ class SegmentedAnalysis:
             state.frames_sampled, state.students_tracked, state.class_time = frames, students, last_timestamp
             if progress:
                 progress(state)
-            paths = render_reports(self.engine, self.analysis_id, self.report_dir)
+            paths = render_reports(self.engine, self.analysis_id, self.report_dir,
+                                   ReportOptions.from_settings(settings))
             return AnalysisOutcome(self.analysis_id, students, frames, result.faces, self.report_dir,
                                    report_files=[paths.overview, *paths.students, paths.csv, paths.json])
         except BaseException as exc:

@@ -19,6 +19,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from classlens import __version__
+from classlens.cli_bot import bot_app
+from classlens.cli_privacy import forget, retention_app
+from classlens.cli_report import report
+from classlens.cli_serve import serve, users_app
+from classlens.cli_training import evaluate_command, export_command, models_use, train_app
 from classlens.errors import ClassLensError
 from classlens.settings import Settings, load_settings
 
@@ -26,6 +31,16 @@ app = typer.Typer(name="classlens", help="Engagement analytics for online classe
                   add_completion=False, pretty_exceptions_enable=False)
 models_app = typer.Typer(help="List, pull, verify and import the models ClassLens runs.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(retention_app, name="retention")
+app.add_typer(bot_app, name="bot")
+app.command("forget")(forget)
+app.add_typer(users_app, name="users")
+app.add_typer(train_app, name="train")
+app.command("export")(export_command)
+app.command("evaluate")(evaluate_command)
+models_app.command("use")(models_use)
+app.command("serve")(serve)
+app.command("report")(report)
 
 console = Console(stderr=True)
 out = Console()
@@ -260,7 +275,8 @@ def models_list() -> None:
             spec = status.spec
             source = spec.source
             origin = {"archive": source.requirement, "local": f"local: {source.filename}",
-                      "url": source.url, "built": "built by ClassLens"}[source.kind]
+                      "url": source.url, "built": "built by ClassLens",
+                      "trained": "exported from a training run"}[source.kind]
             table.add_row(spec.name, spec.role, "yes" if status.present else "no", origin, spec.licence,
                           "heuristic baseline" if spec.heuristic else "")
         # Piped output has no terminal width; keep rows on one line anyway.

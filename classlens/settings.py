@@ -7,11 +7,12 @@ a deployment's environment fails loudly instead of being ignored.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from classlens.errors import ConfigurationError
@@ -193,6 +194,168 @@ class Settings(BaseSettings):
         ),
     )
 
+    # Meeting bot (bot/meeting.py, `classlens bot join`, the invite API)
+    bot_display_name: str = Field(
+        default="ClassLens (analysing engagement)",
+        min_length=1,
+        max_length=100,
+        description="Display name the bot joins meetings with; it tells participants what the bot does.",
+    )
+    bot_idle_timeout_seconds: float = Field(
+        default=300.0,
+        gt=0.0,
+        description="The bot leaves and finalises the session when no participant has published video for this long.",
+    )
+    bot_max_duration_seconds: float = Field(
+        default=4 * 3600.0,
+        gt=0.0,
+        description="The bot leaves and finalises the session after this much time in the meeting, whatever happens.",
+    )
+    bot_frame_timeout_seconds: float = Field(
+        default=15.0,
+        gt=0.0,
+        description=(
+            "A subscribed participant whose video sent no frame for this long is treated as gone "
+            "(a leaving publisher's track just stops); they are analysed again if they publish again."
+        ),
+    )
+    bot_keepalive_seconds: float = Field(
+        default=25.0,
+        gt=0.0,
+        lt=60.0,
+        description="Interval of the bot's keepalives to Janus; Janus drops a silent session after 60 s by default.",
+    )
+    bot_reconnect_attempts: int = Field(
+        default=10,
+        ge=0,
+        le=1000,
+        description=(
+            "How often the bot tries to rejoin after a transport error or a Janus restart before it gives up "
+            "and finalises the session with what it has (waits grow from 1 s to 10 s between attempts)."
+        ),
+    )
+    bot_request_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0.0,
+        description="How long the bot waits for one answer of the meeting server before it counts as failed.",
+    )
+
+    # Live analysis
+    live_queue_frames: int = Field(
+        default=4,
+        ge=1,
+        le=256,
+        description=(
+            "Sampled frames of one meeting participant that may wait for detection; when the queue is full "
+            "the oldest waiting frame is dropped (and counted) so that memory stays bounded under load."
+        ),
+    )
+    live_worker_threads: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Threads that convert, detect, track and crop sampled meeting frames (shared by all participants).",
+    )
+    live_behind_seconds: float = Field(
+        default=5.0,
+        gt=0.0,
+        description=(
+            "A participant's sampled frame that waits longer than this before detection logs a "
+            "falling-behind warning."
+        ),
+    )
+
+    # Reports and the email after class (reports/, `classlens report`)
+    min_students_for_class_rows: int = Field(
+        default=5,
+        ge=1,
+        description=(
+            "Class-wide views (the class overview's student table and heatmap, the email's per-student summary) "
+            "hide per-student rows when fewer students than this were analysed."
+        ),
+    )
+    smtp_host: str | None = Field(
+        default=None, description="SMTP server for the after-class email. Unset: no email is sent."
+    )
+    smtp_port: int = Field(
+        default=587, ge=1, le=65535, description="SMTP port: usually 587 with starttls, 465 with tls, 25 with none."
+    )
+    smtp_security: Literal["none", "starttls", "tls"] = Field(
+        default="starttls",
+        description=(
+            "How the SMTP connection is protected: 'starttls' upgrades a plain connection, "
+            "'tls' is TLS from the start, 'none' is plain text."
+        ),
+    )
+    smtp_user: str | None = Field(
+        default=None, description="SMTP login name; unset: no login (e.g. a relay on the local network)."
+    )
+    smtp_password: SecretStr | None = Field(default=None, description="SMTP password, used with smtp_user.")
+    smtp_from: str = Field(
+        default="ClassLens <classlens@localhost>", description="Sender address (From) of the after-class email."
+    )
+    smtp_timeout_seconds: float = Field(
+        default=30.0, gt=0.0, description="Timeout of each SMTP connection attempt and command."
+    )
+    email_retry_attempts: int = Field(
+        default=4, ge=1, le=20,
+        description="Delivery attempts for a transient failure (connection error, 4xx answer); 5xx is not retried.",
+    )
+    email_retry_base_seconds: float = Field(
+        default=30.0, ge=0.0,
+        description="Wait before the second attempt; each later wait doubles (exponential backoff).",
+    )
+
+    # Web app (`classlens serve`: the report archive, the invite API and WHIP)
+    secret_key: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Key that signs the archive's session cookies. Unset: one is generated once and kept in "
+            "data_dir/secret_key (mode 0600); deployments with several servers set the same value on each."
+        ),
+    )
+    session_cookie_secure: bool | None = Field(
+        default=None,
+        description=(
+            "Send the session cookie only over HTTPS. Unset: on, unless public_url is http:// or unset "
+            "and serve_host is a loopback address (plain http on this machine only)."
+        ),
+    )
+    session_max_age_seconds: int = Field(
+        default=8 * 3600, ge=60, description="How long a login lasts without activity before the user signs in again."
+    )
+    login_attempts_per_minute: int = Field(
+        default=5, ge=1, description="Failed logins allowed per address and email within a minute; more get HTTP 429."
+    )
+    public_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^\s/]+\S*$",
+        description="Base URL users reach the archive at (https://classlens.example.edu), used in emailed links.",
+    )
+    serve_host: str = Field(default="127.0.0.1", description="Interface `classlens serve` listens on.")
+    serve_port: int = Field(default=8000, ge=1, le=65535, description="TCP port `classlens serve` listens on.")
+
+    # Privacy: retention of sessions (`classlens retention run`, and Celery beat on a schedule)
+    retention_days: int = Field(
+        default=180,
+        ge=0,
+        description=(
+            "Sessions created more than this many days ago are deleted with everything derived from them "
+            "(rows and report folders) by `classlens retention run` and the scheduled job; 0 keeps them forever."
+        ),
+    )
+    retention_interval_hours: float = Field(
+        default=24.0,
+        gt=0.0,
+        le=24.0 * 30,
+        description="How often the scheduler (`classlens retention beat`) runs retention, in hours.",
+    )
+    maintenance_queue: str = Field(
+        default="cpu",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Celery queue the scheduled retention job is sent to; a worker must consume it (cpu workers do).",
+    )
+
     @model_validator(mode="after")
     def _check_sizes(self) -> Settings:
         visibility = self.broker_visibility_timeout_seconds or 2 * self.task_time_limit_seconds + 60
@@ -207,6 +370,17 @@ class Settings(BaseSettings):
             )
         return self
 
+    # Training and export: `classlens models use ROLE NAME` writes model_selection.json in the
+    # model cache; it replaces the built-in default of emotion_model / engagement_model, while
+    # a value given as an argument, in the environment or in .env still wins.
+    @model_validator(mode="after")
+    def _apply_model_selection(self) -> Settings:
+        selection = read_model_selection(self.model_cache_dir)
+        for role, field_name in MODEL_SELECTION_FIELDS.items():
+            if role in selection and field_name not in self.model_fields_set:
+                object.__setattr__(self, field_name, selection[role])
+        return self
+
     @property
     def resolved_database_url(self) -> str:
         """The store URL, with the SQLite default under ``data_dir`` filled in."""
@@ -218,6 +392,24 @@ class Settings(BaseSettings):
     def resolved_reports_dir(self) -> Path:
         """Where reports go when no ``--out`` is given."""
         return self.reports_dir or self.data_dir / "reports"
+
+
+#: File in the model cache that `classlens models use` writes: {"emotion": NAME, "engagement": NAME}.
+MODEL_SELECTION_FILE = "model_selection.json"
+#: Roles `classlens models use` can select, and the setting each one fills.
+MODEL_SELECTION_FIELDS = {"emotion": "emotion_model", "engagement": "engagement_model"}
+
+
+def read_model_selection(model_cache_dir: Path) -> dict[str, str]:
+    """The models chosen with `classlens models use`, by role; empty when none (or unreadable)."""
+    path = model_cache_dir.expanduser() / MODEL_SELECTION_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): str(v) for k, v in data.items() if k in MODEL_SELECTION_FIELDS and isinstance(v, str) and v}
 
 
 #: Environment variables with the prefix that are not settings (used by the test suite only).

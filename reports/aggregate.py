@@ -13,6 +13,7 @@ is exactly the sampled timestamps.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,12 +22,13 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from classlens.errors import BadInputError
 from classlens.store import (
     Analysis,
     AnalysisStatus,
+    ConsentMode,
     FaceObservation,
     Student,
     frame_samples_for,
@@ -60,6 +62,15 @@ Z_95 = 1.959963984540054
 LOW_VISIBILITY_SHARE = 0.5
 #: Mean top-level probability under which the engagement model counts as unsure.
 LOW_CONFIDENCE = 0.5
+#: Most earlier sessions of a course shown in a student's trend (the most recent ones).
+MAX_TREND_SESSIONS = 10
+
+#: What each consent mode meant for who was analysed, as the reports say it.
+CONSENT_DESCRIPTIONS: Mapping[ConsentMode, str] = {
+    ConsentMode.everyone: "everyone: every participant's video was analysed",
+    ConsentMode.opt_out: "opt-out: every participant except those on the session's opt-out list was analysed",
+    ConsentMode.opt_in: "opt-in: only the participants on the session's opt-in list were analysed",
+}
 
 _MAX_SCORE = float(len(ENGAGEMENT_LEVELS) - 1)
 
@@ -106,12 +117,24 @@ class AnalysisInfo:
     """Faces detected over all sampled frames."""
     emotion_inference: bool
     """Whether emotion models ran; when False no emotion appears anywhere in the report."""
+    course: str = ""
+    """The course the session belongs to; empty when none was given."""
+    owner_id: int | None = None
+    """The teacher who owns the session; None for command-line runs."""
+    consent_mode: ConsentMode = ConsentMode.everyone
+    """Who could be analysed in this session."""
+    consent_list_size: int = 0
+    """How many names the opt-out or opt-in list held (the names themselves are never shown)."""
 
     @classmethod
     def from_row(cls, row: Analysis) -> AnalysisInfo:
         """Copy the fields of an ``Analysis`` row."""
         if row.id is None:
             raise ValueError("AnalysisInfo.from_row: the analysis row has no id (not yet saved)")
+        try:
+            names: Any = json.loads(row.consent_names_json or "[]")
+        except (TypeError, ValueError):
+            names = []
         return cls(
             id=row.id,
             kind=row.kind,
@@ -126,7 +149,19 @@ class AnalysisInfo:
             frames_sampled=int(row.frames_sampled),
             faces_detected=int(row.faces_detected),
             emotion_inference=bool(row.emotion_inference),
+            course=row.course or "",
+            owner_id=row.owner_id,
+            consent_mode=ConsentMode(row.consent_mode),
+            consent_list_size=len(names) if isinstance(names, list) else 0,
         )
+
+    @property
+    def consent_description(self) -> str:
+        """The consent mode in words, with the size of its list where it has one."""
+        text = CONSENT_DESCRIPTIONS[self.consent_mode]
+        if self.consent_mode is not ConsentMode.everyone:
+            text += f" ({self.consent_list_size} name{'s' if self.consent_list_size != 1 else ''} on the list)"
+        return text
 
     @property
     def display_title(self) -> str:
@@ -437,6 +472,43 @@ class ClassOverview:
 
 
 @dataclass(frozen=True, slots=True)
+class TrendPoint:
+    """One student's engagement in one session of the course."""
+
+    analysis_id: int
+    """The session."""
+    title: str
+    """The session's title (or source)."""
+    created_at: datetime
+    """When the session took place."""
+    mean_engagement: float | None
+    """Mean expected engagement level over the student's visible samples; None when never visible."""
+    engagement_low: float | None
+    """Lower end of the 95 % interval of that mean."""
+    engagement_high: float | None
+    """Upper end of the 95 % interval of that mean."""
+    samples_visible: int
+    """Samples the mean rests on."""
+    current: bool
+    """Whether this is the session the report is about."""
+
+
+@dataclass(frozen=True, slots=True)
+class StudentTrend:
+    """A student's engagement across the sessions of one course, oldest first, this one last."""
+
+    student: StudentInfo
+    """Whose trend it is."""
+    points: tuple[TrendPoint, ...]
+    """Earlier sessions in which a participant with the same display name took part, then this one."""
+
+    @property
+    def earlier_sessions(self) -> int:
+        """How many earlier sessions the trend holds."""
+        return sum(1 for point in self.points if not point.current)
+
+
+@dataclass(frozen=True, slots=True)
 class ReportData:
     """Everything the reports, the charts and the exports show about one analysis."""
 
@@ -456,6 +528,10 @@ class ReportData:
     """Plain-text notes on data quality a reader should know before trusting the numbers."""
     ignored_observations: int
     """Face observations of tracks that are not students, left out of every number."""
+    trends: Mapping[int, StudentTrend] = dataclasses.field(default_factory=dict)
+    """Student id -> trend across earlier sessions of the course; empty when trends do not apply."""
+    trend_unavailable_reason: str | None = None
+    """Why no student is matched across sessions (recordings, no course), or None when they are."""
 
     @property
     def emotion_enabled(self) -> bool:
@@ -928,6 +1004,148 @@ def quality_notes(
 
 
 # ---------------------------------------------------------------------------
+# Trends across the sessions of a course
+
+
+def trend_unavailable_reason(analysis: AnalysisInfo) -> str | None:
+    """Why students of this session are not followed across sessions, or None when they are.
+
+    Only a meeting display name is an identity a teacher chose to show; "Student 3" of a
+    recording is just the third face to appear, and a face is never recognised across
+    sessions, so recordings are never matched.
+    """
+    if analysis.kind != "meeting":
+        return (
+            "Students of a recording are numbered in the order their faces appeared (\"Student 3\"); "
+            "that number is not an identity, and no face is recognised across sessions, so this report "
+            "does not compare a student with earlier sessions."
+        )
+    if not analysis.course:
+        return "This session belongs to no course, so there are no earlier sessions to compare with."
+    return None
+
+
+def _earlier_sessions(session: Session, analysis: AnalysisInfo) -> list[Analysis]:
+    """The most recent finished meetings of the same course and owner before this one, oldest first."""
+    statement = (
+        select(Analysis)
+        .where(
+            col(Analysis.course) == analysis.course,
+            col(Analysis.kind) == "meeting",
+            col(Analysis.status) == AnalysisStatus.done,
+            col(Analysis.created_at) < analysis.created_at,
+            col(Analysis.id) != analysis.id,
+        )
+        .order_by(col(Analysis.created_at).desc(), col(Analysis.id).desc())
+        .limit(MAX_TREND_SESSIONS)
+    )
+    # The course name is the teacher's own label: another teacher's "Physics" is another course.
+    if analysis.owner_id is None:
+        statement = statement.where(col(Analysis.owner_id).is_(None))
+    else:
+        statement = statement.where(col(Analysis.owner_id) == analysis.owner_id)
+    return list(reversed(list(session.exec(statement))))
+
+
+def _unique_labels(labels: Iterable[str]) -> set[str]:
+    """Labels held by exactly one student: two participants called "Alex" are never merged."""
+    seen: dict[str, int] = {}
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+    return {label for label, count in seen.items() if count == 1}
+
+
+def build_trends(
+    session: Session, analysis: AnalysisInfo, summaries: Sequence[StudentSummary]
+) -> dict[int, StudentTrend]:
+    """Each student's mean engagement in the earlier meetings of this course, matched by display name.
+
+    A student is matched only by an exact display name that is unique within both
+    sessions; students seen in no earlier session get no trend. Returns an empty map
+    when :func:`trend_unavailable_reason` gives a reason.
+    """
+    if trend_unavailable_reason(analysis) is not None:
+        return {}
+    labels = _unique_labels(s.label for s in summaries)
+    earlier = _earlier_sessions(session, analysis)
+    if not labels or not earlier:
+        return {}
+    sessions_by_id = {row.id: row for row in earlier if row.id is not None}
+    matched_students = list(
+        session.exec(
+            select(Student).where(
+                col(Student.analysis_id).in_(list(sessions_by_id)), col(Student.label).in_(labels)
+            )
+        )
+    )
+    per_session: dict[int, list[Student]] = {}
+    for student_row in matched_students:
+        per_session.setdefault(student_row.analysis_id, []).append(student_row)
+    # (analysis id, stream, track) of every matched earlier student, and whose label it carries.
+    matched: dict[tuple[int, str, int], str] = {}
+    for analysis_id, students in per_session.items():
+        unique = _unique_labels(s.label for s in students)
+        for student in students:
+            if student.label in unique:
+                matched[(analysis_id, student.stream, student.track_id)] = student.label
+    scores: dict[tuple[int, str], list[float]] = {}
+    if matched:
+        observations = session.exec(
+            select(
+                FaceObservation.analysis_id,
+                FaceObservation.stream,
+                FaceObservation.track_id,
+                FaceObservation.engagement_score,
+            )
+            .where(col(FaceObservation.analysis_id).in_(list(per_session)))
+            .order_by(col(FaceObservation.analysis_id), col(FaceObservation.timestamp))
+        )
+        for analysis_id, stream, track_id, score in observations:
+            label = matched.get((analysis_id, stream, track_id))
+            value = _finite(score)
+            if label is not None and value is not None:
+                scores.setdefault((analysis_id, label), []).append(min(_MAX_SCORE, max(0.0, value)))
+    trends: dict[int, StudentTrend] = {}
+    for summary in summaries:
+        if summary.label not in labels:
+            continue
+        points: list[TrendPoint] = []
+        for past in earlier:
+            values = scores.get((past.id or 0, summary.label))
+            if not values:
+                continue
+            mean, _se, low, high, _n = mean_with_interval(values)
+            points.append(
+                TrendPoint(
+                    analysis_id=past.id or 0,
+                    title=past.title or past.source,
+                    created_at=past.created_at,
+                    mean_engagement=mean,
+                    engagement_low=low,
+                    engagement_high=high,
+                    samples_visible=len(values),
+                    current=False,
+                )
+            )
+        if not points:
+            continue
+        points.append(
+            TrendPoint(
+                analysis_id=analysis.id,
+                title=analysis.display_title,
+                created_at=analysis.created_at,
+                mean_engagement=summary.mean_engagement,
+                engagement_low=summary.engagement_low,
+                engagement_high=summary.engagement_high,
+                samples_visible=summary.samples_visible,
+                current=True,
+            )
+        )
+        trends[summary.student.id] = StudentTrend(student=summary.student, points=tuple(points))
+    return trends
+
+
+# ---------------------------------------------------------------------------
 # Entry point
 
 
@@ -971,4 +1189,6 @@ def build_report_data(session: Session, analysis_id: int) -> ReportData:
             models_readable=models_readable,
         ),
         ignored_observations=ignored,
+        trends=build_trends(session, analysis, summaries),
+        trend_unavailable_reason=trend_unavailable_reason(analysis),
     )

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from markupsafe import Markup, escape
 
 from classlens.types import ENGAGEMENT_LEVELS
-from reports.aggregate import ClassOverview, StudentSummary, StudentTimeline
+from reports.aggregate import ClassOverview, StudentSummary, StudentTimeline, StudentTrend
 from reports.formatting import (
     format_score,
     format_share,
@@ -799,3 +799,85 @@ def attention_cues_svg(summary: StudentSummary, *, chart_id: str = "cues") -> Ma
         ),
         colour=CUE_COLOUR,
     )
+
+
+def trend_svg(trend: StudentTrend, *, chart_id: str = "trend", width: int = 640) -> Markup:
+    """A student's mean engagement per session of the course, with 95 % intervals, oldest first.
+
+    Sessions are evenly spaced (they are events, not a time scale); the current session
+    is drawn as a ring so it stands out without relying on colour.
+    """
+    points = trend.points
+    height = 250
+    plot = _Plot(left=110, top=20, width=width - 140, height=height - 80, end_seconds=1.0)
+    described = "; ".join(
+        f"{point.created_at:%Y-%m-%d}{' (this session)' if point.current else ''} "
+        f"{format_score(point.mean_engagement, 2)}"
+        + (
+            f" (95% interval {format_score(point.engagement_low, 2)}–"
+            f"{format_score(point.engagement_high, 2)})"
+            if point.engagement_low is not None and point.engagement_high is not None
+            else ""
+        )
+        for point in points
+    )
+    description = (
+        f"Mean engagement of {trend.student.label} in each session of the course, on a scale "
+        f"from very low (0) to very high (3): {described}."
+    )
+    parts = _open(chart_id, width, height, f"Engagement across sessions: {trend.student.label}", description)
+    parts.append(_plot_background(plot))
+    _level_axis(plot, parts)
+    slot = plot.width / max(1, len(points))
+    line: list[tuple[float, float]] = []
+    # Markers go after the connecting line, so the line never covers a dot.
+    markers: list[str] = []
+    for i, point in enumerate(points):
+        x = plot.left + slot * (i + 0.5)
+        parts.append(
+            _text(x, plot.bottom + 17, f"{point.created_at:%Y-%m-%d}", text_anchor="middle", fill="#333")
+        )
+        if point.current:
+            parts.append(
+                _text(x, plot.bottom + 31, "this session", text_anchor="middle", fill="#555", font_size="11")
+            )
+        if point.mean_engagement is None:
+            parts.append(_text(x, plot.y(1.5), "not visible", text_anchor="middle", fill="#666"))
+            continue
+        y = plot.y(point.mean_engagement)
+        line.append((x, y))
+        if point.engagement_low is not None and point.engagement_high is not None:
+            markers.append(
+                _el(
+                    "line",
+                    x1=x,
+                    y1=plot.y(point.engagement_low),
+                    x2=x,
+                    y2=plot.y(point.engagement_high),
+                    stroke=ENGAGEMENT_COLOUR,
+                    stroke_width="2",
+                )
+            )
+        tip = _tooltip(
+            f"{point.title}, {point.created_at:%Y-%m-%d}: {format_score(point.mean_engagement, 2)}"
+        )
+        if point.current:
+            markers.append(
+                _el("circle", tip, cx=x, cy=y, r="7", fill="#fff", stroke=LOW_COLOUR, stroke_width="3")
+            )
+        else:
+            markers.append(_el("circle", tip, cx=x, cy=y, r="5", fill=ENGAGEMENT_COLOUR))
+    if len(line) >= 2:
+        parts.append(
+            _el(
+                "polyline",
+                points=_points(line),
+                fill="none",
+                stroke=ENGAGEMENT_COLOUR,
+                stroke_width="1.2",
+                stroke_dasharray="3 3",
+            ),
+        )
+    parts.extend(markers)
+    parts.append("</svg>")
+    return Markup("\n".join(parts))

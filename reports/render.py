@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
@@ -48,6 +48,7 @@ from reports.charts import (
     emotion_shares_svg,
     heatmap_svg,
     student_engagement_svg,
+    trend_svg,
 )
 from reports.export import timeline_rows, timelines_csv, timelines_json
 from reports.formatting import (
@@ -64,6 +65,43 @@ MARKER_NAME = ".classlens-report.json"
 MAX_LISTED_DIPS = 10
 #: Folder of the student reports inside a report folder.
 STUDENTS_DIR = "students"
+#: Default of ``Settings.min_students_for_class_rows``.
+DEFAULT_MIN_STUDENTS_FOR_CLASS_ROWS = 5
+
+if TYPE_CHECKING:
+    from classlens.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class ReportOptions:
+    """Choices of the deployment that change what the reports show (not the numbers)."""
+
+    min_students_for_class_rows: int = DEFAULT_MIN_STUDENTS_FOR_CLASS_ROWS
+    """Class-wide views hide per-student rows when fewer students than this were analysed."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ReportOptions:
+        """The options a deployment configured."""
+        return cls(min_students_for_class_rows=settings.min_students_for_class_rows)
+
+    def class_rows_hidden(self, data: ReportData) -> bool:
+        """Whether class-wide views of ``data`` must hide their per-student rows.
+
+        With few students, a row of a class-wide view is as good as a named individual
+        report; the aggregation threshold keeps class views about the class.
+        """
+        return len(data.students) < self.min_students_for_class_rows
+
+    def class_rows_hidden_note(self, data: ReportData) -> str:
+        """The sentence that says why per-student rows are hidden."""
+        count = len(data.students)
+        return (
+            f"Per-student rows are hidden in this class-wide view because only {count} "
+            f"student{'s were' if count != 1 else ' was'} analysed, fewer than the "
+            f"{self.min_students_for_class_rows} this deployment requires "
+            "(setting min_students_for_class_rows), so a row would single out a person. "
+            "Each student's own report is still available to the session's host."
+        )
 
 
 class ReportOutputError(ClassLensError):
@@ -157,6 +195,7 @@ def _moment_context(data: ReportData, timestamp: float) -> str:
 def _student_page(data: ReportData, timeline: StudentTimeline, summary: StudentSummary) -> str:
     """Render one student's report."""
     number = timeline.student.number
+    trend = data.trends.get(timeline.student.id)
     visible = [s.timestamp for s in timeline.samples if s.visible]
     charts: dict[str, Markup | None] = {
         "engagement": student_engagement_svg(
@@ -170,6 +209,7 @@ def _student_page(data: ReportData, timeline: StudentTimeline, summary: StudentS
         "emotions": emotion_shares_svg(summary, chart_id=f"emotions-{number}")
         if data.emotion_enabled
         else None,
+        "trend": trend_svg(trend, chart_id=f"trend-{number}") if trend is not None else None,
     }
     return (
         template_environment()
@@ -186,17 +226,19 @@ def _student_page(data: ReportData, timeline: StudentTimeline, summary: StudentS
             moment_context=[_moment_context(data, m.timestamp) for m in summary.lowest_moments],
             first_seen=visible[0] if visible else None,
             last_seen=visible[-1] if visible else None,
+            trend=trend,
         )
     )
 
 
-def _overview_page(data: ReportData) -> str:
+def _overview_page(data: ReportData, options: ReportOptions) -> str:
     """Render the class overview (or, for a failed analysis, the failure page)."""
-    charts: dict[str, Markup] = {}
+    rows_hidden = options.class_rows_hidden(data)
+    charts: dict[str, Markup | None] = {}
     if not data.analysis.failed:
         charts = {
             "class_curve": class_curve_svg(data.overview),
-            "heatmap": heatmap_svg(data.overview),
+            "heatmap": None if rows_hidden else heatmap_svg(data.overview),
         }
     intervals = data.overview.disengagement_intervals
     # A long list buries the moments that matter: list the longest, in class order.
@@ -205,6 +247,7 @@ def _overview_page(data: ReportData) -> str:
     student_rows = [
         {"summary": summary, "href": f"{STUDENTS_DIR}/{summary.student.file_name}"}
         for summary in data.summaries
+        if not rows_hidden
     ]
     return (
         template_environment()
@@ -218,17 +261,20 @@ def _overview_page(data: ReportData) -> str:
             dips_listed=listed,
             dips_not_listed=len(intervals) - len(listed),
             method_href="#method",
+            rows_hidden=rows_hidden,
+            rows_hidden_note=options.class_rows_hidden_note(data) if rows_hidden else "",
         )
     )
 
 
-def render_documents(data: ReportData) -> dict[str, str]:
+def render_documents(data: ReportData, options: ReportOptions | None = None) -> dict[str, str]:
     """Every file of the report folder as text, keyed by its POSIX path inside the folder.
 
     Pure: nothing is written. A failed analysis gets the overview (saying it failed and
-    why), header-only exports and no student pages.
+    why), header-only exports and no student pages. Student pages are written even when
+    the overview hides per-student rows: they are individual reports for the host.
     """
-    documents: dict[str, str] = {"index.html": _overview_page(data)}
+    documents: dict[str, str] = {"index.html": _overview_page(data, options or ReportOptions())}
     if not data.analysis.failed:
         for timeline, summary in zip(data.timelines, data.summaries, strict=True):
             documents[f"{STUDENTS_DIR}/{timeline.student.file_name}"] = _student_page(
@@ -342,7 +388,9 @@ def report_paths(data: ReportData, out_dir: Path) -> ReportPaths:
     )
 
 
-def render_reports(engine: Engine, analysis_id: int, out_dir: Path) -> ReportPaths:
+def render_reports(
+    engine: Engine, analysis_id: int, out_dir: Path, options: ReportOptions | None = None
+) -> ReportPaths:
     """Read an analysis from the store and write its complete report folder to ``out_dir``.
 
     Raises :class:`~reports.aggregate.AnalysisNotFoundError` for an unknown analysis and
@@ -352,6 +400,6 @@ def render_reports(engine: Engine, analysis_id: int, out_dir: Path) -> ReportPat
     """
     with session_scope(engine) as session:
         data = build_report_data(session, analysis_id)
-    documents = render_documents(data)
+    documents = render_documents(data, options)
     write_documents(documents, out_dir, analysis_id)
     return report_paths(data, out_dir)

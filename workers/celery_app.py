@@ -78,7 +78,7 @@ def make_celery_app(settings: Settings, *, visibility_timeout_seconds: int | Non
     broker_url = _check_broker_url(settings)
     # Registers the shared tasks; imported here rather than at the top so that this module
     # stays importable (for `-A`) without pulling the inference code in twice.
-    from workers import tasks
+    from workers import maintenance, tasks
 
     visibility = (visibility_timeout_seconds or settings.broker_visibility_timeout_seconds
                   or default_visibility_timeout(settings))
@@ -117,6 +117,8 @@ def make_celery_app(settings: Settings, *, visibility_timeout_seconds: int | Non
         task_routes={tasks.ANALYSE_CROP_BATCH_TASK: {"queue": settings.inference_queue},
                      tasks.ANALYSE_RECORDING_SEGMENT_TASK: {"queue": settings.inference_queue}},
         task_create_missing_queues=True,
+        # Retention on a schedule (`classlens retention beat`); run by workers consuming maintenance_queue.
+        beat_schedule=maintenance.beat_schedule(settings),
         broker_connection_retry=True,
         broker_connection_retry_on_startup=True,
         # A worker keeps trying to reach a restarted broker instead of exiting after 100 tries.

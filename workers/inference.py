@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -23,6 +23,17 @@ class InferenceModels:
     """Eye and gaze cues (MediaPipe Face Landmarker), or None when not configured."""
     provenance: dict[str, dict[str, object]] = field(default_factory=dict)
     """Role → name, sha256, licence, description: recorded on the analysis for the reports."""
+
+    def for_settings(self, emotion_inference: bool) -> InferenceModels:
+        """These models as a session with this emotion switch may use them.
+
+        Models loaded for another configuration never bring emotion inference back into a
+        session that switched it off: the switch is absolute (docs/privacy.md).
+        """
+        if emotion_inference or self.emotion is None:
+            return self
+        provenance = {role: info for role, info in self.provenance.items() if role != "emotion"}
+        return replace(self, emotion=None, provenance=provenance)
 
 
 def engagement_features(
@@ -58,7 +69,7 @@ def analyse_crops(batch: CropBatch, models: InferenceModels) -> FaceAnalysisBatc
     if models.landmarks is not None:
         eyes_closed, gaze_away = models.landmarks.predict(batch.crops, batch.boxes)
     features = engagement_features(batch.head_pose, emotions, eyes_closed, gaze_away)
-    engagement = models.engagement.predict(features)
+    engagement = models.engagement.predict(features, batch.crops)
     return FaceAnalysisBatch(
         emotion_probabilities=emotions,
         eyes_closed=eyes_closed,

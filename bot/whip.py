@@ -1,0 +1,386 @@
+"""WHIP-style ingest: a meeting's own front end (or any WHIP client) pushes participants' video to the bot.
+
+Endpoints (mounted by ``classlens serve``; the web app injects its authentication):
+
+- ``POST /api/whip`` with ``Content-Type: application/sdp`` and an SDP offer. Query
+  parameters: ``participant`` (repeated: the display name of each video track, in the
+  order of the offer's video m-lines; ``mid=Name`` names a track by its mid instead),
+  ``session`` (id of a running live session of the caller to join; without it a new
+  session is created), and for a new session ``title``, ``course``, ``consent``
+  (``everyone``, ``opt_out``, ``opt_in``) and ``consent_name`` (repeated). Answers ``201``
+  with the SDP answer, ``Location: /api/whip/<resource>`` and ``X-ClassLens-Session: <id>``.
+- ``DELETE /api/whip/<resource>`` hangs up; when the last connection of a session hangs
+  up, the session is finalised (and its reports rendered).
+- ``POST /api/whip/sessions/<id>/end`` hangs up every connection and finalises at once.
+- ``GET /api/whip/sessions/<id>`` shows the live counters.
+
+Errors: ``415`` for another content type, ``400`` for a malformed offer or missing
+participant names, ``422`` when the offer has no video in a supported codec (VP8, H264),
+``404`` for an unknown session or resource (or one that has ended), ``503`` when the
+models cannot be loaded. A bad offer that would have started a new session leaves that
+session recorded as failed with the reason. Participants the session's consent list excludes are never subscribed to:
+their m-line is answered ``inactive``, so no video of theirs is even sent.
+"""
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any
+
+from classlens.settings import Settings
+from classlens.store import AnalysisStatus, ConsentMode, User, UserRole, init_store
+
+if TYPE_CHECKING:
+    from aiortc import RTCPeerConnection
+    from fastapi import APIRouter
+    from sqlalchemy import Engine
+
+    from bot.live import LiveOutcome, LiveSession
+    from classlens.analysis import PipelineComponents
+
+logger = logging.getLogger(__name__)
+
+#: Video codecs the bot decodes (aiortc's decoders).
+SUPPORTED_VIDEO_CODECS = ("VP8", "H264")
+#: Where the router is mounted.
+WHIP_PATH = "/api/whip"
+
+SessionFinishedHook = Callable[["LiveOutcome"], Awaitable[None]]
+
+
+class OfferError(ValueError):
+    """An SDP offer the bot cannot take; ``status`` is the HTTP status that says why."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+@dataclass
+class VideoOffer:
+    """The video m-lines of an offer, in order: their mids and offered codecs."""
+
+    mids: list[str]
+    """The mid of each video m-line."""
+    codecs: list[list[str]]
+    """Codec names offered on each video m-line."""
+
+
+def check_offer(sdp: str) -> VideoOffer:
+    """Validate an SDP offer before anything is negotiated; raises :class:`OfferError` (400 or 422)."""
+    from aiortc.sdp import SessionDescription
+
+    text = sdp.strip()
+    if not text.startswith("v=0"):
+        raise OfferError(400, "malformed SDP offer: it must start with 'v=0'")
+    if "\nm=" not in text.replace("\r\n", "\n"):
+        raise OfferError(400, "malformed SDP offer: it has no media section (m= line)")
+    try:
+        description = SessionDescription.parse(text.replace("\r\n", "\n").replace("\n", "\r\n") + "\r\n")
+    except Exception as exc:  # the parser raises ValueError, KeyError, IndexError… on bad input
+        raise OfferError(400, f"malformed SDP offer: {_one_line(exc)}") from None
+    video = [m for m in description.media if m.kind == "video"]
+    if not video:
+        raise OfferError(422, "the SDP offer has no video track")
+    codecs = [[codec.name for codec in m.rtp.codecs] for m in video]
+    supported = {name.upper() for names in codecs for name in names} & set(SUPPORTED_VIDEO_CODECS)
+    if not supported:
+        offered = sorted({name for names in codecs for name in names if name.lower() not in ("rtx", "red", "ulpfec")})
+        raise OfferError(422, f"the SDP offer has no video in a supported codec ({', '.join(SUPPORTED_VIDEO_CODECS)}); "
+                              f"offered: {', '.join(offered) or 'none'}")
+    return VideoOffer(mids=[m.rtp.muxId or str(index) for index, m in enumerate(video)], codecs=codecs)
+
+
+def participant_names(offer: VideoOffer, given: list[str]) -> dict[str, str]:
+    """Map each video mid to a display name from the ``participant`` parameters (by order, or ``mid=Name``)."""
+    by_mid: dict[str, str] = {}
+    in_order: list[str] = []
+    for entry in given:
+        mid, separator, name = entry.partition("=")
+        if separator and mid in offer.mids:
+            by_mid[mid] = name.strip()
+        else:
+            in_order.append(entry.strip())
+    unnamed = [mid for mid in offer.mids if mid not in by_mid]
+    if len(in_order) < len(unnamed) or any(not n for n in [*by_mid.values(), *in_order]):
+        raise OfferError(400, f"give a participant display name for each of the {len(offer.mids)} video track(s) "
+                              "(query parameter 'participant', repeated, in m-line order, or 'mid=Name')")
+    by_mid.update(zip(unnamed, in_order, strict=False))
+    return by_mid
+
+
+@dataclass
+class _Connection:
+    """One WHIP resource: a peer connection and the participants it carries."""
+
+    resource_id: str
+    analysis_id: int
+    peer: "RTCPeerConnection"
+    participant_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _LiveEntry:
+    """A live session fed through WHIP and the connections that feed it."""
+
+    session: "LiveSession"
+    owner_id: int | None
+    connections: set[str] = field(default_factory=set)
+
+
+class WhipIngest:
+    """The state behind the WHIP endpoints: live sessions, peer connections and the shared models."""
+
+    def __init__(self, settings: Settings, *, components: "PipelineComponents | None" = None,
+                 engine: "Engine | None" = None, ice_servers: list[str] | None = None,
+                 on_session_finished: SessionFinishedHook | None = None) -> None:
+        self.settings = settings
+        self.engine = engine or init_store(settings.resolved_database_url)
+        self._components = components
+        self._components_lock = asyncio.Lock()
+        # No STUN by default: aiortc would otherwise ask Google's server, unreachable in many deployments.
+        self._ice_servers = ice_servers or []
+        self._on_finished = on_session_finished or self.render_reports
+        self._sessions: dict[int, _LiveEntry] = {}
+        self._connections: dict[str, _Connection] = {}
+        self._lock = asyncio.Lock()
+
+    async def components(self) -> "PipelineComponents":
+        """The pipeline's models, loaded once (in a thread) on first use."""
+        async with self._components_lock:
+            if self._components is None:
+                from classlens.analysis import PipelineComponents
+
+                self._components = await asyncio.to_thread(PipelineComponents.load, self.settings)
+            return self._components
+
+    def router(self, current_user: Callable[..., Any]) -> "APIRouter":
+        """The FastAPI router; ``current_user`` is the web app's dependency that resolves the caller's ``User``."""
+        from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+
+        @contextlib.asynccontextmanager
+        async def lifespan(_app: Any) -> AsyncIterator[None]:
+            # Merged into the app's own lifespan by include_router: shutting the server down finalises sessions.
+            yield
+            await self.aclose()
+
+        router = APIRouter(prefix=WHIP_PATH, tags=["whip"], lifespan=lifespan)
+        CurrentUser = Annotated[User, Depends(current_user)]  # noqa: N806 - a type alias
+
+        @router.post("", status_code=201, response_class=Response)
+        async def publish(
+            request: Request, user: CurrentUser,
+            participant: Annotated[list[str] | None, Query()] = None,
+            session: int | None = None, title: str = "", course: str = "",
+            consent: ConsentMode = ConsentMode.everyone,
+            consent_name: Annotated[list[str] | None, Query()] = None,
+        ) -> Response:
+            """Take an SDP offer; answer 201 with the SDP answer and the resource's Location."""
+            content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if content_type != "application/sdp":
+                raise HTTPException(415, f"expected Content-Type: application/sdp, got {content_type or 'none'}")
+            offer = (await request.body()).decode("utf-8", errors="replace")
+            try:
+                connection = await self.publish(offer, user, participant or [], session_id=session, title=title,
+                                                course=course, consent=consent, consent_names=consent_name or [])
+            except OfferError as exc:
+                raise HTTPException(exc.status, str(exc)) from None
+            assert connection.peer.localDescription is not None
+            return Response(connection.peer.localDescription.sdp, status_code=201, media_type="application/sdp",
+                            headers={"Location": f"{WHIP_PATH}/{connection.resource_id}",
+                                     "X-ClassLens-Session": str(connection.analysis_id)})
+
+        @router.delete("/{resource_id}")
+        async def hang_up(resource_id: str, user: CurrentUser) -> dict[str, Any]:
+            """Close one connection; the last one to go finalises the session."""
+            self._connection_of(resource_id, user)
+            outcome = await self.hang_up(resource_id, "the participant hung up")
+            return {"resource": resource_id, "session_finished": outcome is not None,
+                    "status": outcome.status.value if outcome else "running"}
+
+        @router.post("/sessions/{analysis_id}/end")
+        async def end(analysis_id: int, user: CurrentUser) -> dict[str, Any]:
+            """Hang up every connection of a session and finalise it."""
+            self._entry_of(analysis_id, user)
+            outcome = await self.end_session(analysis_id)
+            return {"session": analysis_id, "status": outcome.status.value, "students": outcome.students,
+                    "frames_sampled": outcome.frames_sampled, "frames_dropped": outcome.frames_dropped,
+                    "failure_reason": outcome.failure_reason}
+
+        @router.get("/sessions/{analysis_id}")
+        async def show(analysis_id: int, user: CurrentUser) -> dict[str, Any]:
+            """The session's live counters per participant."""
+            stats = self._entry_of(analysis_id, user).session.stats
+            return {"session": analysis_id, "students_live": stats.students_live, "excluded": stats.excluded,
+                    "crops_stored": stats.crops_stored,
+                    "participants": {key: {"display_name": p.display_name, "frames_received": p.frames_received,
+                                           "frames_sampled": p.frames_sampled, "frames_dropped": p.frames_dropped}
+                                     for key, p in stats.participants.items()}}
+
+        del publish, hang_up, end, show  # registered on the router
+        return router
+
+    def _entry_of(self, analysis_id: int, user: User) -> _LiveEntry:
+        from fastapi import HTTPException
+
+        entry = self._sessions.get(analysis_id)
+        if entry is None or not _may_use(user, entry.owner_id):
+            raise HTTPException(404, f"no live session {analysis_id} of yours is running here")
+        return entry
+
+    def _connection_of(self, resource_id: str, user: User) -> _Connection:
+        from fastapi import HTTPException
+
+        connection = self._connections.get(resource_id)
+        entry = self._sessions.get(connection.analysis_id) if connection else None
+        if connection is None or entry is None or not _may_use(user, entry.owner_id):
+            raise HTTPException(404, f"no WHIP resource {resource_id}")
+        return connection
+
+    async def publish(self, offer: str, user: User, names: list[str], *, session_id: int | None = None,
+                      title: str = "", course: str = "", consent: ConsentMode = ConsentMode.everyone,
+                      consent_names: list[str] | None = None) -> _Connection:
+        """Negotiate one WHIP connection and add its video tracks as participants of a new or running session."""
+        from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+
+        from bot.consent import ConsentPolicy
+        from bot.live import LiveSession, create_live_analysis
+
+        if session_id is not None:
+            entry = self._sessions.get(session_id)
+            if entry is None or not _may_use(user, entry.owner_id):
+                raise OfferError(404, f"no live session {session_id} of yours is running here")
+            video = check_offer(offer)
+            mapping = participant_names(video, names)
+        else:
+            policy = ConsentPolicy(consent, tuple(consent_names or ()))
+            analysis_id = await asyncio.to_thread(
+                create_live_analysis, self.engine, self.settings, source="whip", title=title or "WHIP session",
+                owner_id=user.id, course=course, host_email=user.email or None, consent=policy)
+            try:
+                video = check_offer(offer)
+                mapping = participant_names(video, names)
+            except OfferError as exc:
+                # The session records why it never started.
+                await asyncio.to_thread(_record_failed, self.engine, analysis_id, str(exc))
+                raise
+            try:
+                live = LiveSession(self.settings, self.engine, analysis_id, components=await self.components())
+                await live.start()  # records its own failure
+            except Exception as exc:
+                reason = f"the bot cannot analyse now: {_one_line(exc)}"
+                await asyncio.to_thread(_record_failed, self.engine, analysis_id, reason)
+                raise OfferError(503, reason) from None
+            entry = _LiveEntry(live, user.id)
+            self._sessions[analysis_id] = entry
+        configuration = RTCConfiguration(iceServers=[RTCIceServer(url) for url in self._ice_servers])
+        peer = RTCPeerConnection(configuration)
+        connection = _Connection(secrets.token_urlsafe(12), entry.session.analysis_id, peer)
+        try:
+            await peer.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
+            for transceiver in peer.getTransceivers():
+                name = mapping.get(transceiver.mid or "") if transceiver.kind == "video" else None
+                participant_id = f"{connection.resource_id}:{transceiver.mid}"
+                if name is not None and entry.session.add_participant(participant_id, name,
+                                                                      transceiver.receiver.track):
+                    connection.participant_ids.append(participant_id)
+                else:
+                    # Audio, and participants consent excludes: never subscribed to.
+                    transceiver.direction = "inactive"
+            await peer.setLocalDescription(await peer.createAnswer())
+        except Exception as exc:
+            for participant_id in connection.participant_ids:
+                entry.session.remove_participant(participant_id, "negotiation failed")
+            await peer.close()
+            if not entry.connections:
+                await self._finish(entry, failure=f"negotiation failed: {_one_line(exc)}")
+            raise OfferError(400, f"malformed SDP offer: {_one_line(exc)}") from None
+        entry.connections.add(connection.resource_id)
+        self._connections[connection.resource_id] = connection
+
+        @peer.on("connectionstatechange")
+        async def on_state() -> None:
+            # A client that vanishes without DELETE: ICE consent fails, or the remote closes DTLS.
+            if peer.connectionState in ("failed", "closed"):
+                await self.hang_up(connection.resource_id, f"the connection {peer.connectionState}")
+
+        logger.info("session %d: WHIP resource %s with %d participant(s)", connection.analysis_id,
+                    connection.resource_id, len(connection.participant_ids))
+        return connection
+
+    async def hang_up(self, resource_id: str, reason: str) -> "LiveOutcome | None":
+        """Close a connection; returns the session's outcome when it was the last one."""
+        async with self._lock:
+            connection = self._connections.pop(resource_id, None)
+            if connection is None:
+                return None
+            entry = self._sessions.get(connection.analysis_id)
+            if entry is not None:
+                for participant_id in connection.participant_ids:
+                    entry.session.remove_participant(participant_id, reason)
+                entry.connections.discard(resource_id)
+        await connection.peer.close()
+        if entry is not None and not entry.connections:
+            return await self._finish(entry)
+        return None
+
+    async def end_session(self, analysis_id: int) -> "LiveOutcome":
+        """Hang up every connection of a session and finalise it."""
+        entry = self._sessions[analysis_id]
+        for resource_id in list(entry.connections):
+            async with self._lock:
+                connection = self._connections.pop(resource_id, None)
+                entry.connections.discard(resource_id)
+            if connection is not None:
+                for participant_id in connection.participant_ids:
+                    entry.session.remove_participant(participant_id, "the session was ended")
+                await connection.peer.close()
+        return await self._finish(entry)
+
+    async def _finish(self, entry: _LiveEntry, *, failure: str | None = None) -> "LiveOutcome":
+        self._sessions.pop(entry.session.analysis_id, None)
+        if failure is not None:
+            await entry.session.fail(failure)
+        outcome = await entry.session.aclose()
+        if outcome.status is AnalysisStatus.done:
+            try:
+                await self._on_finished(outcome)
+            except Exception:
+                logger.exception("session %d: the after-class step failed", outcome.analysis_id)
+        return outcome
+
+    async def render_reports(self, outcome: "LiveOutcome") -> None:
+        """The default after-class step: render the session's reports, then email the host."""
+        from bot.meeting import after_session
+
+        await asyncio.to_thread(after_session, self.settings, self.engine, outcome.analysis_id)
+
+    async def aclose(self) -> None:
+        """Hang up everything and finalise every running session (server shutdown)."""
+        for analysis_id in list(self._sessions):
+            await self.end_session(analysis_id)
+
+
+def whip_router(current_user: Callable[..., Any], *, settings: Settings | None = None,
+                components: "PipelineComponents | None" = None) -> "APIRouter":
+    """The WHIP ingest router for the web app, with its own :class:`WhipIngest` (settings from the environment)."""
+    from classlens.settings import load_settings
+
+    return WhipIngest(settings or load_settings(), components=components).router(current_user)
+
+
+def _may_use(user: User, owner_id: int | None) -> bool:
+    return user.role == UserRole.admin or owner_id == user.id
+
+
+def _record_failed(engine: "Engine", analysis_id: int, reason: str) -> None:
+    from classlens.analysis import _mark_failed
+
+    _mark_failed(engine, analysis_id, reason.splitlines()[0])
+
+
+def _one_line(exc: BaseException) -> str:
+    return (str(exc) or type(exc).__name__).splitlines()[0]

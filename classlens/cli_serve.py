@@ -1,0 +1,156 @@
+"""Command line of the web app: ``classlens serve`` and ``classlens users add|list|token``.
+
+The web stack (FastAPI, uvicorn, argon2) is imported inside the commands, so that
+``classlens --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+
+class RoleChoice(enum.StrEnum):
+    """The roles ``users add`` offers; mirrors :class:`classlens.store.UserRole` without importing the store."""
+
+    teacher = "teacher"
+    admin = "admin"
+
+
+users_app = typer.Typer(help="Manage the archive's users and their API tokens.", no_args_is_help=True)
+
+_console = Console(stderr=True)
+_out = Console()
+
+
+def serve(
+    host: Annotated[str | None, typer.Option("--host", help="Interface to listen on (default: serve_host).")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="TCP port (default: serve_port).")] = None,
+    db: Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of the store.")] = None,
+    proxy_headers: Annotated[bool, typer.Option(
+        "--proxy-headers", help="Trust X-Forwarded-For/-Proto from a reverse proxy on this machine.")] = False,
+    meetings: Annotated[bool, typer.Option(
+        "--meetings/--no-meetings",
+        help="Also serve the invite API and WHIP endpoint and run the bots here (off when `classlens bot serve` "
+             "runs them in a process of its own).")] = True,
+) -> None:
+    """Serve the report archive, the bot's invite API and its WHIP endpoint."""
+    run_server(host=host, port=port, db=db, proxy_headers=proxy_headers, archive=True, meetings=meetings)
+
+
+def run_server(*, host: str | None, port: int | None, db: str | None, proxy_headers: bool,
+               archive: bool, meetings: bool) -> None:
+    """Build the app with the chosen parts and run it under uvicorn until interrupted."""
+    from classlens.cli import _settings, _user_errors
+
+    with _user_errors():
+        import uvicorn
+
+        from classlens.server import create_app
+        from classlens.webauth import cookie_secure
+
+        settings = _settings(serve_host=host, serve_port=port, database_url=db)
+        app = create_app(settings, archive=archive, meetings=meetings)
+        _warn_without_users(app.state.engine)
+        if archive and cookie_secure(settings) and not (settings.public_url or "").startswith("https://"):
+            # Browsers drop Secure cookies over plain http, and sign-in then fails without saying why.
+            _console.print("[yellow]note:[/] the session cookie is Secure: serve this behind HTTPS and set "
+                           "CLASSLENS_PUBLIC_URL=https://…, or sign-in will not stick (docs/archive.md)",
+                           highlight=False)
+        what = "ClassLens archive" if archive else "ClassLens meeting bot (invite API and WHIP)"
+        _console.print(f"{what} on http://{settings.serve_host}:{settings.serve_port}/", highlight=False)
+        uvicorn.run(app, host=settings.serve_host, port=settings.serve_port, proxy_headers=proxy_headers,
+                    forwarded_allow_ips="127.0.0.1" if proxy_headers else None, log_level="info")
+
+
+def _warn_without_users(engine: object) -> None:
+    from sqlalchemy import Engine
+    from sqlmodel import select
+
+    from classlens.store import User, session_scope
+
+    assert isinstance(engine, Engine)
+    with session_scope(engine) as session:
+        if session.exec(select(User.id)).first() is None:
+            _console.print("[yellow]no user yet:[/] add one with `classlens users add EMAIL --role admin`")
+
+
+def _read_password(password_stdin: bool) -> str:
+    if password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    password: str = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    return password
+
+
+@users_app.command("add")
+def users_add(
+    email: Annotated[str, typer.Argument(help="The user's email; it is the login name.")],
+    role: Annotated[RoleChoice, typer.Option("--role", help="teacher: own sessions; admin: everyone's.")] = (
+        RoleChoice.teacher),
+    name: Annotated[str, typer.Option("--name", help="Display name shown in the archive.")] = "",
+    password_stdin: Annotated[bool, typer.Option(
+        "--password-stdin", help="Read the password from the first line of standard input instead of a prompt.")
+    ] = False,
+    db: Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of the store.")] = None,
+) -> None:
+    """Add a teacher or admin who can sign in to the archive."""
+    from classlens.cli import _settings, _user_errors
+
+    with _user_errors():
+        from classlens.accounts import create_user
+        from classlens.store import UserRole, init_store, session_scope
+
+        engine = init_store(_settings(database_url=db).resolved_database_url)
+        password = _read_password(password_stdin)
+        with session_scope(engine) as session:
+            user = create_user(session, email, password, role=UserRole(role.value), display_name=name)
+        _out.print(f"added {user.role} {user.email}", highlight=False)
+
+
+@users_app.command("list")
+def users_list(db: Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of the store.")] = None) -> None:
+    """Show every user: email, name, role, whether an API token exists, last sign-in."""
+    from classlens.cli import _settings, _user_errors
+
+    with _user_errors():
+        from classlens.accounts import list_users
+        from classlens.store import init_store, session_scope
+
+        engine = init_store(_settings(database_url=db).resolved_database_url)
+        with session_scope(engine) as session:
+            users = list_users(session)
+        table = Table()
+        for column in ("email", "name", "role", "API token", "last sign-in"):
+            table.add_column(column)
+        for user in users:
+            last = user.last_login_at.strftime("%Y-%m-%d %H:%M") if user.last_login_at else "never"
+            table.add_row(user.email, user.display_name, str(user.role), "yes" if user.api_token_hash else "no", last)
+        Console(width=max(_out.width, 100)).print(table)
+
+
+@users_app.command("token")
+def users_token(
+    email: Annotated[str, typer.Argument(help="Whose token to create (replaces any earlier token).")],
+    db: Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of the store.")] = None,
+) -> None:
+    """Create an API token for the invite API and WHIP; it is printed once and stored only as a hash."""
+    from classlens.cli import _settings, _user_errors
+
+    with _user_errors():
+        from classlens.accounts import AccountError, find_user, issue_api_token
+        from classlens.store import init_store, session_scope
+
+        engine = init_store(_settings(database_url=db).resolved_database_url)
+        with session_scope(engine) as session:
+            user = find_user(session, email)
+            if user is None:
+                raise AccountError(f"no user with the email {email.strip().lower()}; "
+                                   "add one with `classlens users add`")
+            token = issue_api_token(session, user)
+        _console.print("API token (shown once; store it now):", highlight=False)
+        _out.print(token, highlight=False, soft_wrap=True)

@@ -1,0 +1,358 @@
+"""The meeting bot against a real Janus and real aiortc participants streaming face videos.
+
+One Janus serves the module. The main scenario runs about half a minute of class:
+two students publish from the start, one opted-out participant publishes too, a third
+student joins late, one leaves early, Janus restarts (the room is recreated and the
+participants rejoin, as a meeting server's clients do), and the room is destroyed at
+the end of class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import Request
+from sqlmodel import select
+
+from bot.janus import JanusRoomClient, PublishedFeed, publish_tracks
+from bot.meeting import MeetingBot, MeetingTarget
+from classlens.settings import Settings
+from classlens.store import (
+    Analysis,
+    AnalysisStatus,
+    MeetingState,
+    StreamGap,
+    init_store,
+    session_scope,
+    students_for,
+)
+from tests.conftest import MEDIA_DIR
+from tests.janus_server import JanusServer, LoopingVideoTrack, janus_server  # noqa: F401  (fixture)
+
+pytestmark = [pytest.mark.janus, pytest.mark.media]
+
+ROOM_PIN = "s3cret"
+
+
+class Participant:
+    """A student's client: its own Janus session publishing a looping face video."""
+
+    def __init__(self, url: str, room: int, name: str, video: str) -> None:
+        self.url, self.room, self.name, self.video = url, room, name, video
+        self.client: JanusRoomClient | None = None
+        self.feed: PublishedFeed | None = None
+
+    async def join(self) -> None:
+        self.client = JanusRoomClient(self.url, keepalive_seconds=10)
+        await self.client.connect()
+        camera = LoopingVideoTrack(MEDIA_DIR / self.video)
+        self.feed = await publish_tracks(self.client, self.room, self.name, [camera.track], pin=ROOM_PIN)
+
+    async def leave(self) -> None:
+        if self.feed is not None:
+            await self.feed.close()
+        if self.client is not None:
+            await self.client.aclose()
+        self.feed = self.client = None
+
+    async def drop(self) -> None:
+        """What a client sees when the server restarts: its session is gone; close locally."""
+        if self.feed is not None:
+            await self.feed.peer.close()
+        if self.client is not None:
+            await self.client.aclose()
+        self.feed = self.client = None
+
+
+async def _create_room(url: str, room: int) -> None:
+    async with JanusRoomClient(url) as admin:
+        handle = await admin.attach()
+        await handle.create_room(room, pin=ROOM_PIN, description="ClassLens test class")
+
+
+async def _destroy_room(url: str, room: int) -> None:
+    async with JanusRoomClient(url) as admin:
+        handle = await admin.attach()
+        await handle.destroy_room(room)
+
+
+async def _wait_for(condition: Callable[[], bool], timeout: float, what: str, bot: MeetingBot | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}" + (f"; bot: {bot.status}" if bot else ""))
+        await asyncio.sleep(0.2)
+
+
+def _settings(tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "data_dir": tmp_path / "data", "execution_provider": "cpu", "sample_fps": 1.0,
+        "bot_frame_timeout_seconds": 6.0, "bot_idle_timeout_seconds": 120.0, "bot_keepalive_seconds": 5.0,
+        "bot_reconnect_attempts": 8, "bot_request_timeout_seconds": 5.0, "min_student_seconds": 1.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def _new_session(settings: Settings, consent: Any) -> tuple[Any, int]:
+    from bot.live import create_live_analysis
+
+    engine = init_store(settings.resolved_database_url)
+    analysis_id = create_live_analysis(engine, settings, source="janus test", title="test class", owner_id=None,
+                                       course="", host_email=None, consent=consent)
+    return engine, analysis_id
+
+
+async def test_bot_follows_a_class_through_joins_leaves_and_a_janus_restart(
+        janus_server: JanusServer, components: Any, isolated_env: Path) -> None:  # noqa: F811
+    from bot.consent import ConsentPolicy
+
+    server = janus_server
+    room = 4321
+    await _create_room(server.url, room)
+    settings = _settings(isolated_env)
+    engine, analysis_id = _new_session(settings, ConsentPolicy.opt_out(["  opted OUT "]))
+    alice = Participant(server.url, room, "Alice", "single_face.mp4")
+    bob = Participant(server.url, room, "Bob", "WolfgangLanger_Pexels.mp4")
+    optout = Participant(server.url, room, "Opted Out", "single_face.mp4")
+    carol = Participant(server.url, room, "Carol", "WolfgangLanger_Pexels.mp4")
+    everyone = (alice, bob, optout, carol)
+    bot = MeetingBot(settings, engine, analysis_id,
+                     MeetingTarget(server.url, room, ROOM_PIN, settings.bot_display_name), components=components)
+    task: asyncio.Task[Any] | None = None
+    try:
+        for participant in (alice, bob, optout):
+            await participant.join()
+        task = asyncio.create_task(bot.run())
+        await _wait_for(lambda: set(bot.status.participants) == {"Alice", "Bob"}, 30, "Alice and Bob analysed", bot)
+        assert bot.status.excluded == 1
+        await _wait_for(lambda: bot.status.frames_sampled >= 6, 30, "frames analysed", bot)
+
+        await carol.join()  # a late joiner
+        await _wait_for(lambda: "Carol" in bot.status.participants, 20, "Carol analysed", bot)
+        await bob.leave()  # an early leaver
+        await _wait_for(lambda: "Bob" not in bot.status.participants, 20, "Bob gone", bot)
+        await asyncio.sleep(4)
+
+        server.restart()  # every session, handle and room is gone
+        for participant in (alice, optout, carol):
+            await participant.drop()
+        await _wait_for(lambda: bot.status.state is MeetingState.reconnecting, 30, "the bot noticing the restart", bot)
+        await _create_room(server.url, room)
+        for participant in (alice, optout, carol):
+            await participant.join()
+        await _wait_for(lambda: bot.status.state is MeetingState.live and bot.status.gaps == 1, 40, "the bot back", bot)
+        await _wait_for(lambda: set(bot.status.participants) == {"Alice", "Carol"}, 20, "resubscribed", bot)
+        sampled_before = bot.status.frames_sampled
+        await _wait_for(lambda: bot.status.frames_sampled >= sampled_before + 4, 30, "frames after the restart", bot)
+
+        await _destroy_room(server.url, room)  # the end of class
+        outcome = await asyncio.wait_for(task, 120)
+    finally:
+        if task is not None and not task.done():
+            bot.stop("test teardown")
+            await asyncio.wait_for(task, 120)
+        for participant in everyone:
+            await participant.leave()
+
+    assert outcome.state is MeetingState.ended, outcome.detail
+    assert outcome.detail == "the meeting room was destroyed"
+    assert outcome.live is not None and outcome.live.status is AnalysisStatus.done
+    with session_scope(engine) as session:
+        analysis = session.get(Analysis, analysis_id)
+        assert analysis is not None and analysis.status is AnalysisStatus.done
+        labels = {student.label for student in students_for(session, analysis_id)}
+        gaps = list(session.exec(select(StreamGap).where(StreamGap.analysis_id == analysis_id)))
+    assert {"Alice", "Bob", "Carol"} <= labels, labels
+    assert not any("opted" in label.lower() for label in labels)
+    assert len(gaps) == 1 and gaps[0].end_time > gaps[0].start_time and "reconnected" in gaps[0].reason
+    # Every dispatched crop is accounted for: all stored, none lost.
+    assert outcome.live.crops_stored > 0 and bot.status.crops_submitted == outcome.live.crops_stored
+    assert outcome.report_dir is not None and (Path(outcome.report_dir) / "index.html").is_file()
+
+
+async def test_a_frozen_feed_times_out_and_an_empty_room_ends_the_class(
+        janus_server: JanusServer, components: Any, isolated_env: Path) -> None:  # noqa: F811
+    from bot.consent import ConsentPolicy
+    from classlens.store import StreamStats
+
+    room = 4322
+    await _create_room(janus_server.url, room)
+    settings = _settings(isolated_env, bot_idle_timeout_seconds=3.0, bot_frame_timeout_seconds=3.0)
+    engine, analysis_id = _new_session(settings, ConsentPolicy.everyone())
+    client = JanusRoomClient(janus_server.url)
+    await client.connect()
+    # Dave's camera freezes after about 4 s, but his connection stays up: only the frame timeout notices.
+    dave = await publish_tracks(client, room, "Dave",
+                                [LoopingVideoTrack(MEDIA_DIR / "single_face.mp4", freeze_after=32).track],
+                                pin=ROOM_PIN)
+    bot = MeetingBot(settings, engine, analysis_id, MeetingTarget(janus_server.url, room, ROOM_PIN, "ClassLens"),
+                     components=components)
+    try:
+        outcome = await asyncio.wait_for(bot.run(), 90)
+    finally:
+        await dave.close()
+        await client.aclose()
+        await _destroy_room(janus_server.url, room)
+    assert outcome.state is MeetingState.ended
+    assert outcome.detail == "nobody published video for 3 s"
+    with session_scope(engine) as session:
+        stats = session.exec(select(StreamStats).where(StreamStats.analysis_id == analysis_id)).one()
+    assert stats.display_name == "Dave" and stats.left_reason is not None and "no video for 3 s" in stats.left_reason
+
+
+@pytest.mark.parametrize(("where", "pin", "expected"), [
+    ("unreachable", ROOM_PIN, "cannot reach Janus"),
+    ("no-room", ROOM_PIN, "the room does not exist"),
+    ("wrong-pin", "wrong", "wrong or missing PIN"),
+])
+async def test_bad_meeting_input_fails_the_session_with_the_reason(
+        janus_server: JanusServer, components: Any, isolated_env: Path,  # noqa: F811
+        where: str, pin: str, expected: str) -> None:
+    from bot.consent import ConsentPolicy
+    from tests.janus_server import free_tcp_port
+
+    room = 4323
+    if where != "no-room":
+        await _create_room(janus_server.url, room)
+    url = janus_server.url
+    if where == "unreachable":
+        url = f"http://{janus_server.host}:{free_tcp_port(janus_server.host)}/janus"
+    settings = _settings(isolated_env)
+    engine, analysis_id = _new_session(settings, ConsentPolicy.everyone())
+    bot = MeetingBot(settings, engine, analysis_id, MeetingTarget(url, room, pin, "ClassLens"), components=components)
+    try:
+        outcome = await asyncio.wait_for(bot.run(), 60)
+    finally:
+        if where != "no-room":
+            await _destroy_room(janus_server.url, room)
+    assert outcome.state is MeetingState.failed
+    assert expected in outcome.detail
+    with session_scope(engine) as session:
+        analysis = session.get(Analysis, analysis_id)
+        assert analysis is not None and analysis.status is AnalysisStatus.failed
+        assert analysis.failure_reason is not None and expected in analysis.failure_reason
+
+
+async def test_invite_api_joins_reports_state_and_leaves(janus_server: JanusServer, components: Any,  # noqa: F811
+                                                         isolated_env: Path) -> None:
+    import hashlib
+
+    import httpx
+    from fastapi import FastAPI, HTTPException
+
+    from bot.api import MeetingRegistry, meetings_router
+    from classlens.store import Meeting, User, UserRole
+
+    room = 4324
+    await _create_room(janus_server.url, room)
+    settings = _settings(isolated_env)
+    engine = init_store(settings.resolved_database_url)
+    with session_scope(engine) as session:
+        for email, token in (("teacher@example.edu", "t-token"), ("other@example.edu", "o-token")):
+            session.add(User(email=email, password_hash="-", role=UserRole.teacher,
+                             api_token_hash=hashlib.sha256(token.encode()).hexdigest()))
+
+    def bearer_user(request: Request) -> User:
+        token = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        with session_scope(engine) as session:
+            user = session.exec(select(User).where(User.api_token_hash == digest)).first()
+        if user is None:
+            raise HTTPException(401, "a valid API token is required")
+        return user
+
+    app = FastAPI()
+    app.include_router(meetings_router(bearer_user))
+    registry = MeetingRegistry(settings, engine, components=components)
+    app.state.meeting_registry = registry
+    alice = Participant(janus_server.url, room, "Alice", "single_face.mp4")
+    teacher = {"Authorization": "Bearer t-token"}
+    transport = httpx.ASGITransport(app=app)
+    try:
+        await alice.join()
+        async with httpx.AsyncClient(transport=transport, base_url="http://classlens.test", timeout=120) as api:
+            invite = {"janus_url": janus_server.url, "room": room, "pin": ROOM_PIN, "title": "Biology"}
+            assert (await api.post("/api/meetings", json=invite)).status_code == 401
+            created = await api.post("/api/meetings", json=invite, headers=teacher)
+            assert created.status_code == 201, created.text
+            meeting = created.json()
+            assert meeting["state"] == "live" and ROOM_PIN not in created.text
+            url = f"/api/meetings/{meeting['id']}"
+            other = await api.get(url, headers={"Authorization": "Bearer o-token"})
+            assert other.status_code == 404  # another teacher's meeting is not disclosed
+
+            async def students_live() -> int:
+                reply = await api.get(url, headers=teacher)
+                assert reply.status_code == 200 and ROOM_PIN not in reply.text
+                return int(reply.json()["students_live"])
+
+            deadline = time.monotonic() + 40
+            while await students_live() < 1:
+                assert time.monotonic() < deadline, "the API never showed a live student"
+                await asyncio.sleep(0.5)
+            left = await api.delete(url, headers=teacher)
+            assert left.status_code == 200
+            assert left.json()["state"] == "ended" and left.json()["ended_at"] is not None
+            assert "stopped by teacher@example.edu" in left.json()["state_detail"]
+
+            wrong = await api.post("/api/meetings", json={**invite, "pin": "wrong"}, headers=teacher)
+            assert wrong.status_code == 422
+            assert "wrong or missing PIN" in wrong.json()["detail"]["message"]
+            failed_id = wrong.json()["detail"]["meeting"]["id"]
+            assert (await api.get(f"/api/meetings/{failed_id}", headers=teacher)).json()["state"] == "failed"
+    finally:
+        await registry.aclose()
+        await alice.leave()
+        await _destroy_room(janus_server.url, room)
+    with session_scope(engine) as session:
+        stored = session.get(Meeting, meeting["id"])
+        assert stored is not None and stored.analysis_id is not None
+        analysis = session.get(Analysis, stored.analysis_id)
+        assert analysis is not None and analysis.status is AnalysisStatus.done
+        assert [s.label for s in students_for(session, stored.analysis_id)] == ["Alice"]
+
+
+def test_cli_join_leaves_cleanly_on_ctrl_c(janus_server: JanusServer, isolated_env: Path,  # noqa: F811
+                                           default_models: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    room = 4325
+    asyncio.run(_create_room(janus_server.url, room))
+    env = {**os.environ, "CLASSLENS_EXECUTION_PROVIDER": "cpu", "JANUS_ROOM_PIN": ROOM_PIN}
+    wrong = subprocess.run([sys.executable, "-m", "classlens", "bot", "join", "--janus", janus_server.url,
+                            "--room", str(room + 1), "--quiet"], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert wrong.returncode == 2 and "the room does not exist" in wrong.stderr, wrong.stderr
+
+    async def run_class() -> subprocess.CompletedProcess[str]:
+        alice = Participant(janus_server.url, room, "Alice", "single_face.mp4")
+        await alice.join()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "classlens", "bot", "join", "--janus", janus_server.url, "--room", str(room),
+            "--quiet", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            await asyncio.sleep(15)  # model loading, joining, a few sampled seconds of Alice
+            process.send_signal(signal.SIGINT)
+            out, err = await asyncio.wait_for(process.communicate(), 120)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            await alice.leave()
+        return subprocess.CompletedProcess([], process.returncode or 0, out.decode(), err.decode())
+
+    result = asyncio.run(run_class())
+    asyncio.run(_destroy_room(janus_server.url, room))
+    assert result.returncode == 0, result.stderr
+    assert "interrupted from the command line" in result.stderr
+    report = Path(result.stdout.strip().splitlines()[-1])
+    assert report.name == "index.html" and report.is_file()

@@ -1,0 +1,237 @@
+"""WHIP ingest: aiortc clients push participants' video to the bot over real UDP; signalling goes through ASGI."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import pytest
+from fastapi import Header, HTTPException
+from sqlmodel import select
+
+from bot.whip import WHIP_PATH, WhipIngest
+from classlens.analysis import PipelineComponents
+from classlens.settings import Settings
+from classlens.store import (
+    Analysis,
+    AnalysisStatus,
+    FaceObservation,
+    StreamStats,
+    Student,
+    User,
+    init_store,
+    session_scope,
+)
+from tests.conftest import MEDIA_DIR
+
+TOKEN = "test-token-for-the-whip-endpoint"
+
+
+def bearer_user(engine: Any, user_id: int) -> Callable[..., User]:
+    """A small stand-in for the web app's auth dependency: one Bearer token, one user."""
+
+    def current_user(authorization: Annotated[str | None, Header()] = None) -> User:
+        if authorization != f"Bearer {TOKEN}":
+            raise HTTPException(401, "missing or wrong API token")
+        with session_scope(engine) as session:
+            user = session.get(User, user_id)
+            assert user is not None
+            return user
+
+    return current_user
+
+
+@pytest.fixture
+async def whip(isolated_env: Path,
+               components: PipelineComponents) -> AsyncIterator[tuple[httpx.AsyncClient, WhipIngest]]:
+    """The WHIP router in an app, an HTTP client for it, and the ingest state (closed afterwards)."""
+    from fastapi import FastAPI
+
+    settings = Settings(data_dir=isolated_env / "data", sample_fps=2.0, min_student_seconds=1.0,
+                        execution_provider="cpu", batch_size=8)
+    engine = init_store(settings.resolved_database_url)
+    with session_scope(engine) as session:
+        user = User(email="teacher@example.org", password_hash="not-used-here")
+        session.add(user)
+        session.flush()
+        assert user.id is not None
+        user_id = user.id
+    ingest = WhipIngest(settings, components=components, engine=engine)
+    app = FastAPI()
+    app.include_router(ingest.router(bearer_user(engine, user_id)))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://bot.test",
+                                 headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        try:
+            yield client, ingest
+        finally:
+            await ingest.aclose()
+
+
+async def _offer(*paths: Path) -> tuple[Any, list[Any]]:
+    """An aiortc client sending each video file as one track (looping); returns the peer and the players."""
+    from aiortc import RTCConfiguration, RTCPeerConnection
+    from aiortc.contrib.media import MediaPlayer
+
+    peer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    players = [MediaPlayer(str(path), loop=True) for path in paths]
+    for player in players:
+        assert player.video is not None
+        peer.addTransceiver(player.video, direction="sendonly")
+    await peer.setLocalDescription(await peer.createOffer())
+    return peer, players
+
+
+async def _close(peer: Any, players: list[Any]) -> None:
+    for player in players:
+        if player.video is not None:
+            player.video.stop()
+    await peer.close()
+
+
+def _answer_directions(sdp: str) -> list[str]:
+    return [line[2:] for line in sdp.splitlines() if line in ("a=sendrecv", "a=recvonly", "a=sendonly", "a=inactive")]
+
+
+@pytest.mark.media
+async def test_whip_clients_push_participants_and_hanging_up_finalises(
+    whip: tuple[httpx.AsyncClient, WhipIngest],
+) -> None:
+    from aiortc import RTCSessionDescription
+
+    client, ingest = whip
+    first, first_players = await _offer(MEDIA_DIR / "single_face.mp4", MEDIA_DIR / "WolfgangLanger_Pexels.mp4")
+    second, second_players = await _offer(MEDIA_DIR / "WolfgangLanger_Pexels.mp4")
+    try:
+        reply = await client.post(WHIP_PATH, content=first.localDescription.sdp,
+                                  headers={"Content-Type": "application/sdp"},
+                                  params=[("participant", "Ada"), ("participant", "Bob"), ("title", "Maths"),
+                                          ("consent", "opt_out"), ("consent_name", "bob")])
+        assert reply.status_code == 201, reply.text
+        assert reply.headers["content-type"].startswith("application/sdp")
+        location, analysis_id = reply.headers["location"], int(reply.headers["x-classlens-session"])
+        assert location.startswith(f"{WHIP_PATH}/")
+        # Bob opted out: his m-line is answered inactive, so his video is never even sent.
+        assert _answer_directions(reply.text) == ["recvonly", "inactive"]
+        await first.setRemoteDescription(RTCSessionDescription(sdp=reply.text, type="answer"))
+
+        joined = await client.post(WHIP_PATH, content=second.localDescription.sdp,
+                                   headers={"Content-Type": "application/sdp"},
+                                   params={"participant": "0=Cleo", "session": str(analysis_id)})
+        assert joined.status_code == 201, joined.text
+        assert int(joined.headers["x-classlens-session"]) == analysis_id
+        await second.setRemoteDescription(RTCSessionDescription(sdp=joined.text, type="answer"))
+
+        await asyncio.sleep(5.0)
+        live = (await client.get(f"{WHIP_PATH}/sessions/{analysis_id}")).json()
+        assert live["excluded"] == 1
+        received = {p["display_name"]: p["frames_received"] for p in live["participants"].values()}
+        assert set(received) == {"Ada", "Cleo"} and min(received.values()) > 0
+
+        gone = await client.delete(location)
+        assert gone.status_code == 200 and gone.json()["session_finished"] is False
+        last = await client.delete(joined.headers["location"])
+        assert last.json() == {"resource": joined.headers["location"].rsplit("/", 1)[1],
+                               "session_finished": True, "status": "done"}
+        assert (await client.delete(location)).status_code == 404
+    finally:
+        await _close(first, first_players)
+        await _close(second, second_players)
+
+    with session_scope(ingest.engine) as session:
+        analysis = session.get(Analysis, analysis_id)
+        assert analysis is not None and analysis.status is AnalysisStatus.done
+        assert analysis.kind == "meeting" and analysis.title == "Maths" and analysis.host_email == "teacher@example.org"
+        assert analysis.report_path and (Path(analysis.report_path) / "index.html").is_file()
+        students = list(session.exec(select(Student).where(Student.analysis_id == analysis_id)))
+        assert sorted(s.label for s in students) == ["Ada", "Cleo"]
+        streams = {s.stream: s for s in session.exec(select(StreamStats).where(StreamStats.analysis_id == analysis_id))}
+        assert set(streams) == {"Ada", "Cleo"}
+        assert all(s.frames_sampled >= 4 and s.left_reason == "the participant hung up" for s in streams.values())
+        observations = list(session.exec(select(FaceObservation).where(FaceObservation.analysis_id == analysis_id)))
+        assert {o.stream for o in observations} == {"Ada", "Cleo"}
+
+
+@pytest.mark.media
+async def test_bad_offers_get_a_clear_error_and_the_session_records_why(
+    whip: tuple[httpx.AsyncClient, WhipIngest],
+) -> None:
+    client, ingest = whip
+    sdp = {"Content-Type": "application/sdp"}
+    peer, players = await _offer(MEDIA_DIR / "single_face.mp4")
+    try:
+        offer = peer.localDescription.sdp
+        wrong_type = await client.post(WHIP_PATH, content=offer, params={"participant": "Ada"},
+                                       headers={"Content-Type": "application/json"})
+        assert wrong_type.status_code == 415 and "application/sdp" in wrong_type.json()["detail"]
+
+        garbage = await client.post(WHIP_PATH, content="hello, bot", params={"participant": "Ada"}, headers=sdp)
+        assert garbage.status_code == 400
+        assert garbage.json()["detail"] == "malformed SDP offer: it must start with 'v=0'"
+
+        unnamed = await client.post(WHIP_PATH, content=offer, headers=sdp)
+        assert unnamed.status_code == 400 and "participant display name" in unnamed.json()["detail"]
+
+        # Only codecs the bot cannot decode.
+        vp9_only = offer.replace("VP8/90000", "VP9/90000").replace("H264/90000", "AV1/90000")
+        unsupported = await client.post(WHIP_PATH, content=vp9_only, params={"participant": "Ada"}, headers=sdp)
+        assert unsupported.status_code == 422
+        assert unsupported.json()["detail"].startswith("the SDP offer has no video in a supported codec (VP8, H264)")
+
+        broken_ice = "\r\n".join(line for line in offer.splitlines() if not line.startswith("a=ice-ufrag"))
+        negotiation = await client.post(WHIP_PATH, content=broken_ice, params={"participant": "Ada"}, headers=sdp)
+        assert negotiation.status_code == 400 and negotiation.json()["detail"].startswith("malformed SDP offer")
+
+        anonymous = await client.post(WHIP_PATH, content=offer, params={"participant": "Ada"},
+                                      headers={**sdp, "Authorization": "Bearer wrong"})
+        assert anonymous.status_code == 401
+        assert (await client.post(WHIP_PATH, content=offer, headers=sdp,
+                                  params={"participant": "Ada", "session": "999"})).status_code == 404
+        assert (await client.delete(f"{WHIP_PATH}/no-such-resource")).status_code == 404
+    finally:
+        await _close(peer, players)
+
+    with session_scope(ingest.engine) as session:
+        failed = {a.failure_reason for a in session.exec(select(Analysis)) if a.status is AnalysisStatus.failed}
+        running = [a for a in session.exec(select(Analysis)) if a.status is AnalysisStatus.running]
+    assert "malformed SDP offer: it must start with 'v=0'" in failed
+    assert any(reason and reason.startswith("the SDP offer has no video in a supported codec") for reason in failed)
+    assert any(reason and reason.startswith("give a participant display name") for reason in failed)
+    assert any(reason and reason.startswith("negotiation failed") for reason in failed)
+    assert running == []  # no session is left dangling
+
+
+@pytest.mark.media
+async def test_a_client_that_goes_away_without_delete_still_ends_the_session(
+    whip: tuple[httpx.AsyncClient, WhipIngest],
+) -> None:
+    from aiortc import RTCSessionDescription
+
+    client, ingest = whip
+    peer, players = await _offer(MEDIA_DIR / "single_face.mp4")
+    try:
+        reply = await client.post(WHIP_PATH, content=peer.localDescription.sdp, params={"participant": "Ada"},
+                                  headers={"Content-Type": "application/sdp"})
+        assert reply.status_code == 201, reply.text
+        analysis_id = int(reply.headers["x-classlens-session"])
+        await peer.setRemoteDescription(RTCSessionDescription(sdp=reply.text, type="answer"))
+        await asyncio.sleep(3.0)
+    finally:
+        await _close(peer, players)  # no DELETE: the browser tab was closed
+    status = None
+    for _ in range(100):
+        with session_scope(ingest.engine) as session:
+            analysis = session.get(Analysis, analysis_id)
+            assert analysis is not None
+            status = analysis.status
+        if status is not AnalysisStatus.running:
+            break
+        await asyncio.sleep(0.2)
+    assert status is AnalysisStatus.done
+    with session_scope(ingest.engine) as session:
+        stats = session.exec(select(StreamStats).where(StreamStats.analysis_id == analysis_id)).one()
+    assert stats.display_name == "Ada" and stats.frames_sampled >= 4
+    assert stats.left_reason in ("the connection closed", "the connection failed", "the track ended")

@@ -1,0 +1,169 @@
+"""``classlens evaluate``: any emotion model, through the runtime's own runner, on any emotion data set.
+
+The model is a manifest name (the default ``fer-mini-xception``), a model exported into
+the cache, an ONNX file, or a training run folder (exported on the fly to a temporary
+folder). It is always loaded by :class:`workers.runners.EmotionRunner`, and photos go
+through the runtime's detector and :func:`bot.geometry.align_face`, so the figures are
+those of the model as the workers run it. FER2013 rows (already face crops) are framed
+so that the runner's centred crop is exactly the row's 48×48 face
+(:func:`training.emotion_data.as_runtime_crop`).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from classlens.types import EMOTION_LABELS
+from training.emotion_data import (
+    FER_USAGE_SPLITS,
+    FaceHandling,
+    as_runtime_crop,
+    iter_photo_crops,
+    list_photo_samples,
+    read_fer2013_csv,
+)
+from training.metrics import ClassificationMetrics, classify_metrics, subgroup_metrics
+from training.report import write_report
+from training.run import RUN_JSON, RunInfo, TrainingError, write_atomic
+
+if TYPE_CHECKING:
+    from classlens.settings import Settings
+
+_BATCH = 128
+
+
+@dataclass
+class EvaluationResult:
+    """Metrics of one model on one data set."""
+
+    model: str
+    """The model as given, and what it resolved to."""
+    data: str
+    """The data set."""
+    metrics: ClassificationMetrics
+    """Accuracy, macro-F1, UAR, per-class figures and the confusion matrix."""
+    subgroups: dict[str, ClassificationMetrics] = field(default_factory=dict)
+    """The same per subgroup, when the data set has a ``group`` column."""
+    dropped: Counter[str] = field(default_factory=Counter)
+    """Samples left out, by reason (no face found, contempt, ...)."""
+    report_path: Path | None = None
+    """The HTML report, when an output folder was given."""
+
+    def per_class_markdown(self) -> str:
+        """A Markdown table of per-class precision, recall, F1 and support, with the totals."""
+        m = self.metrics
+        support = m.confusion.sum(axis=1)
+        lines = ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        lines += [f"| {label} | {p:.3f} | {r:.3f} | {f:.3f} | {int(s)} |"
+                  for label, p, r, f, s in zip(m.labels, m.precision, m.recall, m.f1, support, strict=True)]
+        lines.append(f"| **all** ({m.count} faces) | accuracy {m.accuracy:.3f} | UAR {m.uar:.3f} | "
+                     f"macro-F1 {m.macro_f1:.3f} | {m.count} |")
+        return "\n".join(lines)
+
+
+def _runner_for(model: str, settings: Settings, scratch: Path) -> tuple[Any, str]:
+    """Load an emotion runner for a name, file or run folder; return it and a description."""
+    from model_export.cache import ModelCache, resolve_model
+    from workers.runners import EmotionRunner
+
+    path = Path(model).expanduser()
+    if (path / RUN_JSON).is_file():
+        from training.export import export_run
+
+        info = RunInfo.load(path)
+        if info.task != "emotion":
+            raise TrainingError(f"{path} is a {info.task} run; `classlens evaluate` here evaluates emotion models")
+        exported = export_run(path, f"run-{info.run_id}", cache_dir=scratch)
+        return EmotionRunner(exported.path, preference="cpu"), f"run {path} ({info.model_family}, {info.run_id})"
+    cache = ModelCache(settings.model_cache_dir, local_models_dir=settings.local_models_dir,
+                       index_url=settings.package_index_url)
+    resolved = resolve_model(cache, model)
+    return EmotionRunner(resolved.path, preference="cpu"), f"{model} ({resolved.path})"
+
+
+def _labelled_crops(
+    data: Path, *, faces: FaceHandling, settings: Settings, split: str | None, dropped: Counter[str],
+    cache_dir: Path | None, progress: bool,
+) -> Iterator[tuple[int, str, npt.NDArray[np.uint8]]]:
+    """(class, subgroup, runtime crop) for every usable sample of the data set."""
+    if data.is_file() and data.suffix.lower() == ".csv":
+        from classlens.types import CROP_SIZE
+        from workers.runners import EmotionRunner
+
+        margin = round(CROP_SIZE * (1 - EmotionRunner.crop_fraction) / 2)
+        rows = read_fer2013_csv(data, CROP_SIZE - 2 * margin)
+        wanted = FER_USAGE_SPLITS.get(split or "", split)
+        for index in range(len(rows)):
+            if wanted and rows.splits[index] != wanted:
+                continue
+            face = np.clip(np.rint(rows.inputs[index, 0]), 0, 255).astype(np.uint8)
+            yield int(rows.labels[index]), "", as_runtime_crop(face)
+        return
+    if not data.is_dir():
+        raise TrainingError(f"{data}: expected a FER2013 CSV, a folder with labels.csv, or a folder per class")
+    samples, _ = list_photo_samples(data)
+    for sample, label, crop in iter_photo_crops(samples, faces=faces, settings=settings, cache_dir=cache_dir,
+                                                dropped=dropped, progress=progress):
+        yield label, sample.group, crop
+
+
+def evaluate(
+    model: str,
+    data: Path,
+    *,
+    settings: Settings | None = None,
+    out_dir: Path | None = None,
+    faces: FaceHandling = "detect",
+    split: str | None = None,
+    progress: bool = False,
+) -> EvaluationResult:
+    """Evaluate an emotion model on a data set; write ``evaluation.html`` / ``.json`` to ``out_dir`` if given.
+
+    ``split`` picks FER2013 rows by Usage (``Training``, ``PublicTest``, ``PrivateTest``
+    or train / val / test); photos are all evaluated.
+    """
+    from classlens.settings import load_settings
+
+    settings = settings or load_settings()
+    dropped: Counter[str] = Counter()
+    truth: list[int] = []
+    groups: list[str] = []
+    probabilities: list[npt.NDArray[np.float32]] = []
+    with tempfile.TemporaryDirectory(prefix="classlens-eval-") as scratch:
+        runner, description = _runner_for(model, settings, Path(scratch))
+        pending: list[npt.NDArray[np.uint8]] = []
+        for label, group, crop in _labelled_crops(data, faces=faces, settings=settings, split=split,
+                                                  dropped=dropped, cache_dir=out_dir, progress=progress):
+            truth.append(label)
+            groups.append(group)
+            pending.append(crop)
+            if len(pending) == _BATCH:
+                probabilities.append(runner.predict(np.stack(pending)))
+                pending.clear()
+        if pending:
+            probabilities.append(runner.predict(np.stack(pending)))
+    if not truth:
+        raise TrainingError(f"no usable sample in {data} ({dict(dropped)})")
+    scores = np.concatenate(probabilities)
+    metrics = classify_metrics(np.array(truth), scores, EMOTION_LABELS)
+    subgroups = subgroup_metrics(np.array(truth), scores, groups, EMOTION_LABELS) if any(groups) else {}
+    result = EvaluationResult(model=description, data=str(data), metrics=metrics, subgroups=subgroups,
+                              dropped=dropped)
+    if out_dir is not None:
+        result.report_path = write_report(
+            out_dir / "evaluation.html", f"Evaluation of {description}", evaluations={str(data): metrics},
+            subgroups=subgroups, facts={"model": description, "data": str(data), "split": split or "all",
+                                        "left out": dict(dropped) or "none"})
+        summary = {"model": description, "data": str(data), "split": split, "dropped": dict(dropped),
+                   "metrics": metrics.to_dict(), "subgroups": {k: v.to_dict() for k, v in subgroups.items()}}
+        write_atomic(out_dir / "evaluation.json", (json.dumps(summary, indent=2, default=float) + "\n").encode())
+    return result

@@ -1,0 +1,246 @@
+"""Export a training run to ONNX, check it against PyTorch, and register it in the model cache.
+
+``export_run(run_dir, name)``:
+
+1. rebuilds the run's model from ``run.json`` and loads ``best.pt``;
+2. appends the softmax (the workers read probabilities) and exports with the
+   TorchScript-based ``torch.onnx.export`` at opset 17 with a symbolic batch axis ``N``
+   (and a symbolic time axis ``T`` for sequence models);
+3. writes the metadata the workers read into the ONNX file: ``classlens.labels``,
+   ``classlens.levels`` / ``classlens.heads`` (engagement), ``classlens.input_spec``,
+   ``classlens.preprocessing`` (in words), ``classlens.metrics``,
+   ``classlens.data_fingerprint``, ``classlens.run_id``, ``classlens.task``, ``classlens.trained``;
+4. with ``fp16``, stores every float32 weight as float16 followed by a ``Cast`` back to
+   float32: half the file size, the same float32 arithmetic in every onnxruntime build
+   (a full float16 graph needs a GPU to pay off and loses accuracy on CPUs);
+5. checks parity: onnxruntime and PyTorch on *real* inputs — samples of the run's own
+   data for image models; for feature / sequence models the run folder's
+   ``parity_inputs.npy`` (feature numbers saved by the training code) or inputs passed
+   by the caller — within ``1e-4`` (``2e-2`` with fp16) absolute difference in probabilities;
+6. writes ``<model_cache_dir>/<name>/model.onnx`` and ``model.json`` atomically and adds
+   the model to the cache's local manifest, so ``CLASSLENS_EMOTION_MODEL=<name>`` (or
+   ``classlens models use emotion <name>``) makes the workers load it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from training.run import InputSpec, RunInfo, TrainingError, load_trained_model, write_atomic
+
+ONNX_OPSET = 17
+"""Operator set of exported models; loads in every onnxruntime the project supports."""
+PARITY_TOLERANCE = 1e-4
+"""Largest absolute difference in output probabilities allowed between ONNX and PyTorch."""
+PARITY_TOLERANCE_FP16 = 2e-2
+"""The same with float16 weights."""
+PARITY_SAMPLES = 32
+"""Real samples used for the parity check."""
+INPUT_NAME = "input"
+"""Name of the exported model's input."""
+OUTPUT_NAME = "probabilities"
+"""Name of the exported model's output."""
+
+PREPROCESSING = {
+    "image": "runtime aligned 112x112 crop (bot.geometry.align_face) -> centred crop_fraction -> colour conversion "
+             "-> area resize to size x size -> values in value_range; normalisation is inside the model",
+    "features": "per-face feature vector in the order of input_spec.features",
+    "sequence": "per-frame feature vectors of one clip, [N, T, F]",
+}
+"""What the runtime must do to build a model's input, by input kind (``classlens.preprocessing``)."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export produced."""
+
+    name: str
+    """Model name in the cache and the local manifest."""
+    path: Path
+    """The ONNX file."""
+    sha256: str
+    """Its hash."""
+    parity_max_abs_diff: float
+    """Largest difference between ONNX and PyTorch probabilities on the parity inputs."""
+    parity_samples: int
+    """How many real inputs the parity check used."""
+    fp16: bool
+    """Whether weights are stored as float16."""
+    size_bytes: int
+    """File size."""
+
+
+def _wrap_with_softmax(model: Any, activation: str) -> Any:
+    import torch
+
+    class WithProbabilities(torch.nn.Module):
+        """The trained network followed by the softmax the workers expect."""
+
+        def __init__(self, network: torch.nn.Module) -> None:
+            super().__init__()
+            self.network = network
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            output: torch.Tensor = self.network(inputs)
+            return torch.softmax(output, dim=-1) if activation == "softmax" else output
+
+    wrapped = WithProbabilities(model)
+    wrapped.eval()
+    return wrapped
+
+
+def _example_input(spec: InputSpec) -> tuple[Any, dict[int, str]]:
+    import torch
+
+    if spec.kind == "image":
+        return torch.zeros(1, spec.channels, spec.size, spec.size), {0: "N"}
+    if spec.kind == "features":
+        return torch.zeros(1, len(spec.features)), {0: "N"}
+    return torch.zeros(1, 8, len(spec.features)), {0: "N", 1: "T"}
+
+
+def default_parity_inputs(info: RunInfo, run_dir: Path, *, count: int = PARITY_SAMPLES) -> npt.NDArray[np.float32]:
+    """Real model inputs for the parity check: samples of the run's own data."""
+    spec = info.input_spec
+    saved = run_dir / "parity_inputs.npy"
+    if saved.is_file():
+        return np.asarray(np.load(saved), np.float32)[:count]
+    data_path = info.config.get("data")
+    if spec.kind != "image" or info.task != "emotion" or not data_path:
+        raise TrainingError(
+            f"{run_dir}: no parity_inputs.npy and no emotion data recorded; pass real inputs for the parity check")
+    from training.emotion_data import load_emotion_data
+
+    data = load_emotion_data(Path(data_path), spec.size, faces=info.config.get("faces", "detect"),
+                             cache_dir=run_dir / "cache")
+    step = max(1, len(data) // count)
+    return data.inputs[::step][:count]
+
+
+def weights_to_fp16(model: Any) -> None:
+    """Store every float32 initializer as float16 with a Cast back to float32 in front of its users."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    casts = []
+    kept = []
+    for initializer in graph.initializer:
+        if initializer.data_type != TensorProto.FLOAT:
+            kept.append(initializer)
+            continue
+        half = numpy_helper.from_array(numpy_helper.to_array(initializer).astype(np.float16),
+                                       f"{initializer.name}__fp16")
+        kept.append(half)
+        casts.append(helper.make_node("Cast", [half.name], [initializer.name], to=TensorProto.FLOAT,
+                                      name=f"{initializer.name}__cast"))
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = [*casts, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+
+
+def export_run(
+    run_dir: Path,
+    name: str,
+    *,
+    cache_dir: Path,
+    fp16: bool = False,
+    parity_inputs: npt.NDArray[np.float32] | None = None,
+) -> ExportResult:
+    """Export a run's best model into the model cache under ``name``; see the module docstring."""
+    import hashlib
+
+    import onnx
+    import onnxruntime
+    import torch
+    from onnx import helper
+
+    from model_export.manifest import MANIFEST, ModelSource, ModelSpec, register_local_model
+
+    if name in MANIFEST:
+        raise TrainingError(f"{name} is a packaged model's name; choose another --name")
+    if not name or any(c in name for c in "/\\") or name.startswith("."):
+        raise TrainingError(f"{name!r} is not a valid model name (no slashes, not hidden)")
+    model, info = load_trained_model(run_dir)
+    activation = str(info.config.get("output_activation", "softmax"))
+    wrapped = _wrap_with_softmax(model, activation)
+    example, axes = _example_input(info.input_spec)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of the dynamo one, which needs onnxscript.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        destination: Any = buffer  # the exporter writes to file objects too; its annotation says paths only
+        torch.onnx.export(wrapped, (example,), destination, dynamo=False, input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: {0: "N"}},
+                          opset_version=ONNX_OPSET, do_constant_folding=True)
+    exported = onnx.load_from_string(buffer.getvalue())
+    properties = {
+        "classlens.task": info.task,
+        "classlens.trained": "true",
+        "classlens.model_family": info.model_family,
+        "classlens.labels": json.dumps(info.labels),
+        "classlens.input_spec": info.input_spec.to_json(),
+        "classlens.preprocessing": PREPROCESSING[info.input_spec.kind],
+        "classlens.metrics": json.dumps(info.metrics, sort_keys=True, default=str),
+        "classlens.data_fingerprint": info.data_fingerprint,
+        "classlens.data": info.data_description,
+        "classlens.run_id": info.run_id,
+        "classlens.fp16_weights": "true" if fp16 else "false",
+    }
+    if info.task == "engagement":
+        properties["classlens.levels"] = json.dumps(info.labels)
+    if info.heads:
+        properties["classlens.heads"] = json.dumps(info.heads)
+    helper.set_model_props(exported, properties)
+    if fp16:
+        weights_to_fp16(exported)
+    onnx.checker.check_model(exported)
+    data = exported.SerializeToString()
+
+    inputs = parity_inputs if parity_inputs is not None else default_parity_inputs(info, run_dir)
+    inputs = np.ascontiguousarray(inputs, dtype=np.float32)
+    if inputs.shape[0] == 0:
+        raise TrainingError("the parity check needs at least one real input")
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    onnx_out = np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: inputs})[0], np.float32)
+    with torch.no_grad():
+        torch_out = wrapped(torch.from_numpy(inputs)).numpy()
+    difference = float(np.abs(onnx_out - torch_out).max())
+    tolerance = PARITY_TOLERANCE_FP16 if fp16 else PARITY_TOLERANCE
+    if not difference <= tolerance:
+        raise TrainingError(f"ONNX and PyTorch disagree by {difference:.2e} (> {tolerance:g}); not exported")
+
+    digest = hashlib.sha256(data).hexdigest()
+    target = cache_dir.expanduser() / name
+    write_atomic(target / "model.onnx", data)
+    meta = {
+        "name": name, "role": info.task, "sha256": digest, "conversion": "trained",
+        "run": str(run_dir.resolve()), "run_id": info.run_id, "fp16_weights": str(fp16).lower(),
+        "parity_max_abs_diff": f"{difference:.3e}",
+        "converted_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    write_atomic(target / "model.json", (json.dumps(meta, indent=2) + "\n").encode())
+    headline = {k: v for k, v in info.metrics.items() if isinstance(v, (int, float))}
+    register_local_model(cache_dir, ModelSpec(
+        name=name, role=info.task,
+        source=ModelSource(kind="trained", sha256=digest), conversion="none",
+        licence="as the training data's licence allows",
+        description=(f"{info.model_family} trained by ClassLens (run {info.run_id}) on {info.data_description}; "
+                     f"metrics {json.dumps(headline, sort_keys=True)}"),
+        labels=tuple(info.labels), input_spec=info.input_spec.to_json(),
+        extra={"run_id": info.run_id, "data_fingerprint": info.data_fingerprint},
+    ))
+    return ExportResult(name=name, path=target / "model.onnx", sha256=digest, parity_max_abs_diff=difference,
+                        parity_samples=int(inputs.shape[0]), fp16=fp16, size_bytes=len(data))
