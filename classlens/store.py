@@ -17,10 +17,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, UniqueConstraint, delete, event
+from sqlalchemy import Engine, UniqueConstraint, delete, event, inspect, literal, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.types import SchemaType
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
 from classlens.errors import ConfigurationError
@@ -340,11 +341,51 @@ def init_store(url: str) -> Engine:
 
     try:
         SQLModel.metadata.create_all(engine)
+        add_missing_columns(engine)
     except OperationalError as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         raise ConfigurationError(f"cannot open the database {engine.url!r}: {reason}") from None
     return engine
 
+
+
+def add_missing_columns(engine: Engine) -> list[str]:
+    """Add columns a newer release declares to tables an older release created; returns ``table.column`` names.
+
+    ``create_all`` creates missing tables but never alters existing ones, so a store made
+    by an earlier version would fail on its first query. New columns are added as
+    nullable, with the field's scalar default for existing rows and their indexes, so the
+    upgrade is one start of any ClassLens process (docs/deploy.md). Foreign keys are not
+    added to existing tables (SQLite cannot); columns are never dropped or changed.
+    """
+    inspector = inspect(engine)
+    existing_tables = set(inspector.get_table_names())
+    added: list[str] = []
+    with engine.begin() as connection:
+        for table in SQLModel.metadata.sorted_tables:
+            if table.name not in existing_tables:
+                continue
+            present = {column["name"] for column in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                if isinstance(column.type, SchemaType):
+                    # A native enum (PostgreSQL) needs its type before a column can use it.
+                    column.type.create(connection, checkfirst=True)
+                column_type = column.type.compile(dialect=engine.dialect)
+                clause = f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {column_type}'
+                default = column.default
+                if default is not None and default.is_scalar:
+                    value = default.arg  # type: ignore[attr-defined]
+                    value = value.name if isinstance(value, enum.Enum) else value  # Enum columns store names
+                    rendered = literal(value).compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True})
+                    clause += f" DEFAULT {rendered}"
+                connection.execute(text(clause))
+                added.append(f"{table.name}.{column.name}")
+                for index in table.indexes:
+                    if column.name in index.columns:
+                        index.create(connection, checkfirst=True)
+    return added
 
 @contextmanager
 def session_scope(engine: Engine) -> Iterator[Session]:

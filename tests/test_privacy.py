@@ -409,24 +409,34 @@ def _pixel_findings_in_database(engine: Engine, runs: list[bytes]) -> list[str]:
     return findings
 
 
-def test_pixel_scan_finds_no_frame_or_crop_on_disk_or_in_the_database(
-    isolated_env: Path, components: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Every temporary file of the run lands in a folder that is scanned afterwards.
-    run_tmp = isolated_env / "tmp"
+def _scanned_temporary_folder(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Send every temporary file of the run into a folder under ``root``, which the scan covers."""
+    run_tmp = root / "tmp"
     run_tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(run_tmp))
     monkeypatch.setattr(tempfile, "tempdir", str(run_tmp))
+    return run_tmp
+
+
+def _capture_crops(monkeypatch: pytest.MonkeyPatch, module: Any, limit: int) -> list[np.ndarray[Any, Any]]:
+    """Keep copies of the first real crops that ``module.crop_batch_for`` makes during the run."""
     captured: list[np.ndarray[Any, Any]] = []
-    real_crop_batch_for = classlens.analysis.crop_batch_for
+    real_crop_batch_for = module.crop_batch_for
 
     def capturing_crop_batch_for(analysis_id: int, frame: VideoFrame, detections: FrameDetections) -> CropBatch:
         batch = real_crop_batch_for(analysis_id, frame, detections)
-        if len(captured) < 60:
-            captured.extend(crop.copy() for crop in batch.crops)
+        captured.extend(crop.copy() for crop in batch.crops[: max(0, limit - len(captured))])
         return batch
 
-    monkeypatch.setattr(classlens.analysis, "crop_batch_for", capturing_crop_batch_for)
+    monkeypatch.setattr(module, "crop_batch_for", capturing_crop_batch_for)
+    return captured
+
+
+def test_pixel_scan_finds_no_frame_or_crop_on_disk_or_in_the_database(
+    isolated_env: Path, components: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_tmp = _scanned_temporary_folder(isolated_env, monkeypatch)
+    captured = _capture_crops(monkeypatch, classlens.analysis, limit=60)
     outcome = _analyze(MEDIA_DIR / "WolfgangLanger_Pexels.mp4", isolated_env / "data" / "reports" / "lecture",
                        components, sample_fps=1)
     assert outcome.faces_detected > 0 and len(captured) >= 10
@@ -484,19 +494,8 @@ async def test_live_session_keeps_no_pixels_and_forget_removes_a_participant_eve
     from bot.consent import ConsentPolicy
     from bot.live import LiveSession, ReplayVideoTrack, create_live_analysis, decode_video_frames
 
-    run_tmp = isolated_env / "tmp"
-    run_tmp.mkdir()
-    monkeypatch.setenv("TMPDIR", str(run_tmp))
-    monkeypatch.setattr(tempfile, "tempdir", str(run_tmp))
-    captured: list[np.ndarray[Any, Any]] = []
-    real_crop_batch_for = bot.live.crop_batch_for
-
-    def capturing_crop_batch_for(analysis_id: int, frame: VideoFrame, detections: FrameDetections) -> CropBatch:
-        batch = real_crop_batch_for(analysis_id, frame, detections)
-        captured.extend(crop.copy() for crop in batch.crops[:2])
-        return batch
-
-    monkeypatch.setattr(bot.live, "crop_batch_for", capturing_crop_batch_for)
+    _scanned_temporary_folder(isolated_env, monkeypatch)
+    captured = _capture_crops(monkeypatch, bot.live, limit=60)
     settings = load_settings(sample_fps=2.0, min_student_seconds=1.0, execution_provider="cpu", batch_size=8)
     engine = init_store(settings.resolved_database_url)
     analysis_id = create_live_analysis(engine, settings, source="janus://room/1234", title="Physics", owner_id=None,

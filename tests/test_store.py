@@ -3,10 +3,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import func, text
+from sqlalchemy import create_engine, func, inspect, text
+from sqlalchemy.engine import make_url
 from sqlmodel import select
 
-from classlens.store import Analysis, FaceObservation, init_store, session_scope
+from classlens.store import (
+    Analysis,
+    ConsentMode,
+    EmailStatus,
+    FaceObservation,
+    add_missing_columns,
+    init_store,
+    session_scope,
+)
 from classlens.types import CropBatch, FaceAnalysisBatch
 from tests.conftest import POSTGRES_URL
 from workers.persistence import store_face_results
@@ -67,3 +76,48 @@ def test_no_column_can_hold_pixels(tmp_path: Path) -> None:
         for table in tables:
             for column in connection.execute(text(f"PRAGMA table_info('{table}')")):
                 assert "BLOB" not in str(column[2]).upper(), f"{table}.{column[1]} could hold pixels"
+
+
+def _check_upgrade_adds_columns(url: str) -> None:
+    # A store made by an earlier release lacks the columns added since; the next start adds them.
+    engine = init_store(url)
+    with session_scope(engine) as session:
+        session.add(Analysis(source="made before the upgrade", title="old"))
+    with engine.begin() as connection:
+        # (owner_id stays: SQLite cannot drop a column that carries a foreign key.)
+        connection.execute(text("DROP INDEX ix_analysis_course"))
+        for column in ("course", "consent_mode", "email_status", "host_email"):
+            connection.execute(text(f'ALTER TABLE analysis DROP COLUMN "{column}"'))
+    engine.dispose()
+
+    engine = init_store(url)
+    with session_scope(engine) as session:
+        (old,) = session.exec(select(Analysis).where(Analysis.title == "old")).all()
+        assert old.course == "" and old.consent_mode is ConsentMode.everyone
+        assert old.email_status is EmailStatus.not_sent and old.host_email is None
+        session.add(Analysis(source="made after the upgrade", course="PHY1", consent_mode=ConsentMode.opt_in))
+    with session_scope(engine) as session:
+        (new,) = session.exec(select(Analysis).where(Analysis.course == "PHY1")).all()
+        assert new.consent_mode is ConsentMode.opt_in
+    assert add_missing_columns(engine) == []  # nothing left to add
+    assert "ix_analysis_course" in {index["name"] for index in inspect(engine).get_indexes("analysis")}
+    engine.dispose()
+
+
+def test_an_older_sqlite_store_gets_the_new_columns(tmp_path: Path) -> None:
+    _check_upgrade_adds_columns(f"sqlite:///{tmp_path / 'store.sqlite3'}")
+
+
+@pytest.mark.postgres
+def test_an_older_postgres_store_gets_the_new_columns() -> None:
+    # A database of its own, so dropping columns never disturbs the shared test database.
+    name = f"classlens_upgrade_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    try:
+        _check_upgrade_adds_columns(str(make_url(POSTGRES_URL).set(database=name)))
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
