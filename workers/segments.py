@@ -21,7 +21,6 @@ The video is read from its path: workers must see the producer's file at the sam
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -253,10 +252,8 @@ def analyse_segment(
     cancelled or is finished) or another delivery of the same task stored the segment.
     Errors (bad video, store errors) propagate to the task, which retries or records them.
     """
-    if not settings.emotion_inference and models.emotion is not None:
-        # The producer switched emotion off (where the law forbids it): compute none at all.
-        models = dataclasses.replace(models, emotion=None,
-                                     provenance={k: v for k, v in models.provenance.items() if k != "emotion"})
+    # The producer may have switched emotion off (where the law forbids it): then compute none at all.
+    models = models.for_settings(settings.emotion_inference)
     provenance = json.dumps({**capture.provenance, **models.provenance}, sort_keys=True)
     if not _progress(engine, analysis_id, segment, 0, 0):
         logger.info("analysis %d: %s skipped (the analysis no longer runs, or the segment is stored already)",

@@ -13,7 +13,6 @@ returns normally so the worker goes on with the next batch.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import random
@@ -230,6 +229,20 @@ class InferenceTask(Task):  # type: ignore[misc]  # celery ships no type informa
         """The store engine of this worker process."""
         return self.resources.engine
 
+    def retry_or_give_up(self, exc: Exception, what: str) -> str:
+        """Retry the task after a transient error while retries remain (raises); else the reason it failed.
+
+        ``what`` names the work in the warning, e.g. "crop batch of analysis 3".
+        """
+        retries: int = self.request.retries
+        max_retries = self.settings.task_max_retries
+        if retries < max_retries:
+            countdown = retry_countdown(retries)
+            logger.warning("%s: %s; retry %d of %d in %.1f s", what, describe_error(exc), retries + 1, max_retries,
+                           countdown)
+            raise self.retry(exc=exc, countdown=countdown, max_retries=max_retries) from None
+        return f"gave up after {retries} retries: {describe_error(exc)}"
+
     def give_up(self, payload: object, reason: str, *, analysis_id: int | None = None,
                 crops: int | None = None) -> int:
         """Record a batch as failed (reading what the payload claims when not given); returns 0 crops."""
@@ -260,19 +273,11 @@ def analyse_crop_batch(self: InferenceTask, payload: bytes, emotion_inference: b
     except Exception as exc:  # a payload that does not decode now never will
         return self.give_up(payload, describe_error(exc))
     try:
-        models = self.models if emotion_inference else dataclasses.replace(self.models, emotion=None)
-        results = analyse_crops(batch, models)
+        results = analyse_crops(batch, self.models.for_settings(emotion_inference))
         store_face_results(self.engine, batch, results)
     except Exception as exc:
         if is_transient(exc):
-            retries: int = self.request.retries
-            max_retries = self.settings.task_max_retries
-            if retries < max_retries:
-                countdown = retry_countdown(retries)
-                logger.warning("crop batch of analysis %d: %s; retry %d of %d in %.1f s", batch.analysis_id,
-                               describe_error(exc), retries + 1, max_retries, countdown)
-                raise self.retry(exc=exc, countdown=countdown, max_retries=max_retries) from None
-            reason = f"gave up after {retries} retries: {describe_error(exc)}"
+            reason = self.retry_or_give_up(exc, f"crop batch of analysis {batch.analysis_id}")
         else:
             logger.exception("crop batch of analysis %d failed", batch.analysis_id)
             reason = describe_error(exc)
@@ -345,14 +350,7 @@ def analyse_recording_segment(self: SegmentTask, analysis_id: int, path: str, se
                   "lower segment_seconds or raise task_time_limit_seconds")
     except Exception as exc:
         if is_transient(exc):
-            retries: int = self.request.retries
-            max_retries = self.settings.task_max_retries
-            if retries < max_retries:
-                countdown = retry_countdown(retries)
-                logger.warning("segment %d of analysis %d: %s; retry %d of %d in %.1f s", segment.index,
-                               analysis_id, describe_error(exc), retries + 1, max_retries, countdown)
-                raise self.retry(exc=exc, countdown=countdown, max_retries=max_retries) from None
-            reason = f"gave up after {retries} retries: {describe_error(exc)}"
+            reason = self.retry_or_give_up(exc, f"segment {segment.index} of analysis {analysis_id}")
         else:
             if not isinstance(exc, ClassLensError):  # bad input needs its message, not a traceback
                 logger.exception("segment %d of analysis %d failed", segment.index, analysis_id)
