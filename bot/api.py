@@ -24,7 +24,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from pydantic import BaseModel, Field, field_validator
@@ -32,7 +32,9 @@ from sqlalchemy import Engine
 from sqlmodel import col, select
 
 from bot.consent import ConsentPolicy
+from bot.live import SharedComponents
 from bot.meeting import MeetingBot, MeetingOutcome, MeetingStatus, MeetingTarget
+from classlens.analysis import PipelineComponents
 from classlens.settings import Settings
 from classlens.store import (
     Analysis,
@@ -124,11 +126,11 @@ class _RunningMeeting:
 class MeetingRegistry:
     """Runs meeting bots as asyncio tasks inside the serve process and records their state."""
 
-    def __init__(self, settings: Settings, engine: Engine, *, components: Any | None = None) -> None:
+    def __init__(self, settings: Settings, engine: Engine, *,
+                 components: PipelineComponents | SharedComponents | None = None) -> None:
         self.settings = settings
         self.engine = engine
-        self._components = components
-        self._components_lock = asyncio.Lock()
+        self._components = SharedComponents.of(settings, components)
         self._running: dict[int, _RunningMeeting] = {}
 
     async def recover(self) -> int:
@@ -149,15 +151,6 @@ class MeetingRegistry:
                     analysis.status, analysis.failure_reason = AnalysisStatus.failed, reason
                     analysis.finished_at = utcnow()
             return len(stale)
-
-    async def _shared_components(self) -> Any:
-        """Models loaded once per serve process and shared by every meeting (they are read-only)."""
-        async with self._components_lock:
-            if self._components is None:
-                from classlens.analysis import PipelineComponents
-
-                self._components = await asyncio.to_thread(PipelineComponents.load, self.settings)
-            return self._components
 
     async def invite(self, owner: User, invite: MeetingInvite, *, wait_seconds: float | None = None) -> Meeting:
         """Create the session and the meeting, start the bot, and wait until it joined or failed."""
@@ -186,7 +179,7 @@ class MeetingRegistry:
 
         meeting = await asyncio.to_thread(_create)
         assert meeting.id is not None and meeting.analysis_id is not None
-        components = await self._shared_components()
+        components = await self._components.get()
         target = MeetingTarget(janus_url=invite.janus_url, room=invite.room, pin=invite.pin,
                                display_name=display_name)
         running = _RunningMeeting(meeting.id)

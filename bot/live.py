@@ -72,6 +72,31 @@ BEHIND_WARNING_INTERVAL = 30.0
 LATENCY_WINDOW = 20_000
 
 
+
+class SharedComponents:
+    """The pipeline's models, loaded once per process on first use (in a thread) and shared by live sessions.
+
+    The models are read-only, so every meeting and every WHIP session of one serve
+    process can use one copy instead of loading their own.
+    """
+
+    def __init__(self, settings: Settings, components: PipelineComponents | None = None) -> None:
+        self._settings = settings
+        self._components = components
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def of(cls, settings: Settings, components: PipelineComponents | SharedComponents | None) -> SharedComponents:
+        """``components`` as shared components: already shared ones as they are, loaded (or no) models wrapped."""
+        return components if isinstance(components, SharedComponents) else cls(settings, components)
+
+    async def get(self) -> PipelineComponents:
+        """The models, loading them on the first call."""
+        async with self._lock:
+            if self._components is None:
+                self._components = await asyncio.to_thread(PipelineComponents.load, self._settings)
+            return self._components
+
 def create_live_analysis(
     engine: Engine,
     settings: Settings,

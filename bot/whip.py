@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from fastapi import APIRouter
     from sqlalchemy import Engine
 
-    from bot.live import LiveOutcome, LiveSession
+    from bot.live import LiveOutcome, LiveSession, SharedComponents
     from classlens.analysis import PipelineComponents
 
 logger = logging.getLogger(__name__)
@@ -134,13 +134,14 @@ class _LiveEntry:
 class WhipIngest:
     """The state behind the WHIP endpoints: live sessions, peer connections and the shared models."""
 
-    def __init__(self, settings: Settings, *, components: "PipelineComponents | None" = None,
+    def __init__(self, settings: Settings, *, components: "PipelineComponents | SharedComponents | None" = None,
                  engine: "Engine | None" = None, ice_servers: list[str] | None = None,
                  on_session_finished: SessionFinishedHook | None = None) -> None:
+        from bot.live import SharedComponents
+
         self.settings = settings
         self.engine = engine or init_store(settings.resolved_database_url)
-        self._components = components
-        self._components_lock = asyncio.Lock()
+        self._components = SharedComponents.of(settings, components)
         # No STUN by default: aiortc would otherwise ask Google's server, unreachable in many deployments.
         self._ice_servers = ice_servers or []
         self._on_finished = on_session_finished or self.render_reports
@@ -150,12 +151,7 @@ class WhipIngest:
 
     async def components(self) -> "PipelineComponents":
         """The pipeline's models, loaded once (in a thread) on first use."""
-        async with self._components_lock:
-            if self._components is None:
-                from classlens.analysis import PipelineComponents
-
-                self._components = await asyncio.to_thread(PipelineComponents.load, self.settings)
-            return self._components
+        return await self._components.get()
 
     def router(self, current_user: Callable[..., Any]) -> "APIRouter":
         """The FastAPI router; ``current_user`` is the web app's dependency that resolves the caller's ``User``."""
@@ -365,11 +361,16 @@ class WhipIngest:
 
 
 def whip_router(current_user: Callable[..., Any], *, settings: Settings | None = None,
-                components: "PipelineComponents | None" = None) -> "APIRouter":
-    """The WHIP ingest router for the web app, with its own :class:`WhipIngest` (settings from the environment)."""
+                components: "PipelineComponents | SharedComponents | None" = None,
+                engine: "Engine | None" = None) -> "APIRouter":
+    """The WHIP ingest router for the web app, with its own :class:`WhipIngest`.
+
+    Settings default to the environment's; the web app passes its own engine and the
+    models it shares with the meeting bots, so one process opens one store and loads one copy.
+    """
     from classlens.settings import load_settings
 
-    return WhipIngest(settings or load_settings(), components=components).router(current_user)
+    return WhipIngest(settings or load_settings(), components=components, engine=engine).router(current_user)
 
 
 def _may_use(user: User, owner_id: int | None) -> bool:

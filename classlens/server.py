@@ -77,10 +77,13 @@ def create_app(settings: Settings, *, archive: bool = True, meetings: bool = Tru
         raise ValueError("create_app needs the archive, the meetings API, or both")
     # Imported here: the bot's modules pull in its media stack only when the app is built, not for `--help`.
     from bot.api import MeetingRegistry, meetings_router
+    from bot.live import SharedComponents
     from bot.whip import whip_router
 
     engine = init_store(settings.resolved_database_url)
-    registry = MeetingRegistry(settings, engine)
+    # One copy of the models for the meetings and the WHIP sessions, loaded on the first one.
+    components = SharedComponents(settings)
+    registry = MeetingRegistry(settings, engine, components=components)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -130,5 +133,5 @@ def create_app(settings: Settings, *, archive: bool = True, meetings: bool = Tru
     if meetings:
         # The meeting bot's endpoints, authenticated by API token.
         app.include_router(meetings_router(api_user))
-        app.include_router(whip_router(api_user, settings=settings))
+        app.include_router(whip_router(api_user, settings=settings, components=components, engine=engine))
     return app
