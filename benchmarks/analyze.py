@@ -294,11 +294,8 @@ def code_version() -> str:
     return f"commit {commit}" + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
 
 
-def machine_info(settings: Settings, components: PipelineComponents) -> dict[str, str]:
-    """What the numbers were measured on."""
-    import insightface
-    import onnxruntime
-
+def host_description() -> dict[str, str]:
+    """The code, CPU, RAM and OS the numbers were measured on (Linux: /proc)."""
     cpu_model = "unknown"
     with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
         for line in cpuinfo:
@@ -311,12 +308,21 @@ def machine_info(settings: Settings, components: PipelineComponents) -> dict[str
             if line.startswith("MemTotal:"):
                 ram = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
                 break
-    libav = getattr(av, "library_versions", {}).get("libavcodec")
     return {
         "code": code_version(),
         "CPU": f"{cpu_model}, {len(os.sched_getaffinity(0))} cores usable (nproc), os.cpu_count() = {os.cpu_count()}",
         "RAM": ram,
         "OS": f"{platform.system()} {platform.release()} ({platform.machine()})",
+    }
+
+def machine_info(settings: Settings, components: PipelineComponents) -> dict[str, str]:
+    """What the numbers were measured on."""
+    import insightface
+    import onnxruntime
+
+    libav = getattr(av, "library_versions", {}).get("libavcodec")
+    return {
+        **host_description(),
         "Python": platform.python_version(),
         "onnxruntime": onnxruntime.__version__,
         "PyAV": f"{av.__version__}" + (f" (libavcodec {'.'.join(map(str, libav))})" if libav else ""),

@@ -45,7 +45,6 @@ import platform
 import re
 import shlex
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -70,7 +69,7 @@ from benchmarks.analyze import (  # noqa: E402
     AnalysisRun,
     analyze_once,
     build_gallery_video,
-    code_version,
+    host_description,
     median_timing,
 )
 from bot.sources import RecordedFileSource  # noqa: E402
@@ -80,6 +79,7 @@ from classlens.analysis import PipelineComponents, crop_batch_for  # noqa: E402
 from classlens.settings import Settings, load_settings  # noqa: E402
 from classlens.store import Analysis, delete_analysis_data, init_store, session_scope  # noqa: E402
 from classlens.types import CropBatch  # noqa: E402
+from tests.processes import stop_process_group  # noqa: E402  (shared with the Celery tests)
 from workers.celery_app import make_celery_app  # noqa: E402
 from workers.celery_dispatch import CeleryDispatcher  # noqa: E402
 from workers.inference import InferenceModels, analyse_crops  # noqa: E402
@@ -301,15 +301,7 @@ class WorkerProcesses:
 
     def stop(self) -> None:
         """Warm shutdown (SIGTERM to the session), then kill what is left."""
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=20)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=10)
+        stop_process_group(self.process, grace_seconds=20)
 
 
 def send_and_wait(app: Any, store: BenchStore, analysis_id: int, batches: list[CropBatch], queue: str,
@@ -586,26 +578,11 @@ def machine_info(settings: Settings, broker_url: str, private_broker: bool, stor
     import onnxruntime
     import redis
 
-    cpu_model = "unknown"
-    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    ram = "unknown"
-    with open("/proc/meminfo", encoding="utf-8") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemTotal:"):
-                ram = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-                break
     before, after = load
     store = "SQLite (a fresh temporary file per worker start)" if store_url.startswith("sqlite") else (
         f"{store_url.split('://', 1)[0]} (`--db`; the benchmark's rows are removed afterwards)")
     return {
-        "code": code_version(),
-        "CPU": f"{cpu_model}, {len(os.sched_getaffinity(0))} cores usable (nproc), os.cpu_count() = {os.cpu_count()}",
-        "RAM": ram,
-        "OS": f"{platform.system()} {platform.release()} ({platform.machine()})",
+        **host_description(),
         "load average (1, 5, 15 min) before / after": f"{', '.join(f'{v:.2f}' for v in before)} / "
                                                        f"{', '.join(f'{v:.2f}' for v in after)}",
         "Python": platform.python_version(),

@@ -45,6 +45,7 @@ from classlens.store import (
 )
 from classlens.types import CropBatch
 from tests.conftest import POSTGRES_URL, REPO_ROOT, require
+from tests.processes import stop_process_group
 from workers.celery_app import make_celery_app
 from workers.celery_dispatch import CeleryDispatcher, CeleryDispatchError
 from workers.dispatch import InProcessDispatcher
@@ -196,15 +197,7 @@ class Worker:
 
     def stop(self) -> None:
         """Warm shutdown (SIGTERM), then kill whatever is left."""
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=15)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=10)
+        stop_process_group(self.process, grace_seconds=15)
 
 
 def _worker_env(settings: Settings) -> dict[str, str]:

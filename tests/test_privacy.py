@@ -16,7 +16,6 @@ import contextlib
 import io
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -54,6 +53,7 @@ from classlens.store import (
 )
 from classlens.types import CropBatch, FrameDetections, VideoFrame
 from tests.conftest import MEDIA_DIR, POSTGRES_URL, REPO_ROOT, require
+from tests.processes import stop_process_group
 
 pytestmark = pytest.mark.media
 
@@ -174,14 +174,7 @@ def _process(argv: list[str], env: dict[str, str], log: Path) -> Iterator[subpro
     try:
         yield process
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        stop_process_group(process, grace_seconds=20)
 
 
 @pytest.mark.redis
