@@ -15,6 +15,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from classlens.cli_serve import DatabaseOption, HostOption, PortOption, ProxyHeadersOption, run_server
+
 bot_app = typer.Typer(help="Run the meeting bot: join a live class and analyse it.", no_args_is_help=True)
 _console = Console(stderr=True)
 _out = Console()
@@ -117,17 +119,14 @@ def join(
 
 @bot_app.command("serve")
 def serve_bots(
-    host: Annotated[str | None, typer.Option("--host", help="Interface to listen on (default: serve_host).")] = None,
-    port: Annotated[int | None, typer.Option("--port", help="TCP port (default: serve_port).")] = None,
-    db: Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of the store.")] = None,
-    proxy_headers: Annotated[bool, typer.Option(
-        "--proxy-headers", help="Trust X-Forwarded-For/-Proto from a reverse proxy on this machine.")] = False,
+    host: HostOption = None,
+    port: PortOption = None,
+    db: DatabaseOption = None,
+    proxy_headers: ProxyHeadersOption = False,
 ) -> None:
     """Run the meeting bots in a process of their own: the invite API and the WHIP endpoint, no archive.
 
-    A deployment routes ``/api/meetings`` and ``/whip`` to this process and runs the archive with
+    A deployment routes ``/api/meetings`` and ``/api/whip`` to this process and runs the archive with
     ``classlens serve --no-meetings`` (docs/deploy.md).
     """
-    from classlens.cli_serve import run_server
-
     run_server(host=host, port=port, db=db, proxy_headers=proxy_headers, archive=False, meetings=True)

@@ -28,12 +28,19 @@ _console = Console(stderr=True)
 _out = Console()
 
 
+#: The server options ``classlens serve`` and ``classlens bot serve`` share.
+HostOption = Annotated[str | None, typer.Option("--host", help="Interface to listen on (default: serve_host).")]
+PortOption = Annotated[int | None, typer.Option("--port", help="TCP port (default: serve_port).")]
+DatabaseOption = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of the store.")]
+ProxyHeadersOption = Annotated[bool, typer.Option(
+    "--proxy-headers", help="Trust X-Forwarded-For/-Proto from a reverse proxy on this machine.")]
+
+
 def serve(
-    host: Annotated[str | None, typer.Option("--host", help="Interface to listen on (default: serve_host).")] = None,
-    port: Annotated[int | None, typer.Option("--port", help="TCP port (default: serve_port).")] = None,
-    db: Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of the store.")] = None,
-    proxy_headers: Annotated[bool, typer.Option(
-        "--proxy-headers", help="Trust X-Forwarded-For/-Proto from a reverse proxy on this machine.")] = False,
+    host: HostOption = None,
+    port: PortOption = None,
+    db: DatabaseOption = None,
+    proxy_headers: ProxyHeadersOption = False,
     meetings: Annotated[bool, typer.Option(
         "--meetings/--no-meetings",
         help="Also serve the invite API and WHIP endpoint and run the bots here (off when `classlens bot serve` "

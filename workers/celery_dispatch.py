@@ -106,9 +106,9 @@ class CeleryDispatcher:
         self.max_pending_crops = max_pending_crops or 64 * batch_size
         self.poll_interval_seconds = poll_interval_seconds
         self.max_batch_delay_seconds = max_batch_delay_seconds
+        """A partial batch older than this is published at the next submit (live feeds); None: wait for a full one."""
         self.emotion_inference = emotion_inference
         """False: workers skip the emotion model for this analysis (they can never be made to run it)."""
-        """A partial batch older than this is published at the next submit (live feeds); None: wait for a full one."""
         self._pending_since = 0.0
         self.stats = DispatchStats()
         """``batches_run`` counts the batches published."""
