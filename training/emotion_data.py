@@ -102,6 +102,8 @@ class EmotionSet:
     """Samples left out, by reason (contempt, no face found, unreadable)."""
     description: str = ""
     """One line: which data set this is."""
+    targets: npt.NDArray[np.float32] | None = None
+    """Soft targets ``[N, 7]`` (class shares summing to 1) when the data set has them (FER+ votes)."""
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -116,11 +118,22 @@ class EmotionSet:
             splits=[self.splits[i] for i in pick] if self.splits else [],
             groups=[self.groups[i] for i in pick] if self.groups else [],
             description=self.description,
+            targets=self.targets[index] if self.targets is not None else None,
         )
 
     def fingerprint(self) -> str:
-        """sha256 over sources and labels."""
-        return data_fingerprint(zip(self.sources, self.labels.tolist(), strict=True))
+        """sha256 over sources and labels (and soft targets, rounded to 1e-4, when there are any)."""
+        if self.targets is None:
+            return data_fingerprint(zip(self.sources, self.labels.tolist(), strict=True))
+        return data_fingerprint(
+            (f"{source}\t{label}", ",".join(f"{value:.4f}" for value in target))
+            for source, label, target in zip(self.sources, self.labels.tolist(), self.targets.tolist(), strict=True))
+
+    def soft_targets(self) -> npt.NDArray[np.float32]:
+        """``[N, 7]`` training targets: the soft targets when the set has them, else one-hot labels."""
+        if self.targets is not None:
+            return self.targets
+        return np.eye(len(EMOTION_LABELS), dtype=np.float32)[self.labels]
 
     def class_counts(self) -> npt.NDArray[np.int64]:
         """Samples per class, ``[7]``."""
@@ -412,10 +425,22 @@ def load_emotion_data(
     settings: Settings | None = None,
     cache_dir: Path | None = None,
     progress: bool = False,
+    fer2013_weight: float = 0.25,
 ) -> EmotionSet:
-    """Read any supported emotion data set: a FER2013 CSV, a ``labels.csv`` folder, or class folders."""
+    """Read any supported emotion data set.
+
+    A FER2013 CSV, a FER+ or CK+ folder (:mod:`training.face_sets`), a ``labels.csv``
+    folder of photos, or class folders. ``fer2013_weight`` is the weight of FER2013's own
+    label in FER+ soft targets.
+    """
+    from training.face_sets import is_ckplus_folder, is_ferplus_folder, read_ckplus, read_ferplus
+
     if path.is_file() and path.suffix.lower() == ".csv":
         return read_fer2013_csv(path, size)
+    if is_ferplus_folder(path):
+        return read_ferplus(path, size, fer2013_weight=fer2013_weight, progress=progress)
+    if is_ckplus_folder(path):
+        return read_ckplus(path, size)
     if not path.is_dir():
         raise TrainingError(f"{path}: expected a FER2013 CSV, a folder with labels.csv, or a folder per class")
     samples, kind = list_photo_samples(path)
@@ -423,17 +448,65 @@ def load_emotion_data(
                        description=f"{kind} {path}", progress=progress)
 
 
+def concatenate_sets(sets: Sequence[EmotionSet], *, val_fraction: float = 0.15, test_fraction: float = 0.15,
+                     seed: int = 0) -> EmotionSet:
+    """Several data sets as one, each sample keeping a split.
+
+    Each set is split on its own first (:func:`split_by_subject`: its own split when it has
+    one, with a validation slice carved from its training part, else by subject), so every
+    source contributes to every split it can.
+    """
+    if len(sets) == 1:
+        return sets[0]
+    splits: list[str] = []
+    for data in sets:
+        own = ["train"] * len(data)
+        for name, indices in split_by_subject(data, val_fraction=val_fraction, test_fraction=test_fraction,
+                                              seed=seed).items():
+            for index in indices.tolist():
+                own[index] = name
+        splits += own
+    with_targets = any(data.targets is not None for data in sets)
+    dropped: Counter[str] = Counter()
+    for data in sets:
+        dropped.update({f"{data.description}: {reason}": count for reason, count in data.dropped.items()})
+    return EmotionSet(
+        inputs=np.concatenate([data.inputs for data in sets]),
+        labels=np.concatenate([data.labels for data in sets]),
+        subjects=[subject for data in sets for subject in data.subjects],
+        sources=[source for data in sets for source in data.sources],
+        splits=splits,
+        groups=[group for data in sets for group in (data.groups or [""] * len(data))]
+        if any(data.groups for data in sets) else [],
+        dropped=dropped,
+        description=" + ".join(data.description for data in sets),
+        targets=np.concatenate([data.soft_targets() for data in sets]) if with_targets else None,
+    )
+
+
 def split_by_subject(
     data: EmotionSet, *, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0,
 ) -> dict[str, npt.NDArray[np.int64]]:
     """Indices of train / val / test with no subject in two splits.
 
-    The data set's own split (FER2013 Usage) wins when it has one; otherwise subjects are
-    shuffled with ``seed`` and assigned greedily until each split holds its share of samples.
+    The data set's own split (FER2013 Usage, FER+) wins when it has one. When that split has
+    no validation part (FER+ has Training and PublicTest here), a ``val_fraction`` of the
+    training subjects becomes the validation split, so the test split is never used to pick
+    a model. Without an own split, subjects are shuffled with ``seed`` and assigned greedily
+    until each split holds its share of samples.
     """
     if data.splits and len(set(data.splits)) > 1:
-        return {name: np.array([i for i, s in enumerate(data.splits) if s == name], np.int64)
-                for name in ("train", "val", "test")}
+        own = {name: np.array([i for i, s in enumerate(data.splits) if s == name], np.int64)
+               for name in ("train", "val", "test")}
+        if len(own["val"]) == 0 and val_fraction > 0 and len(own["train"]):
+            train = data.subset(own["train"])
+            carved = split_by_subject(
+                EmotionSet(inputs=train.inputs[:0], labels=train.labels, subjects=train.subjects,
+                           sources=train.sources),
+                val_fraction=val_fraction, test_fraction=0.0, seed=seed)
+            own["val"] = own["train"][carved["val"]]
+            own["train"] = own["train"][carved["train"]]
+        return own
     counts = Counter(data.subjects)
     subjects = sorted(counts)
     np.random.default_rng(seed).shuffle(subjects)

@@ -26,7 +26,7 @@ from torch import nn
 
 from classlens.types import EMOTION_LABELS
 
-EMOTION_MODEL_FAMILIES: tuple[str, ...] = ("mini-xception", "resnet")
+EMOTION_MODEL_FAMILIES: tuple[str, ...] = ("mini-xception", "resnet", "face-api")
 """Model families ``classlens train emotion --model`` accepts."""
 
 MODEL_FACTORY = "training.emotion_models:build_emotion_model"
@@ -147,4 +147,63 @@ def build_emotion_model(family: str, num_classes: int = len(EMOTION_LABELS), **o
     if family == "resnet":
         return ResidualCNN(num_classes, width=int(options.get("width", 32)), blocks=int(options.get("blocks", 2)),
                            dropout=float(options.get("dropout", 0.3)))
+    if family == "face-api":
+        return FaceApiEmotionNet(num_classes, frozen_blocks=int(options.get("frozen_blocks", 3)),
+                                 dropout=float(options.get("dropout", 0.2)))
     raise ValueError(f"unknown emotion model {family!r}; choose one of {', '.join(EMOTION_MODEL_FAMILIES)}")
+
+
+class FaceApiEmotionNet(nn.Module):
+    """face-api's expression network, fine-tuned from its own weights on grey faces; returns logits.
+
+    Input ``[N, 1, 112, 112]`` grey pixels 0–255 (repeated to face-api's three channels
+    inside, since FER+ and CK+ are grey). Output in the product's class order. The first
+    ``frozen_blocks`` dense blocks keep face-api's weights: on a two-core CPU that is what
+    makes fine-tuning affordable, because their output can be computed once per face
+    (:meth:`prefix`) and only the rest (:meth:`head`) is trained. With ``from_features``
+    set, :meth:`forward` takes those precomputed prefix features instead of pixels.
+    """
+
+    def __init__(self, num_classes: int = len(EMOTION_LABELS), frozen_blocks: int = 3, dropout: float = 0.2) -> None:
+        super().__init__()
+        from training.face_api_net import FaceApiExpressionNet
+
+        if not 0 <= frozen_blocks <= 4:
+            raise ValueError(f"frozen_blocks is 0 to 4, got {frozen_blocks}")
+        self.network = FaceApiExpressionNet(num_classes)
+        self.frozen_blocks = frozen_blocks
+        self.dropout = nn.Dropout(dropout)
+        self.from_features = False
+
+    def prefix(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Output of the frozen blocks for grey pixels ``[N, 1, 112, 112]``."""
+        x: torch.Tensor = self.network.normalise(pixels.expand(-1, 3, -1, -1))
+        for block in self.network.dense[: self.frozen_blocks]:
+            x = block(x)
+        return x
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from the frozen blocks' output."""
+        x = features
+        for block in self.network.dense[self.frozen_blocks:]:
+            x = block(x)
+        return self.network.fc(self.dropout(x.mean(dim=(2, 3))))  # type: ignore[no-any-return]
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N, num_classes]`` for pixels, or for prefix features when ``from_features`` is set."""
+        return self.head(inputs if self.from_features else self.prefix(inputs))
+
+    def load_pretrained(self, tarball_bytes: bytes) -> None:
+        """Load face-api's weights (classifier rows in the product's order) and freeze the prefix."""
+        from model_export.face_api import product_order
+        from training.face_api_net import FaceApiExpressionNet, build_face_api_expression_net
+
+        pretrained: FaceApiExpressionNet = build_face_api_expression_net(tarball_bytes)
+        order = torch.tensor(product_order())
+        with torch.no_grad():
+            state = pretrained.state_dict()
+            state["fc.weight"] = state["fc.weight"][order]
+            state["fc.bias"] = state["fc.bias"][order]
+            self.network.load_state_dict(state)
+        for block in self.network.dense[: self.frozen_blocks]:
+            block.requires_grad_(False)

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from classlens.types import EMOTION_LABELS
-from training.emotion_data import EmotionSet, FaceHandling, load_emotion_data, split_by_subject
-from training.emotion_models import MODEL_FACTORY, build_emotion_model
+from training.emotion_data import EmotionSet, FaceHandling, concatenate_sets, load_emotion_data, split_by_subject
+from training.emotion_models import MODEL_FACTORY, FaceApiEmotionNet, build_emotion_model
 from training.loop import EpochCallback, RunResult, TrainConfig, fit, predict, resolve_device, seed_everything
 from training.metrics import ClassificationMetrics, classify_metrics, subgroup_metrics
 from training.report import write_report
@@ -50,9 +51,12 @@ class EmotionTorchDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     checkpoints, so runs are reproducible and resumable.
     """
 
-    def __init__(self, data: EmotionSet, *, augment: bool = False, max_shift: int = 4) -> None:
+    def __init__(self, data: EmotionSet, *, augment: bool = False, max_shift: int = 4,
+                 soft_targets: bool = False) -> None:
         self.inputs = torch.from_numpy(np.ascontiguousarray(data.inputs))
-        self.labels = torch.from_numpy(np.ascontiguousarray(data.labels))
+        # Training on soft targets (FER+ votes) returns a [7] distribution per sample;
+        # evaluation returns the hard label, so metrics compare with the majority label.
+        self.labels = torch.from_numpy(np.ascontiguousarray(data.soft_targets() if soft_targets else data.labels))
         self.augment = augment
         self.max_shift = max_shift
 
@@ -76,17 +80,82 @@ class EmotionTorchDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return image, self.labels[index]
 
 
-def class_weights(labels: np.ndarray, classes: int) -> np.ndarray:
-    """Inverse-frequency weights ``N / (classes_present · count)``, 0 for absent classes.
+ClassWeighting = Literal["inverse", "sqrt", "none"]
+CLASS_WEIGHTINGS: tuple[str, ...] = ("inverse", "sqrt", "none")
+"""Choices of ``--class-weighting``."""
 
-    With them the weighted cross-entropy gives every present class the same total weight,
-    so FER2013's rare disgust (about 1.5 % of the rows) is not ignored.
+
+class PrefixFeatureDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """The frozen prefix's output for every face of a set (float16, in memory), with its target.
+
+    With ``mirrored`` each face is also added flipped left to right, so the head still
+    trains on mirror images although the features are computed once.
+    """
+
+    def __init__(self, model: FaceApiEmotionNet, data: EmotionSet, *, soft_targets: bool, mirrored: bool = False,
+                 batch_size: int = 128, progress: bool = False) -> None:
+        from training.loop import progress_bar
+
+        targets = torch.from_numpy(np.ascontiguousarray(data.soft_targets() if soft_targets else data.labels))
+        pixels = torch.from_numpy(np.ascontiguousarray(data.inputs))
+        chunks: list[torch.Tensor] = []
+        views = (False, True) if mirrored else (False,)
+        starts = [(flip, start) for flip in views for start in range(0, len(data), batch_size)]
+        model.eval()
+        with torch.no_grad():
+            for flip, start in progress_bar(starts, "frozen features", enabled=progress):
+                batch = pixels[start:start + batch_size]
+                chunks.append(model.prefix(batch.flip(-1) if flip else batch).to(torch.float16))
+        self.features = torch.cat(chunks)
+        self.targets = torch.cat([targets] * len(views))
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.features[index].float(), self.targets[index]
+
+
+def face_api_tarball(settings: Settings | None) -> bytes:
+    """The pinned face-api package (its weights start ``--model face-api``), from the model cache."""
+    from classlens.settings import load_settings
+    from model_export.cache import ModelCache
+    from model_export.manifest import get_spec
+
+    settings = settings or load_settings()
+    cache = ModelCache(settings.model_cache_dir, local_models_dir=settings.local_models_dir,
+                       index_url=settings.package_index_url)
+    return cache.url_source_bytes(get_spec("face-api-expression"))
+
+
+def class_weights(labels: np.ndarray, classes: int, weighting: ClassWeighting = "inverse") -> np.ndarray:
+    """Per-class loss weights, 0 for absent classes, averaging 1 over the samples.
+
+    ``inverse`` (``N / (classes_present · count)``) gives every present class the same total
+    weight, so FER2013's rare disgust (about 1.5 % of the rows) is not ignored; ``sqrt`` is
+    its square root, renormalised: it keeps rare classes alive without trading away as much
+    accuracy on the common ones; ``none`` weighs every sample alike.
     """
     counts = np.bincount(labels, minlength=classes).astype(np.float64)
     present = counts > 0
     weights = np.zeros(classes, np.float64)
     weights[present] = labels.size / (present.sum() * counts[present])
+    if weighting == "sqrt":
+        weights = np.sqrt(weights)
+    elif weighting == "none":
+        weights = present.astype(np.float64)
+    elif weighting != "inverse":
+        raise TrainingError(f"unknown class weighting {weighting!r}; choose one of {', '.join(CLASS_WEIGHTINGS)}")
+    weights[present] *= labels.size / float((weights[labels]).sum())
     return weights.astype(np.float32)
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Class-weighted cross-entropy against hard labels ``[N]`` or soft targets ``[N, C]``."""
+    if target.ndim == 1:
+        return torch.nn.functional.cross_entropy(logits, target, weight=weights)
+    per_class = -torch.log_softmax(logits, dim=1) * target * weights
+    return per_class.sum(dim=1).mean()
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -97,7 +166,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def train_emotion(
-    data_path: Path,
+    data_path: Path | Sequence[Path],
     out_dir: Path,
     *,
     family: str = "mini-xception",
@@ -111,17 +180,26 @@ def train_emotion(
     progress: bool = True,
     data: EmotionSet | None = None,
     on_epoch_end: EpochCallback | None = None,
+    class_weighting: ClassWeighting = "inverse",
+    fer2013_weight: float = 0.25,
 ) -> EmotionRun:
-    """Train an emotion model on a supported data set; write the run folder and its report.
+    """Train an emotion model on one or more supported data sets; write the run folder and its report.
 
-    ``data`` skips reading ``data_path`` (already loaded); ``on_epoch_end`` is passed to
-    :func:`training.loop.fit` (progress reporting, or stopping a run in tests).
+    Several data sets (e.g. FER+ and CK+) are combined, each keeping its own split or split
+    by subject. Sets with soft targets (FER+ votes) train on them; the others on one-hot
+    labels. ``data`` skips reading ``data_path`` (already loaded); ``on_epoch_end`` is passed
+    to :func:`training.loop.fit` (progress reporting, or stopping a run in tests).
     """
     config = config or TrainConfig()
     resolve_device(config.device)  # fail before the slow data loading when --device cuda has no GPU
     options = dict(model_options or {})
-    data = data if data is not None else load_emotion_data(
-        data_path, input_size, faces=faces, settings=settings, cache_dir=out_dir / "cache", progress=progress)
+    paths = [data_path] if isinstance(data_path, Path) else list(data_path)
+    if data is None:
+        data = concatenate_sets(
+            [load_emotion_data(path, input_size, faces=faces, settings=settings, cache_dir=out_dir / "cache",
+                               progress=progress, fer2013_weight=fer2013_weight) for path in paths],
+            val_fraction=val_fraction, test_fraction=test_fraction, seed=config.seed)
+    soft = data.targets is not None
     if data.dropped:
         logger.info("left out: %s", ", ".join(f"{count} {reason}" for reason, count in data.dropped.items()))
     splits = split_by_subject(data, val_fraction=val_fraction, test_fraction=test_fraction, seed=config.seed)
@@ -133,7 +211,9 @@ def train_emotion(
         model_kwargs={"family": family, "num_classes": len(EMOTION_LABELS), **options},
         labels=list(EMOTION_LABELS), input_spec=InputSpec(kind="image", channels=1, size=input_size),
         data_fingerprint=data.fingerprint(), seed=config.seed,
-        config={**config.to_dict(), "data": str(data_path.resolve()), "faces": faces, "input_size": input_size,
+        config={**config.to_dict(), "data": [str(path.resolve()) for path in paths], "faces": faces,
+                "input_size": input_size, "class_weighting": class_weighting, "soft_targets": soft,
+                "fer2013_weight": fer2013_weight,
                 "val_fraction": val_fraction, "test_fraction": test_fraction,
                 "split_sizes": {"train": len(train), "val": len(val), "test": len(test)},
                 "dropped": dict(data.dropped), "output_activation": "softmax"},
@@ -156,17 +236,30 @@ def train_emotion(
 
     seed_everything(config.seed)
     model = build_emotion_model(family, len(EMOTION_LABELS), **options)
-    weights = torch.from_numpy(class_weights(train.labels, len(EMOTION_LABELS)))
+    weights = torch.from_numpy(class_weights(train.labels, len(EMOTION_LABELS), class_weighting))
+    train_set: Dataset[tuple[torch.Tensor, torch.Tensor]] = EmotionTorchDataset(train, augment=True, soft_targets=soft)
+    val_set: Dataset[tuple[torch.Tensor, torch.Tensor]] | None = EmotionTorchDataset(val) if len(val) else None
+    if isinstance(model, FaceApiEmotionNet):
+        model.load_pretrained(face_api_tarball(settings))
+        # The frozen blocks' output is computed once per face (and its mirror image, the one
+        # augmentation that survives precomputing), in memory only; the head trains on it.
+        train_set = PrefixFeatureDataset(model, train, soft_targets=soft, mirrored=True, progress=progress)
+        val_set = PrefixFeatureDataset(model, val, soft_targets=False) if len(val) else None
+        model.from_features = True
 
     def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(output, target, weight=weights.to(output.device))
+        return soft_cross_entropy(output, target, weights.to(output.device))
 
     def metrics_fn(outputs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
         return classify_metrics(targets, outputs, EMOTION_LABELS).summary()
 
-    result = fit(model, EmotionTorchDataset(train, augment=True), EmotionTorchDataset(val) if len(val) else None,
-                 loss_fn, config, out_dir, metrics_fn=metrics_fn, progress=progress,
-                 on_epoch_end=on_epoch_end)
+    try:
+        result = fit(model, train_set, val_set,
+                     loss_fn, config, out_dir, metrics_fn=metrics_fn, progress=progress,
+                     on_epoch_end=on_epoch_end)
+    finally:
+        if isinstance(model, FaceApiEmotionNet):
+            model.from_features = False
     evaluations: dict[str, ClassificationMetrics] = {}
     subgroups: dict[str, ClassificationMetrics] = {}
     test_metrics = None

@@ -25,6 +25,7 @@ import numpy.typing as npt
 from classlens.types import EMOTION_LABELS
 from training.emotion_data import (
     FER_USAGE_SPLITS,
+    EmotionSet,
     FaceHandling,
     as_runtime_crop,
     iter_photo_crops,
@@ -90,30 +91,75 @@ def _runner_for(model: str, settings: Settings, scratch: Path) -> tuple[Any, str
     return EmotionRunner(resolved.path, preference="cpu"), f"{model} ({resolved.path})"
 
 
+FERPLUS_EVALUATION_SPLITS: dict[str, str] = {"PublicTest": "test", "test": "test", "Training": "train",
+                                              "train": "train"}
+"""``--split`` of a FER+ folder → its split; without one, FER+ is evaluated on PublicTest."""
+
+
+def _cropped_faces(rows: EmotionSet, wanted: str | None,
+                   dropped: Counter[str]) -> Iterator[tuple[str, int, str, npt.NDArray[np.uint8]]]:
+    """Rows of a set of pre-cropped faces (FER2013, FER+, CK+) framed as the runtime's crops."""
+    dropped.update(rows.dropped)
+    for index in range(len(rows)):
+        if wanted and rows.splits and rows.splits[index] != wanted:
+            continue
+        face = np.clip(np.rint(rows.inputs[index, 0]), 0, 255).astype(np.uint8)
+        yield rows.sources[index], int(rows.labels[index]), "", as_runtime_crop(face)
+
+
 def _labelled_crops(
     data: Path, *, faces: FaceHandling, settings: Settings, split: str | None, dropped: Counter[str],
     cache_dir: Path | None, progress: bool,
-) -> Iterator[tuple[int, str, npt.NDArray[np.uint8]]]:
-    """(class, subgroup, runtime crop) for every usable sample of the data set."""
-    if data.is_file() and data.suffix.lower() == ".csv":
-        from classlens.types import CROP_SIZE
-        from workers.runners import EmotionRunner
+) -> Iterator[tuple[str, int, str, npt.NDArray[np.uint8]]]:
+    """(sample id, class, subgroup, runtime crop) for every usable sample of the data set."""
+    from classlens.types import CROP_SIZE
+    from training.face_sets import is_ckplus_folder, is_ferplus_folder, read_ckplus, read_ferplus
+    from workers.runners import EmotionRunner
 
-        margin = round(CROP_SIZE * (1 - EmotionRunner.crop_fraction) / 2)
-        rows = read_fer2013_csv(data, CROP_SIZE - 2 * margin)
-        wanted = FER_USAGE_SPLITS.get(split or "", split)
-        for index in range(len(rows)):
-            if wanted and rows.splits[index] != wanted:
-                continue
-            face = np.clip(np.rint(rows.inputs[index, 0]), 0, 255).astype(np.uint8)
-            yield int(rows.labels[index]), "", as_runtime_crop(face)
+    # Pre-cropped faces fill exactly the runner's centred crop of the 112×112 crop.
+    inner = CROP_SIZE - 2 * round(CROP_SIZE * (1 - EmotionRunner.crop_fraction) / 2)
+    if data.is_file() and data.suffix.lower() == ".csv":
+        yield from _cropped_faces(read_fer2013_csv(data, inner), FER_USAGE_SPLITS.get(split or "", split), dropped)
+        return
+    if is_ferplus_folder(data):
+        wanted = FERPLUS_EVALUATION_SPLITS.get(split or "PublicTest")
+        if wanted is None:
+            raise TrainingError(f"--split of a FER+ folder is PublicTest or Training, not {split!r}")
+        yield from _cropped_faces(read_ferplus(data, inner, splits=(wanted,), progress=progress), wanted, dropped)
+        return
+    if is_ckplus_folder(data):
+        yield from _cropped_faces(read_ckplus(data, inner), None, dropped)
         return
     if not data.is_dir():
         raise TrainingError(f"{data}: expected a FER2013 CSV, a folder with labels.csv, or a folder per class")
     samples, _ = list_photo_samples(data)
     for sample, label, crop in iter_photo_crops(samples, faces=faces, settings=settings, cache_dir=cache_dir,
                                                 dropped=dropped, progress=progress):
-        yield label, sample.group, crop
+        yield str(sample.path.relative_to(data) if sample.path.is_relative_to(data) else sample.path), label, \
+            sample.group, crop
+
+
+def write_predictions(path: Path, identifiers: list[str], truth: npt.NDArray[np.int64],
+                      scores: npt.NDArray[np.float32], labels: tuple[str, ...]) -> None:
+    """``predictions.csv``: per sample its id, the true class, the predicted class and every probability."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["image", "true", "predicted", *(f"p_{label}" for label in labels)])
+    for identifier, true, row in zip(identifiers, truth.tolist(), scores.tolist(), strict=True):
+        writer.writerow([identifier, labels[true], labels[int(np.argmax(row))], *(f"{value:.6f}" for value in row)])
+    write_atomic(path, buffer.getvalue().encode())
+
+
+def headline(metrics: ClassificationMetrics) -> dict[str, float | None]:
+    """The figures ``evaluation.json`` puts at its top level: accuracy, UAR, macro-F1 (and AUC)."""
+    figures: dict[str, float | None] = {"accuracy": metrics.accuracy, "uar": metrics.uar,
+                                        "macro_f1": metrics.macro_f1, "count": float(metrics.count)}
+    if metrics.engaged_auc is not None:
+        figures["auc"] = metrics.engaged_auc
+    return figures
 
 
 def evaluate(
@@ -135,14 +181,16 @@ def evaluate(
 
     settings = settings or load_settings()
     dropped: Counter[str] = Counter()
+    identifiers: list[str] = []
     truth: list[int] = []
     groups: list[str] = []
     probabilities: list[npt.NDArray[np.float32]] = []
     with tempfile.TemporaryDirectory(prefix="classlens-eval-") as scratch:
         runner, description = _runner_for(model, settings, Path(scratch))
         pending: list[npt.NDArray[np.uint8]] = []
-        for label, group, crop in _labelled_crops(data, faces=faces, settings=settings, split=split,
-                                                  dropped=dropped, cache_dir=out_dir, progress=progress):
+        for identifier, label, group, crop in _labelled_crops(data, faces=faces, settings=settings, split=split,
+                                                              dropped=dropped, cache_dir=out_dir, progress=progress):
+            identifiers.append(identifier)
             truth.append(label)
             groups.append(group)
             pending.append(crop)
@@ -163,7 +211,11 @@ def evaluate(
             out_dir / "evaluation.html", f"Evaluation of {description}", evaluations={str(data): metrics},
             subgroups=subgroups, facts={"model": description, "data": str(data), "split": split or "all",
                                         "left out": dict(dropped) or "none"})
-        summary = {"model": description, "data": str(data), "split": split, "dropped": dict(dropped),
+        summary = {**headline(metrics), "task": "emotion", "model": description, "data": str(data), "split": split,
+                   "dropped": dict(dropped), "per_class_recall": dict(zip(metrics.labels, metrics.recall.tolist(),
+                                                                          strict=True)),
                    "metrics": metrics.to_dict(), "subgroups": {k: v.to_dict() for k, v in subgroups.items()}}
         write_atomic(out_dir / "evaluation.json", (json.dumps(summary, indent=2, default=float) + "\n").encode())
+        write_predictions(out_dir / "predictions.csv", identifiers, np.array(truth, np.int64), scores,
+                          EMOTION_LABELS)
     return result

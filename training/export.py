@@ -120,7 +120,9 @@ def default_parity_inputs(info: RunInfo, run_dir: Path, *, count: int = PARITY_S
             f"{run_dir}: no parity_inputs.npy and no emotion data recorded; pass real inputs for the parity check")
     from training.emotion_data import load_emotion_data
 
-    data = load_emotion_data(Path(data_path), spec.size, faces=info.config.get("faces", "detect"),
+    # Runs record one data path, or several (FER+ with CK+): the first one gives the samples.
+    first_path = data_path[0] if isinstance(data_path, list) else data_path
+    data = load_emotion_data(Path(first_path), spec.size, faces=info.config.get("faces", "detect"),
                              cache_dir=run_dir / "cache")
     step = max(1, len(data) // count)
     return data.inputs[::step][:count]
@@ -151,28 +153,29 @@ def weights_to_fp16(model: Any) -> None:
     onnx.checker.check_model(model)
 
 
-def export_run(
-    run_dir: Path,
-    name: str,
-    *,
-    cache_dir: Path,
-    fp16: bool = False,
-    parity_inputs: npt.NDArray[np.float32] | None = None,
-) -> ExportResult:
-    """Export a run's best model into the model cache under ``name``; see the module docstring."""
-    import hashlib
+@dataclass(frozen=True)
+class _CheckedExport:
+    """An exported ONNX model that passed the parity check, with what made it."""
 
+    data: bytes
+    wrapped: Any
+    info: RunInfo
+    difference: float
+    samples: int
+
+
+def _check_name(name: str) -> None:
+    if not name or any(c in name for c in "/\\") or name.startswith("."):
+        raise TrainingError(f"{name!r} is not a valid model name (no slashes, not hidden)")
+
+
+def _export_checked(run_dir: Path, *, fp16: bool, parity_inputs: npt.NDArray[np.float32] | None) -> _CheckedExport:
+    """The run's best model as ONNX bytes with metadata, checked against PyTorch on real inputs."""
     import onnx
     import onnxruntime
     import torch
     from onnx import helper
 
-    from model_export.manifest import MANIFEST, ModelSource, ModelSpec, register_local_model
-
-    if name in MANIFEST:
-        raise TrainingError(f"{name} is a packaged model's name; choose another --name")
-    if not name or any(c in name for c in "/\\") or name.startswith("."):
-        raise TrainingError(f"{name!r} is not a valid model name (no slashes, not hidden)")
     model, info = load_trained_model(run_dir)
     activation = str(info.config.get("output_activation", "softmax"))
     wrapped = _wrap_with_softmax(model, activation)
@@ -221,7 +224,27 @@ def export_run(
     tolerance = PARITY_TOLERANCE_FP16 if fp16 else PARITY_TOLERANCE
     if not difference <= tolerance:
         raise TrainingError(f"ONNX and PyTorch disagree by {difference:.2e} (> {tolerance:g}); not exported")
+    return _CheckedExport(data=data, wrapped=wrapped, info=info, difference=difference, samples=int(inputs.shape[0]))
 
+
+def export_run(
+    run_dir: Path,
+    name: str,
+    *,
+    cache_dir: Path,
+    fp16: bool = False,
+    parity_inputs: npt.NDArray[np.float32] | None = None,
+) -> ExportResult:
+    """Export a run's best model into the model cache under ``name``; see the module docstring."""
+    import hashlib
+
+    from model_export.manifest import MANIFEST, ModelSource, ModelSpec, register_local_model
+
+    if name in MANIFEST:
+        raise TrainingError(f"{name} is a packaged model's name; choose another --name")
+    _check_name(name)
+    checked = _export_checked(run_dir, fp16=fp16, parity_inputs=parity_inputs)
+    data, info, difference = checked.data, checked.info, checked.difference
     digest = hashlib.sha256(data).hexdigest()
     target = cache_dir.expanduser() / name
     write_atomic(target / "model.onnx", data)
@@ -243,4 +266,89 @@ def export_run(
         extra={"run_id": info.run_id, "data_fingerprint": info.data_fingerprint},
     ))
     return ExportResult(name=name, path=target / "model.onnx", sha256=digest, parity_max_abs_diff=difference,
-                        parity_samples=int(inputs.shape[0]), fp16=fp16, size_bytes=len(data))
+                        parity_samples=checked.samples, fp16=fp16, size_bytes=len(data))
+
+
+def _fingerprint_recipe(info: RunInfo) -> dict[str, Any]:
+    """What a card needs to recompute the run's data fingerprint from the data folders."""
+    if info.task == "emotion":
+        folders = info.config.get("data", [])
+        return {"kind": "emotion", "folders": [Path(str(folder)).name for folder in folders],
+                "fer2013_weight": info.config.get("fer2013_weight", 0.25)}
+    return {"kind": "engagement", "folders": [Path(str(folder)).name for folder in info.config.get("images", [])]}
+
+
+PROBE_SAMPLES = 4
+"""Inputs in a model card's parity probe."""
+
+CARD_TEMPLATE_FIELDS = ("summary", "data", "command", "licence", "notes")
+"""What a card template (written by a person, kept in ``training/cards/``) must give."""
+
+
+def ship_run(
+    run_dir: Path,
+    name: str,
+    folder: Path,
+    *,
+    template: Path,
+    evaluations: dict[str, Path],
+    fp16: bool = False,
+    parity_inputs: npt.NDArray[np.float32] | None = None,
+) -> Path:
+    """Write a run's model into ``folder`` as ``<name>.onnx`` with its model card; return the card's path.
+
+    The card (:class:`model_export.model_cards.ModelCard`) takes the words of ``template``
+    (summary, data and their terms, the reproducing command, licence, notes), the metrics
+    of each ``evaluation.json`` in ``evaluations`` (name → file, as ``classlens evaluate``
+    writes it), and adds what only the run knows: the data fingerprint, the architecture,
+    the training time, the file's sha256 and a parity probe of the training run's outputs.
+    """
+    import hashlib
+
+    import torch
+
+    from model_export.model_cards import CARD_SUFFIX, ModelCard, ParityProbe
+
+    _check_name(name)
+    try:
+        words = json.loads(template.read_text())
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"cannot read the card template {template}: {exc}") from None
+    missing = [key for key in CARD_TEMPLATE_FIELDS if key not in words]
+    if missing:
+        raise TrainingError(f"{template}: the card template lacks {', '.join(missing)}")
+    metrics: dict[str, dict[str, Any]] = {}
+    for evaluation_name, path in evaluations.items():
+        try:
+            metrics[evaluation_name] = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise TrainingError(f"cannot read the evaluation {path}: {exc}") from None
+    checked = _export_checked(run_dir, fp16=fp16, parity_inputs=parity_inputs)
+    info = checked.info
+    spec = info.input_spec
+    shape = ([PROBE_SAMPLES, spec.channels, spec.size, spec.size] if spec.kind == "image"
+             else [PROBE_SAMPLES, len(spec.features)])
+    probe = ParityProbe(seed=20261203, shape=shape, low=0.0, high=255.0 if spec.kind == "image" else 1.0, outputs=[])
+    with torch.no_grad():
+        expected = checked.wrapped(torch.from_numpy(probe.inputs())).numpy()
+    probe.outputs = [[round(float(value), 7) for value in row] for row in expected]
+    parameters = sum(int(p.numel()) for p in checked.wrapped.parameters())
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()] \
+        if (run_dir / "metrics.jsonl").is_file() else []
+    card = ModelCard(
+        name=name, role=info.task, summary=str(words["summary"]),
+        architecture=f"{info.model_family} {json.dumps(info.model_kwargs, sort_keys=True)}, "
+                     f"{parameters:,} parameters",
+        labels=list(info.labels), input_spec=spec.to_json(),
+        sha256=hashlib.sha256(checked.data).hexdigest(),
+        data=list(words["data"]), data_fingerprint=info.data_fingerprint, command=str(words["command"]),
+        metrics={"training run (validation, best epoch)": dict(info.metrics), **metrics},
+        licence=str(words["licence"]), parity=probe, fingerprint_recipe=_fingerprint_recipe(info),
+        training_seconds=round(sum(float(row.get("seconds", 0.0)) for row in history), 1),
+        notes=list(words["notes"]),
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / f"{name}.onnx", checked.data)
+    card_path = folder / f"{name}{CARD_SUFFIX}"
+    write_atomic(card_path, card.to_json().encode())
+    return card_path

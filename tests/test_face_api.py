@@ -1,0 +1,118 @@
+"""face-api's expression network: pinned download, rebuilt graph, parity, and the runtime's contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.conftest import MEDIA_DIR, require
+
+pytestmark = pytest.mark.network
+
+
+@pytest.fixture(scope="module")
+def face_api_tarball(model_cache_dir: Path) -> bytes:
+    """The pinned npm tarball, downloaded once into the shared model cache's archives."""
+    from classlens.errors import ModelSupplyError
+    from model_export.cache import ModelCache
+    from model_export.manifest import get_spec
+
+    try:
+        return ModelCache(model_cache_dir).url_source_bytes(get_spec("face-api-expression"))
+    except ModelSupplyError as exc:
+        require(False, f"needs the npm registry to download face-api once ({exc})")
+        raise
+
+
+def _face_crops() -> np.ndarray:
+    """RGB 112×112 centre crops of the labelled photos in ../shared/media."""
+    require(MEDIA_DIR.is_dir(), "needs ../shared/media")
+    crops = []
+    for name in ("0-f1-su-ph.jpg", "0-f15-hao-ph.jpg", "15-f13-anc-ph.jpg", "45-m7-di-ph.jpg"):
+        image = cv2.imread(str(MEDIA_DIR / name))
+        side = min(image.shape[:2])
+        top, left = (image.shape[0] - side) // 2, (image.shape[1] - side) // 2
+        square = image[top:top + side, left:left + side]
+        crops.append(cv2.cvtColor(cv2.resize(square, (112, 112), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB))
+    return np.stack(crops).transpose(0, 3, 1, 2).astype(np.float32)
+
+
+def test_a_tarball_with_another_hash_is_refused() -> None:
+    from classlens.errors import ModelSupplyError
+    from model_export.face_api import convert_face_api_expression
+
+    with pytest.raises(ModelSupplyError, match="sha256"):
+        convert_face_api_expression(b"not the face-api package")
+
+
+def test_the_onnx_graph_matches_the_numpy_reference_on_faces_and_noise(face_api_tarball: bytes) -> None:
+    import onnxruntime
+
+    from model_export.face_api import convert_face_api_expression, read_expression_weights, reference_forward
+
+    inputs = np.concatenate([_face_crops(), np.random.default_rng(0).uniform(0, 255, (2, 3, 112, 112))
+                             .astype(np.float32)])
+    session = onnxruntime.InferenceSession(convert_face_api_expression(face_api_tarball),
+                                           providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {"input": inputs})[0]
+    reference = reference_forward(read_expression_weights(face_api_tarball), inputs)
+    assert np.abs(onnx_out - reference).max() < 1e-5
+    assert np.allclose(onnx_out.sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.torch
+def test_the_torch_module_matches_the_onnx_graph(face_api_tarball: bytes) -> None:
+    import onnxruntime
+    import torch
+
+    from model_export.face_api import convert_face_api_expression
+    from training.face_api_net import build_face_api_expression_net
+
+    inputs = _face_crops()
+    session = onnxruntime.InferenceSession(convert_face_api_expression(face_api_tarball),
+                                           providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        torch_out = torch.softmax(build_face_api_expression_net(face_api_tarball)(torch.from_numpy(inputs)), 1)
+    assert np.abs(torch_out.numpy() - session.run(None, {"input": inputs})[0]).max() < 1e-5
+
+
+def test_the_runtime_model_gives_the_same_probabilities_in_the_products_class_order(face_api_tarball: bytes) -> None:
+    import onnxruntime
+
+    from classlens.types import EMOTION_LABELS
+    from model_export.face_api import (
+        FACE_API_EXPRESSION_LABELS,
+        FACE_API_TO_PRODUCT,
+        convert_face_api_expression,
+        convert_face_api_for_runtime,
+    )
+
+    inputs = _face_crops()
+    original = onnxruntime.InferenceSession(convert_face_api_expression(face_api_tarball),
+                                            providers=["CPUExecutionProvider"]).run(None, {"input": inputs})[0]
+    runtime = onnxruntime.InferenceSession(convert_face_api_for_runtime(face_api_tarball),
+                                           providers=["CPUExecutionProvider"]).run(None, {"input": inputs})[0]
+    for column, face_api_label in enumerate(FACE_API_EXPRESSION_LABELS):
+        product_column = EMOTION_LABELS.index(FACE_API_TO_PRODUCT[face_api_label])
+        assert np.allclose(runtime[:, product_column], original[:, column], atol=1e-6)
+
+
+def test_the_pulled_model_runs_in_the_workers_runner_and_reads_a_smile(face_api_tarball: bytes,
+                                                                       tmp_path: Path) -> None:
+    from classlens.types import EMOTION_LABELS
+    from model_export.cache import ModelCache
+    from workers.runners import EmotionRunner
+
+    archives = tmp_path / "from"
+    archives.mkdir()
+    (archives / "vladmandic-face-api-1.7.15.tgz").write_bytes(face_api_tarball)
+    cache = ModelCache(tmp_path / "cache")
+    path = cache.pull("face-api-expression", search_dirs=[archives], allow_download=False)
+    runner = EmotionRunner(path, preference="cpu")
+    assert (runner.size, runner.colour) == (112, "rgb")
+    happy = cv2.resize(cv2.imread(str(MEDIA_DIR / "0-f15-hao-ph.jpg")), (112, 112))
+    probabilities = runner.predict(happy[np.newaxis])
+    assert EMOTION_LABELS[int(probabilities[0].argmax())] == "happy"

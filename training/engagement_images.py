@@ -1,0 +1,489 @@
+"""Engagement from labelled face images: DAiSEE frames and any ``labels.csv`` folder of images.
+
+``classlens train engagement --images DIR --init EMOTION_RUN`` trains a frame model that the
+workers run on every face crop, and ``classlens evaluate MODEL --data DIR`` measures any
+engagement model (trained or the heuristic baseline) on such a folder, as the workers run it.
+
+**What the model sees is what the workers feed it.** Every image goes through the runtime's
+detector (its largest face), :func:`bot.geometry.align_face` to the 112×112 crop and
+:func:`bot.geometry.head_pose`; the five keypoints are cached as numbers in the run's
+``cache/`` folder, the crops are rebuilt in memory on every run. A feature model (the
+baseline) gets the runtime's feature rows (:func:`workers.inference.engagement_features`:
+head angles, emotion probabilities of the configured emotion model; eye cues are unknown
+without a landmark model), an image model gets the crop as its input spec says.
+
+**Splits.** A ``split`` column of ``Train``/``Validation``/``Test`` is honoured. Training uses
+Train; the best epoch is selected on a seeded slice of Train (``--selection-fraction``; DAiSEE
+frames carry no subject ids, so that slice is not subject-disjoint); Validation is the
+held-out test split, subject-disjoint from Train by DAiSEE's own construction, and is used for
+nothing but the final figures.
+
+**The model.** The trained emotion network (``--init``, a ``face-api`` emotion run) with a
+new four-level classifier: its frozen blocks are computed once per face, its last block and
+the classifier are fine-tuned with class weights (levels 0 and 1 are about 6 % of DAiSEE).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from classlens.types import ENGAGEMENT_LEVELS
+from training.run import TrainingError, data_fingerprint, write_atomic
+
+if TYPE_CHECKING:
+    import torch
+
+    from classlens.settings import Settings
+    from training.metrics import ClassificationMetrics
+
+logger = logging.getLogger(__name__)
+
+SPLIT_NAMES: dict[str, str] = {"train": "train", "validation": "test", "val": "test", "test": "heldout"}
+"""A ``split`` cell (lower case) → the split it plays here: DAiSEE's Validation is our test."""
+
+LEVEL_COLUMNS = ("engagement", "label", "level")
+"""Accepted names of the engagement level column (0–3)."""
+IMAGE_COLUMNS = ("path", "image")
+"""Accepted names of the image column (relative to the folder, or to ``images/``)."""
+
+
+@dataclass
+class EngagementImages:
+    """Aligned face crops of labelled images with their engagement level, in memory."""
+
+    crops: npt.NDArray[np.uint8]
+    """BGR crops ``[N, 112, 112, 3]`` aligned as the runtime aligns them."""
+    head_pose: npt.NDArray[np.float32]
+    """Yaw, pitch, roll ``[N, 3]`` in degrees from the five keypoints."""
+    levels: npt.NDArray[np.int64]
+    """Engagement level 0–3 ``[N]``."""
+    splits: list[str]
+    """train, test or heldout per sample (see :data:`SPLIT_NAMES`); train when the table has none."""
+    sources: list[str]
+    """Each image's path relative to its folder."""
+    dropped: Counter[str] = field(default_factory=Counter)
+    """Images left out, by reason."""
+    description: str = ""
+    """One line: which folder this is."""
+
+    def __len__(self) -> int:
+        return int(self.levels.shape[0])
+
+    def subset(self, indices: npt.NDArray[np.int64]) -> EngagementImages:
+        """The samples at ``indices``."""
+        pick = indices.tolist()
+        return EngagementImages(crops=self.crops[indices], head_pose=self.head_pose[indices],
+                                levels=self.levels[indices], splits=[self.splits[i] for i in pick],
+                                sources=[self.sources[i] for i in pick], description=self.description,
+                                rows_fingerprint=self.rows_fingerprint)
+
+    rows_fingerprint: str = ""
+    """sha256 over the labelled rows read (path, level, split), before any face detection."""
+
+    def indices(self, split: str) -> npt.NDArray[np.int64]:
+        """Indices of one split."""
+        return np.array([i for i, name in enumerate(self.splits) if name == split], np.int64)
+
+
+def _column(columns: dict[str, str], names: tuple[str, ...]) -> str | None:
+    return next((columns[name] for name in names if name in columns), None)
+
+
+def read_labelled_rows(folder: Path, splits: tuple[str, ...] | None,
+                       dropped: Counter[str]) -> list[tuple[str, int, str]]:
+    """(image name, level, split) of every usable row of a folder's ``labels.csv``; the rest counted in ``dropped``."""
+    table = folder / "labels.csv"
+    if not table.is_file():
+        raise TrainingError(f"{folder} has no labels.csv")
+    with table.open(newline="") as stream:
+        reader = csv.DictReader(stream)
+        columns = {name.strip().lower(): name for name in reader.fieldnames or []}
+        image_column, level_column = _column(columns, IMAGE_COLUMNS), _column(columns, LEVEL_COLUMNS)
+        if image_column is None or level_column is None:
+            raise TrainingError(f"{table}: needs an image column ({' or '.join(IMAGE_COLUMNS)}) and an engagement "
+                                f"column ({' or '.join(LEVEL_COLUMNS)}), has {reader.fieldnames}")
+        split_column = columns.get("split")
+        rows = list(reader)
+    wanted = []
+    for row in rows:
+        cell = (row.get(split_column, "") if split_column else "").strip()
+        split = SPLIT_NAMES.get(cell.lower() or "train")
+        if split is None:
+            dropped[f"unknown split {cell!r}"] += 1
+            continue
+        if splits is not None and split not in splits:
+            continue
+        try:
+            level = int(row[level_column].strip())
+        except ValueError:
+            level = -1
+        if not 0 <= level < len(ENGAGEMENT_LEVELS):
+            dropped[f"engagement label {row[level_column].strip()!r} outside 0-3"] += 1
+            continue
+        wanted.append((row[image_column].strip(), level, split))
+    if not wanted:
+        raise TrainingError(f"{table}: no usable row ({dict(dropped) or 'the split is empty'})")
+    return wanted
+
+
+def labelled_rows_fingerprint(folders: list[Path], splits: tuple[str, ...] | None = ("train", "test")) -> str:
+    """The data fingerprint of engagement image folders: their usable labelled rows, before detection."""
+    rows = [(f"{folder.name}/{name}", f"{level}:{split}") for folder in folders
+            for name, level, split in read_labelled_rows(folder, splits, Counter())]
+    return data_fingerprint(rows)
+
+
+def read_engagement_images(
+    folder: Path, *, settings: Settings, cache_dir: Path | None = None, splits: tuple[str, ...] | None = None,
+    progress: bool = False,
+) -> EngagementImages:
+    """Detect, align and pose every labelled image of a folder (see the module docstring).
+
+    ``splits`` keeps only those splits (``train``, ``test``); unreadable images, images
+    without a face and labels outside 0–3 are left out and counted.
+    """
+    dropped: Counter[str] = Counter()
+    wanted = read_labelled_rows(folder, splits, dropped)
+    return _read_rows(folder, wanted, settings=settings, cache_dir=cache_dir, progress=progress, dropped=dropped)
+
+
+def _read_rows(folder: Path, wanted: list[tuple[str, int, str]], *, settings: Settings, cache_dir: Path | None,
+               progress: bool, dropped: Counter[str] | None = None) -> EngagementImages:
+    """Detect, align and pose the given rows of a folder."""
+    from bot.geometry import align_face, head_pose
+    from training.emotion_data import KeypointCache, largest_face_keypoints, load_runtime_detector
+    from training.loop import progress_bar
+
+    dropped = dropped if dropped is not None else Counter()
+    detector, detector_name = load_runtime_detector(settings)
+    safe_name = re.sub(r"[^A-Za-z0-9_.-]", "_", detector_name)
+    cache = KeypointCache(cache_dir / f"keypoints-{safe_name}.json" if cache_dir else None)
+    crops, poses, levels, kept_splits, sources = [], [], [], [], []
+    try:
+        for name, level, split in progress_bar(wanted, "faces", enabled=progress):
+            path = folder / name
+            if not path.is_file() and (folder / "images" / name).is_file():
+                path = folder / "images" / name
+            raw = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if raw is None:
+                dropped["unreadable image"] += 1
+                continue
+            image = np.asarray(raw, np.uint8)
+            known, points = cache.get(path)
+            if not known:
+                found = largest_face_keypoints(detector, image)
+                points = found.tolist() if found is not None else None
+                cache.put(path, points)
+            if points is None:
+                dropped["no face found"] += 1
+                continue
+            keypoints = np.asarray(points, np.float32)
+            crops.append(align_face(image, keypoints))
+            poses.append(head_pose(keypoints, (image.shape[1], image.shape[0])))
+            levels.append(level)
+            kept_splits.append(split)
+            sources.append(name)
+    finally:
+        cache.save()
+    if not levels:
+        raise TrainingError(f"no usable face in {folder} ({dict(dropped)})")
+    return EngagementImages(
+        crops=np.stack(crops), head_pose=np.asarray(poses, np.float32), levels=np.array(levels, np.int64),
+        splits=kept_splits, sources=sources, dropped=dropped, description=f"engagement images {folder}",
+        rows_fingerprint=data_fingerprint((f"{folder.name}/{name}", f"{level}:{split}")
+                                          for name, level, split in wanted),
+    )
+
+
+# --- evaluation ------------------------------------------------------------------------
+
+
+@dataclass
+class EngagementEvaluation:
+    """Metrics of one engagement model on one labelled image folder."""
+
+    model: str
+    """The model as given, and what it resolved to."""
+    data: str
+    """The folder and split."""
+    metrics: ClassificationMetrics
+    """Accuracy, UAR, macro-F1, engaged-vs-not AUC, per level, confusion matrix."""
+    probabilities: npt.NDArray[np.float32]
+    """Level probabilities ``[N, 4]``."""
+    dropped: Counter[str] = field(default_factory=Counter)
+    """Images left out, by reason."""
+
+
+def engagement_probabilities(model_path: Path, data: EngagementImages, settings: Settings) -> npt.NDArray[np.float32]:
+    """Level probabilities the workers would give each face: features or crops, as the model asks."""
+    from workers.inference import engagement_features
+    from workers.runners import EmotionRunner, EngagementRunner
+
+    runner = EngagementRunner(model_path, preference="cpu")
+    emotions = None
+    if runner.input_kind != "image" and settings.emotion_inference:
+        from model_export.cache import ModelCache, resolve_model
+
+        cache = ModelCache(settings.model_cache_dir, local_models_dir=settings.local_models_dir,
+                           index_url=settings.package_index_url)
+        emotion = EmotionRunner(resolve_model(cache, settings.emotion_model).path, preference="cpu")
+        emotions = np.concatenate([emotion.predict(data.crops[start:start + 128])
+                                   for start in range(0, len(data), 128)])
+    features = engagement_features(data.head_pose, emotions, None, None)
+    return np.concatenate([runner.predict(features[start:start + 128], data.crops[start:start + 128])
+                           for start in range(0, len(data), 128)])
+
+
+def evaluate_engagement_images(
+    model: str, folder: Path, *, settings: Settings, split: str | None = None, out_dir: Path | None = None,
+    progress: bool = False,
+) -> EngagementEvaluation:
+    """Evaluate an engagement model (name, ONNX file or run folder) on a labelled image folder.
+
+    ``split`` is a ``split`` cell (``Validation``, ``Train``); without it every row counts.
+    With ``out_dir``, writes ``evaluation.json`` (``accuracy``, ``uar``, ``macro_f1``, ``auc``
+    at the top), ``predictions.csv`` and ``evaluation.html``.
+    """
+    import json
+    import tempfile
+
+    from model_export.cache import ModelCache, resolve_model
+    from training.evaluate import headline, write_predictions
+    from training.metrics import classify_metrics
+    from training.report import write_report
+    from training.run import RUN_JSON, RunInfo
+
+    wanted = None
+    if split is not None:
+        mapped = SPLIT_NAMES.get(split.strip().lower())
+        if mapped is None:
+            raise TrainingError(f"--split is Train, Validation or Test, not {split!r}")
+        wanted = (mapped,)
+    data = read_engagement_images(folder, settings=settings, cache_dir=out_dir, splits=wanted, progress=progress)
+    with tempfile.TemporaryDirectory(prefix="classlens-eval-") as scratch:
+        path = Path(model).expanduser()
+        if (path / RUN_JSON).is_file():
+            from training.export import export_run
+
+            info = RunInfo.load(path)
+            if info.task != "engagement":
+                raise TrainingError(f"{path} is a {info.task} run, not an engagement run")
+            exported = export_run(path, f"run-{info.run_id}", cache_dir=Path(scratch),
+                                  parity_inputs=parity_inputs_of(info, data))
+            model_path, description = exported.path, f"run {path} ({info.model_family}, {info.run_id})"
+        else:
+            cache = ModelCache(settings.model_cache_dir, local_models_dir=settings.local_models_dir,
+                               index_url=settings.package_index_url)
+            resolved = resolve_model(cache, model)
+            model_path, description = resolved.path, f"{model} ({resolved.path})"
+        probabilities = engagement_probabilities(model_path, data, settings)
+    metrics = classify_metrics(data.levels, probabilities, ENGAGEMENT_LEVELS, ordinal_levels=True)
+    result = EngagementEvaluation(model=description, data=f"{folder} ({split or 'all rows'})", metrics=metrics,
+                                  probabilities=probabilities, dropped=data.dropped)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_report(out_dir / "evaluation.html", f"Evaluation of {description}",
+                     evaluations={result.data: metrics},
+                     facts={"model": description, "data": result.data, "left out": dict(data.dropped) or "none"})
+        summary = {**headline(metrics), "task": "engagement", "model": description, "data": str(folder),
+                   "split": split, "dropped": dict(data.dropped),
+                   "per_class_recall": dict(zip(metrics.labels, metrics.recall.tolist(), strict=True)),
+                   "metrics": metrics.to_dict()}
+        write_atomic(out_dir / "evaluation.json", (json.dumps(summary, indent=2, default=float) + "\n").encode())
+        write_predictions(out_dir / "predictions.csv", data.sources, data.levels, probabilities, ENGAGEMENT_LEVELS)
+    return result
+
+
+def parity_inputs_of(info: Any, data: EngagementImages, count: int = 16) -> npt.NDArray[np.float32]:
+    """Real model inputs for an export's parity check, made in memory from the data's crops."""
+    from workers.runners import emotion_model_input
+
+    spec = info.input_spec
+    step = max(1, len(data) // count)
+    return emotion_model_input(data.crops[::step][:count], spec.size, crop_fraction=spec.crop_fraction,
+                               colour=spec.colour, value_range=spec.value_range)
+
+
+# --- training --------------------------------------------------------------------------
+
+
+@dataclass
+class EngagementImageRun:
+    """A finished engagement run on images."""
+
+    info: Any
+    """``run.json``."""
+    test: ClassificationMetrics | None
+    """The trained model on the held-out test split."""
+    baseline: ClassificationMetrics | None
+    """The configured default engagement model (the heuristic baseline) on the same split."""
+
+
+def train_engagement_images(
+    folders: list[Path], out_dir: Path, *, init: Path, settings: Settings, config: Any, frozen_blocks: int = 3,
+    selection_fraction: float = 0.15, class_weighting: str = "inverse", progress: bool = True,
+) -> EngagementImageRun:
+    """Train a frame engagement model from an emotion run on labelled image folders; evaluate it and the baseline."""
+    import torch
+
+    from training.emotion_models import MODEL_FACTORY, FaceApiEmotionNet
+    from training.emotion_train import PrefixFeatureDataset, class_weights
+    from training.loop import fit, predict, resolve_device, seed_everything
+    from training.metrics import classify_metrics
+    from training.report import write_report
+    from training.run import REPORT, InputSpec, RunInfo, load_trained_model
+
+    resolve_device(config.device)
+    emotion, emotion_info = load_trained_model(init)
+    if not isinstance(emotion, FaceApiEmotionNet) or emotion_info.input_spec.kind != "image":
+        raise TrainingError(f"--init {init} must be a face-api emotion run (classlens train emotion --model face-api)")
+    size = emotion_info.input_spec.size
+    sets = [read_engagement_images(folder, settings=settings, cache_dir=out_dir / "cache", splits=("train", "test"),
+                                   progress=progress) for folder in folders]
+    data = _concatenate(sets)
+    train_all, test = data.indices("train"), data.indices("test")
+    rng = np.random.default_rng(config.seed)
+    shuffled = rng.permutation(train_all)
+    cut = round(len(shuffled) * selection_fraction)
+    selection, train = np.sort(shuffled[:cut]), np.sort(shuffled[cut:])
+    if len(train) == 0:
+        raise TrainingError("the training split is empty")
+    spec = InputSpec(kind="image", channels=1, size=size, colour="grey", value_range="0-255",
+                     crop_fraction=emotion_info.input_spec.crop_fraction)
+    info = RunInfo(
+        task="engagement", model_family="face-api", model_factory=MODEL_FACTORY,
+        model_kwargs={"family": "face-api", "num_classes": len(ENGAGEMENT_LEVELS), "frozen_blocks": frozen_blocks},
+        labels=list(ENGAGEMENT_LEVELS), input_spec=spec, seed=config.seed,
+        data_fingerprint=labelled_rows_fingerprint(folders),
+        config={**config.to_dict(), "images": [str(folder.resolve()) for folder in folders],
+                "init": str(init.resolve()),
+                "init_run_id": emotion_info.run_id, "selection_fraction": selection_fraction,
+                "class_weighting": class_weighting,
+                "split_sizes": {"train": len(train), "selection": len(selection), "test": len(test)},
+                "dropped": dict(data.dropped), "output_activation": "softmax"},
+        data_description=data.description,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info.save(out_dir)
+
+    seed_everything(config.seed)
+    model = FaceApiEmotionNet(len(ENGAGEMENT_LEVELS), frozen_blocks=frozen_blocks)
+    state = {key: value for key, value in emotion.state_dict().items() if not key.startswith("network.fc.")}
+    model.load_state_dict(state, strict=False)
+    for block in model.network.dense[:frozen_blocks]:
+        block.requires_grad_(False)
+    inputs = _model_inputs(data, spec)
+    sets_for = {name: _as_emotion_set(inputs, data, indices) for name, indices in
+                (("train", train), ("selection", selection), ("test", test))}
+    train_set = PrefixFeatureDataset(model, sets_for["train"], soft_targets=False, mirrored=True, progress=progress)
+    selection_set = PrefixFeatureDataset(model, sets_for["selection"], soft_targets=False) if len(selection) else None
+    weights = torch.from_numpy(class_weights(data.levels[train], len(ENGAGEMENT_LEVELS),
+                                             class_weighting))  # type: ignore[arg-type]
+
+    def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(output, target, weight=weights.to(output.device))
+
+    def metrics_fn(outputs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+        return classify_metrics(targets, _softmax(outputs), ENGAGEMENT_LEVELS, ordinal_levels=True).summary()
+
+    model.from_features = True
+    try:
+        result = fit(model, train_set, selection_set, loss_fn, config, out_dir, metrics_fn=metrics_fn,
+                     progress=progress)
+        test_metrics = None
+        if len(test):
+            outputs, targets = predict(model, PrefixFeatureDataset(model, sets_for["test"], soft_targets=False))
+            test_metrics = classify_metrics(targets, _softmax(outputs), ENGAGEMENT_LEVELS, ordinal_levels=True)
+    finally:
+        model.from_features = False
+    baseline = None
+    if len(test):
+        from model_export.cache import ModelCache, resolve_model
+
+        cache = ModelCache(settings.model_cache_dir, local_models_dir=settings.local_models_dir,
+                           index_url=settings.package_index_url)
+        baseline_path = resolve_model(cache, settings.engagement_model).path
+        baseline_probabilities = engagement_probabilities(baseline_path, data.subset(test), settings)
+        baseline = classify_metrics(data.levels[test], baseline_probabilities, ENGAGEMENT_LEVELS, ordinal_levels=True)
+    info.metrics = {"best_epoch": result.best_epoch,
+                    **{f"selection_{k[4:]}": v for k, v in result.best_metrics.items() if k.startswith("val_")}}
+    if test_metrics is not None:
+        info.metrics.update({f"test_{k}": v for k, v in test_metrics.summary().items()})
+    if baseline is not None:
+        info.metrics.update({f"baseline_test_{k}": v for k, v in baseline.summary().items()})
+    info.save(out_dir)
+    evaluations = {name: metrics for name, metrics in (("test (trained model)", test_metrics),
+                                                       (f"test ({settings.engagement_model})", baseline))
+                   if metrics is not None}
+    write_report(out_dir / REPORT, f"Engagement run {info.run_id}: face-api frame model", history=result.history,
+                 evaluations=evaluations,
+                 facts={"data": data.description, "data fingerprint": info.data_fingerprint,
+                        "split sizes (train/selection/test)": f"{len(train)}/{len(selection)}/{len(test)}",
+                        "left out": dict(data.dropped) or "none", "initialised from": str(init),
+                        "best epoch": result.best_epoch})
+    return EngagementImageRun(info=info, test=test_metrics, baseline=baseline)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exponent = np.exp(shifted)
+    return exponent / exponent.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
+
+
+def _concatenate(sets: list[EngagementImages]) -> EngagementImages:
+    if len(sets) == 1:
+        return sets[0]
+    dropped: Counter[str] = Counter()
+    for data in sets:
+        dropped.update({f"{data.description}: {reason}": count for reason, count in data.dropped.items()})
+    return EngagementImages(
+        crops=np.concatenate([d.crops for d in sets]), head_pose=np.concatenate([d.head_pose for d in sets]),
+        levels=np.concatenate([d.levels for d in sets]), splits=[s for d in sets for s in d.splits],
+        sources=[f"{d.description}:{s}" for d in sets for s in d.sources], dropped=dropped,
+        description=" + ".join(d.description for d in sets))
+
+
+def _model_inputs(data: EngagementImages, spec: Any) -> npt.NDArray[np.float32]:
+    from workers.runners import emotion_model_input
+
+    return np.concatenate([
+        emotion_model_input(data.crops[start:start + 256], spec.size, crop_fraction=spec.crop_fraction,
+                            colour=spec.colour, value_range=spec.value_range)
+        for start in range(0, len(data), 256)])
+
+
+def _as_emotion_set(inputs: npt.NDArray[np.float32], data: EngagementImages, indices: npt.NDArray[np.int64]) -> Any:
+    """The engagement samples in the shape the shared prefix-feature code reads."""
+    from training.emotion_data import EmotionSet
+
+    return EmotionSet(inputs=inputs[indices], labels=data.levels[indices],
+                      subjects=[data.sources[i] for i in indices.tolist()],
+                      sources=[data.sources[i] for i in indices.tolist()])
+
+
+def run_parity_inputs(run_dir: Path, settings: Settings, count: int = 16) -> npt.NDArray[np.float32]:
+    """Real inputs for exporting an ``--images`` engagement run: crops rebuilt in memory from its data.
+
+    The first ``count`` usable images of the run's first folder are detected and aligned
+    again (keypoints come from the run's cache), so no pixels are ever stored with a run.
+    """
+    from training.run import CACHE_DIR, RunInfo
+
+    info = RunInfo.load(run_dir)
+    folders = [Path(str(folder)) for folder in info.config.get("images", [])]
+    if not folders:
+        raise TrainingError(f"{run_dir} is not an engagement run on images")
+    dropped: Counter[str] = Counter()
+    rows = read_labelled_rows(folders[0], None, dropped)[: count * 2]
+    sample = _read_rows(folders[0], rows, settings=settings, cache_dir=run_dir / CACHE_DIR, progress=False)
+    return parity_inputs_of(info, sample.subset(np.arange(min(count, len(sample)), dtype=np.int64)), count)
