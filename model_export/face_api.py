@@ -127,10 +127,10 @@ def verify_tarball(tarball_bytes: bytes) -> None:
     if digest != FACE_API_TARBALL_SHA256:
         raise ModelSupplyError(
             f"{FACE_API_PACKAGE} tarball has sha256 {digest}, expected {FACE_API_TARBALL_SHA256}; "
-            f"fetch it again with `npm pack {FACE_API_PACKAGE}`")
+            "pull it again (`classlens models pull face-api-expression`) or import the original file")
 
 
-def _read_members(tarball_bytes: bytes, names: Sequence[str]) -> dict[str, bytes]:
+def read_members(tarball_bytes: bytes, names: Sequence[str]) -> dict[str, bytes]:
     """Read the named regular files from a .tgz held in memory (nothing touches the disk)."""
     found: dict[str, bytes] = {}
     try:
@@ -153,7 +153,7 @@ def _read_members(tarball_bytes: bytes, names: Sequence[str]) -> dict[str, bytes
 def read_expression_weights(tarball_bytes: bytes) -> Weights:
     """Verify the tarball and return the expression network's dequantised, validated weights."""
     verify_tarball(tarball_bytes)
-    manifest_bytes = _read_members(tarball_bytes, [MANIFEST_MEMBER])[MANIFEST_MEMBER]
+    manifest_bytes = read_members(tarball_bytes, [MANIFEST_MEMBER])[MANIFEST_MEMBER]
     try:
         manifest = json.loads(manifest_bytes)
     except ValueError as error:
@@ -163,7 +163,7 @@ def read_expression_weights(tarball_bytes: bytes) -> Weights:
     # The manifest names its weight files relative to its own folder, as TFJS resolves them.
     folder = posixpath.dirname(MANIFEST_MEMBER)
     paths = [posixpath.join(folder, path) for group in manifest for path in _group_paths(group)]
-    files = _read_members(tarball_bytes, paths)
+    files = read_members(tarball_bytes, paths)
     if len(files.get(WEIGHTS_MEMBER, b"")) != WEIGHTS_SIZE:
         raise ModelSupplyError(f"{WEIGHTS_MEMBER} is not the {WEIGHTS_SIZE}-byte file of {FACE_API_PACKAGE}")
     weights: Weights = {}
@@ -243,19 +243,23 @@ def expected_weight_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_expression_weights(weights: Mapping[str, Float32Array]) -> None:
-    """Raise :class:`ModelSupplyError` unless the weights are exactly the expected set and shapes."""
-    expected = expected_weight_shapes()
+def check_weights(weights: Mapping[str, Float32Array], expected: Mapping[str, tuple[int, ...]], network: str) -> None:
+    """Raise :class:`ModelSupplyError` unless ``weights`` are exactly the ``expected`` names and shapes, finite."""
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
     if missing or extra:
-        raise ModelSupplyError(f"face-api expression weights: missing {missing}, unexpected {extra}")
+        raise ModelSupplyError(f"face-api {network} weights: missing {missing}, unexpected {extra}")
     for name, shape in expected.items():
         if tuple(weights[name].shape) != shape:
-            raise ModelSupplyError(f"face-api expression weight {name} has shape {weights[name].shape}, "
+            raise ModelSupplyError(f"face-api {network} weight {name} has shape {weights[name].shape}, "
                                    f"expected {shape}")
         if not np.all(np.isfinite(weights[name])):
-            raise ModelSupplyError(f"face-api expression weight {name} is not finite")
+            raise ModelSupplyError(f"face-api {network} weight {name} is not finite")
+
+
+def check_expression_weights(weights: Mapping[str, Float32Array]) -> None:
+    """Raise :class:`ModelSupplyError` unless the weights are exactly the expected set and shapes."""
+    check_weights(weights, expected_weight_shapes(), "expression")
 
 
 def parameter_count(weights: Mapping[str, Float32Array]) -> int:
@@ -267,7 +271,7 @@ def parameter_count(weights: Mapping[str, Float32Array]) -> int:
 # ONNX graph
 # ---------------------------------------------------------------------------------------
 
-class _GraphBuilder:
+class GraphBuilder:
     """Collects ONNX nodes and initialisers with unique, readable names."""
 
     def __init__(self) -> None:
@@ -302,6 +306,35 @@ class _GraphBuilder:
         return self.node("Conv", inputs, name, kernel_shape=[kernel, kernel], strides=[stride, stride],
                          pads=pads, group=groups, dilations=[1, 1])
 
+    def normalised_input(self) -> str:
+        """face-api's input normalisation of :data:`INPUT_NAME`: ``(x - MEAN_RGB) / 255``.
+
+        Sub then Div (not a folded Mul by 1/255), in the order face-api applies them, so the
+        float32 results match its tensors to the last bit. It is not folded into the first
+        convolution because that convolution's zero padding lives in normalised space.
+        """
+        mean = np.asarray(MEAN_RGB, dtype=np.float32).reshape(1, 3, 1, 1)
+        x = self.node("Sub", [INPUT_NAME, self.constant("mean_rgb", mean)], "centred")
+        return self.node("Div", [x, self.constant("divisor", np.asarray(INPUT_DIVISOR, dtype=np.float32))],
+                         "normalised")
+
+    def finish(self, name: str, input_size: int, output: str, output_size: int, *, doc: str,
+               properties: Mapping[str, str]) -> onnx.ModelProto:
+        """The checked model: input ``[N, 3, S, S]``, one output ``[N, output_size]``, the source in its metadata."""
+        graph = helper.make_graph(
+            self.nodes, name,
+            [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 3, input_size, input_size])],
+            [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["N", output_size])],
+            initializer=self.initializers,
+        )
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], producer_name=_PRODUCER_NAME,
+            producer_version=_PRODUCER_VERSION, ir_version=ONNX_IR_VERSION, doc_string=doc)
+        helper.set_model_props(model, {
+            **properties, "source": f"npm:{FACE_API_PACKAGE} sha256:{FACE_API_TARBALL_SHA256}"})
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
     def separable(self, x: str, prefix: str, weights: Mapping[str, Float32Array], stride: int) -> str:
         """``depthwiseSeparableConv``: depthwise 3×3 (no bias), pointwise 1×1, plus bias."""
         depthwise = weights[f"{prefix}/depthwise_filter"]  # [3, 3, C, 1]
@@ -314,14 +347,8 @@ class _GraphBuilder:
 def build_face_api_expression_onnx(weights: Mapping[str, Float32Array]) -> onnx.ModelProto:
     """Build the checked ONNX model of face-api's expression network from its weights."""
     check_expression_weights(weights)
-    graph = _GraphBuilder()
-    # Sub then Div (not a folded Mul by 1/255), in the order face-api applies them, so the
-    # float32 results match its tensors to the last bit. The normalisation is not folded
-    # into the first convolution because its zero padding lives in normalised space.
-    mean = np.asarray(MEAN_RGB, dtype=np.float32).reshape(1, 3, 1, 1)
-    x = graph.node("Sub", [INPUT_NAME, graph.constant("mean_rgb", mean)], "centred")
-    x = graph.node("Div", [x, graph.constant("divisor", np.asarray(INPUT_DIVISOR, dtype=np.float32))],
-                   "normalised")
+    graph = GraphBuilder()
+    x = graph.normalised_input()
     for block in range(len(DENSE_BLOCK_CHANNELS)):
         prefix = f"dense{block}"
         if block == 0:
@@ -348,25 +375,11 @@ def build_face_api_expression_onnx(weights: Mapping[str, Float32Array]) -> onnx.
                             graph.constant("fc/bias", weights["fc/bias"])], "logits")
     graph.node("Softmax", [x], OUTPUT_NAME, axis=-1)
 
-    classes = len(FACE_API_EXPRESSION_LABELS)
-    onnx_graph = helper.make_graph(
-        graph.nodes, "face_api_expression",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 3, INPUT_SIZE, INPUT_SIZE])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", classes])],
-        initializer=graph.initializers,
-    )
-    model = helper.make_model(
-        onnx_graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
-        producer_name=_PRODUCER_NAME, producer_version=_PRODUCER_VERSION, ir_version=ONNX_IR_VERSION,
-        doc_string=f"face-api expression network from {FACE_API_PACKAGE} (MIT); input RGB 0-255 NCHW; "
-                   f"labels {','.join(FACE_API_EXPRESSION_LABELS)}",
-    )
-    labels = model.metadata_props.add()
-    labels.key, labels.value = "labels", json.dumps(list(FACE_API_EXPRESSION_LABELS))
-    source = model.metadata_props.add()
-    source.key, source.value = "source", f"npm:{FACE_API_PACKAGE} sha256:{FACE_API_TARBALL_SHA256}"
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return graph.finish(
+        "face_api_expression", INPUT_SIZE, OUTPUT_NAME, len(FACE_API_EXPRESSION_LABELS),
+        doc=f"face-api expression network from {FACE_API_PACKAGE} (MIT); input RGB 0-255 NCHW; "
+            f"labels {','.join(FACE_API_EXPRESSION_LABELS)}",
+        properties={"labels": json.dumps(list(FACE_API_EXPRESSION_LABELS))})
 
 
 def convert_face_api_expression(tarball_bytes: bytes) -> bytes:

@@ -116,3 +116,49 @@ def test_the_pulled_model_runs_in_the_workers_runner_and_reads_a_smile(face_api_
     happy = cv2.resize(cv2.imread(str(MEDIA_DIR / "0-f15-hao-ph.jpg")), (112, 112))
     probabilities = runner.predict(happy[np.newaxis])
     assert EMOTION_LABELS[int(probabilities[0].argmax())] == "happy"
+
+
+def _t1_descriptors_inputs(insightface_images: Path, default_models: Path) -> np.ndarray:
+    """face-api's 150×150 inputs for the six faces of t1.jpg, and for their mirror images."""
+    from classlens.settings import Settings
+    from model_export.face_api_recognition import face_api_descriptor_box, face_api_input
+    from training.emotion_data import load_runtime_detector
+
+    detector, _ = load_runtime_detector(Settings(model_cache_dir=default_models, execution_provider="cpu"))
+    from bot.sources import VideoFrame
+
+    image = cv2.imread(str(insightface_images / "t1.jpg"))
+    detections = detector.detect(VideoFrame(image=image, timestamp=0.0, stream="t1"))
+    rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    inputs = []
+    for points in detections.keypoints:
+        mouth = tuple((points[3] + points[4]) / 2)
+        x, y, width, height = face_api_descriptor_box(tuple(points[0]), tuple(points[1]), mouth,  # type: ignore[arg-type]
+                                                      image.shape[1], image.shape[0])
+        face = rgb[y:y + height, x:x + width]
+        inputs += [face_api_input(face), face_api_input(np.ascontiguousarray(face[:, ::-1]))]
+    return np.stack(inputs)
+
+
+@pytest.mark.media
+def test_the_recognition_graph_matches_its_reference_and_tells_people_apart(
+        face_api_tarball: bytes, insightface_images: Path, default_models: Path) -> None:
+    import onnxruntime
+
+    from model_export.face_api_recognition import (
+        convert_face_api_recognition,
+        read_recognition_weights,
+        reference_forward,
+    )
+
+    inputs = _t1_descriptors_inputs(insightface_images, default_models)
+    assert inputs.shape == (12, 3, 150, 150)
+    session = onnxruntime.InferenceSession(convert_face_api_recognition(face_api_tarball),
+                                           providers=["CPUExecutionProvider"])
+    descriptors = session.run(None, {"input": inputs})[0]
+    assert np.abs(descriptors - reference_forward(read_recognition_weights(face_api_tarball), inputs)).max() < 1e-5
+    faces, mirrored = descriptors[0::2], descriptors[1::2]
+    distances = np.linalg.norm(faces[:, None] - mirrored[None], axis=2)
+    # Each face is nearest to its own mirror image, under face-api's 0.6 match threshold.
+    assert (distances.argmin(axis=1) == np.arange(6)).all()
+    assert (np.diag(distances) < 0.6).all()
