@@ -227,6 +227,9 @@ class _Pending:
     frame: av.VideoFrame
     class_time: float
     arrived: float  # time.monotonic() at arrival, for latency
+    # Class time since which this feed's slot has waited for the analyser: a frame that
+    # replaces a dropped one inherits it, so the lag counts the backlog, not the newest frame's age.
+    waiting_since: float
 
 
 class _Stream:
@@ -475,10 +478,13 @@ class LiveSession:
                 if slot < stream.next_slot:
                     continue
                 stream.next_slot = slot + 1
+                waiting_since = now
                 if participant.queue.qsize() >= capacity:
-                    participant.queue.get_nowait()
+                    dropped = participant.queue.get_nowait()
+                    if dropped is not None:
+                        waiting_since = dropped.waiting_since
                     stats.frames_dropped += 1
-                participant.queue.put_nowait(_Pending(frame, now, time.monotonic()))
+                participant.queue.put_nowait(_Pending(frame, now, time.monotonic(), waiting_since))
         except MediaStreamError:
             if self._participants.get(participant.participant_id) is participant:
                 del self._participants[participant.participant_id]
@@ -511,7 +517,7 @@ class LiveSession:
         assert self._components is not None and self._dispatcher is not None
         if self._stopping:
             return
-        lag = self.class_time() - pending.class_time
+        lag = self.class_time() - pending.waiting_since
         if lag > self.settings.live_behind_seconds and pending.class_time - self._last_behind_warning >= \
                 BEHIND_WARNING_INTERVAL:
             # One warning per interval for the whole session: when the bot falls behind, every feed does.

@@ -276,6 +276,7 @@ def models_list() -> None:
             source = spec.source
             origin = {"archive": source.requirement, "local": f"local: {source.filename}",
                       "url": source.url, "built": "built by ClassLens",
+                      "packaged": "trained by ClassLens, in the package (with a model card)",
                       "trained": "exported from a training run"}[source.kind]
             table.add_row(spec.name, spec.role, "yes" if status.present else "no", origin, spec.licence,
                           "heuristic baseline" if spec.heuristic else "")

@@ -84,12 +84,18 @@ class Settings(BaseSettings):
         ),
     )
     emotion_model: str = Field(
-        default="fer-mini-xception",
-        description="Emotion model: a manifest name or a path to an ONNX file with 7 FER2013 outputs.",
+        default="classlens-emotion-v1",
+        description=(
+            "Emotion model: a manifest name or a path to an ONNX file with the 7 emotion outputs. The default "
+            "is ClassLens's own, trained on FER+ and CK+ and shipped in the package (docs/models.md)."
+        ),
     )
     engagement_model: str = Field(
-        default="engagement-baseline-v1",
-        description="Engagement model over attention cues and emotion probabilities (manifest name or ONNX path).",
+        default="classlens-engagement-v1",
+        description=(
+            "Engagement model (manifest name or ONNX path). The default is ClassLens's own, trained on DAiSEE "
+            "frames and shipped in the package; 'engagement-baseline-v1' is the heuristic baseline."
+        ),
     )
     landmark_model: str | None = Field(
         default=None,
@@ -381,6 +387,16 @@ class Settings(BaseSettings):
                 object.__setattr__(self, field_name, selection[role])
         return self
 
+    # The trained engagement model reads the face crop with a network grown from an emotion
+    # model, so it reads expressions too. With emotion inference off, the default becomes the
+    # baseline that uses head pose and eye cues only; an explicit choice still wins.
+    @model_validator(mode="after")
+    def _engagement_without_emotion(self) -> Settings:
+        if (not self.emotion_inference and "engagement_model" not in self.model_fields_set
+                and self.engagement_model == ENGAGEMENT_MODEL_READING_EXPRESSIONS):
+            object.__setattr__(self, "engagement_model", ENGAGEMENT_MODEL_WITHOUT_EMOTION)
+        return self
+
     @property
     def resolved_database_url(self) -> str:
         """The store URL, with the SQLite default under ``data_dir`` filled in."""
@@ -393,6 +409,11 @@ class Settings(BaseSettings):
         """Where reports go when no ``--out`` is given."""
         return self.reports_dir or self.data_dir / "reports"
 
+
+#: The default engagement model, which reads expressions from the face crop.
+ENGAGEMENT_MODEL_READING_EXPRESSIONS = "classlens-engagement-v1"
+#: The engagement model used by default when emotion inference is off: head pose and eye cues only.
+ENGAGEMENT_MODEL_WITHOUT_EMOTION = "engagement-baseline-v1"
 
 #: File in the model cache that `classlens models use` writes: {"emotion": NAME, "engagement": NAME}.
 MODEL_SELECTION_FILE = "model_selection.json"

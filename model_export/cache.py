@@ -168,7 +168,7 @@ class ModelCache:
             raise ModelSupplyError(f"{folder} is not a folder")
         imported = []
         for name, spec in MANIFEST.items():
-            if spec.source.kind == "built":
+            if spec.source.kind in ("built", "packaged"):  # nothing of theirs comes from a folder
                 continue
             try:
                 self.pull(name, search_dirs=[folder], allow_download=False)

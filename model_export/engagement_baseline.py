@@ -56,8 +56,10 @@ ENGAGEMENT_LEVELS: tuple[str, ...] = ("very low", "low", "high", "very high")
 """Output columns: DAiSEE's engagement levels 0–3."""
 
 BASELINE_DESCRIPTION: str = (
-    "The default engagement model is a transparent heuristic baseline. It is NOT trained "
-    "on DAiSEE or on any other data set, and its accuracy on DAiSEE is unknown. It starts "
+    "This engagement model is a transparent heuristic baseline. It is NOT trained on DAiSEE "
+    "or on any other data set. On DAiSEE Validation frames it scored a balanced accuracy of "
+    "0.24 over the four levels (chance is 0.25) and an AUC of 0.57 for engaged against not "
+    "engaged; it almost always says 'very high'. It starts "
     "every face at the top of DAiSEE's four engagement levels (0 very low, 1 low, 2 high, "
     "3 very high) and subtracts points for cues of disengagement: the head turned sideways "
     "by more than 20 degrees (up to 1.5 points, reached at 45 degrees), the head tilted up "
@@ -67,8 +69,7 @@ BASELINE_DESCRIPTION: str = (
     "subtract at most 0.3 points; with it off, emotions play no part. The score becomes "
     "probabilities of the four levels through a smooth ordinal step at 0.5, 1.5 and 2.5. "
     "All constants are stated judgement calls, not fitted values; read its levels as a "
-    "rough signal of attention, and replace the model with one trained on DAiSEE where "
-    "that is possible."
+    "rough signal of attention; the trained classlens-engagement-v1 measured better."
 )
 """A paragraph for the model manifest and reports, saying plainly what this model is."""
 

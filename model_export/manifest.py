@@ -169,6 +169,44 @@ MANIFEST: dict[str, ModelSpec] = {
             input_spec="[N,1,64,64] grey pixel values 0-255 (normalisation folded in)",
         ),
         ModelSpec(
+            name="classlens-emotion-v1",
+            role="emotion",
+            source=ModelSource(
+                kind="packaged",
+                sha256="8ab7c4bc0071f19efd320fbb594e7067a6dceb290d319b9d120a83b89fb894b9",
+            ),
+            conversion="none",
+            licence="research use only, non-commercial (trained on FER2013/FER+ and CK+; face-api start: MIT)",
+            description=(
+                "Emotion model trained by ClassLens: face-api's expression network fine-tuned on FER+ crowd "
+                "votes and CK+ (model card: model_export/packaged/classlens-emotion-v1.card.json). Measured on "
+                "data it was not trained or selected on: 0.76 accuracy (0.72 balanced) on FER+ PublicTest, "
+                "0.59 accuracy (0.45 balanced) on web photos of another collection; fear and disgust are "
+                "rarely right. An expression is not a feeling: read it as a weak cue."
+            ),
+            labels=EMOTION_LABELS,
+            input_spec="[N,1,112,112] grey pixel values 0-255 (normalisation folded in)",
+        ),
+        ModelSpec(
+            name="classlens-engagement-v1",
+            role="engagement",
+            source=ModelSource(
+                kind="packaged",
+                sha256="8899be6ccd0381bac946e4e822ed84c7e83e67f18f58c7e0a125c47a04d76c59",
+            ),
+            conversion="none",
+            licence="academic research use only, non-commercial (trained on DAiSEE; FER2013, CK+)",
+            description=(
+                "Engagement model trained by ClassLens on one webcam frame per DAiSEE clip, starting from its "
+                "emotion model (model card: model_export/packaged/classlens-engagement-v1.card.json). On "
+                "DAiSEE Validation frames (students it never saw) it scored 0.33 balanced accuracy over the "
+                "four levels (chance 0.25) and 0.62 AUC for engaged against not engaged; the heuristic "
+                "baseline scored 0.24 and 0.57. One frame says little: read levels averaged over minutes."
+            ),
+            labels=ENGAGEMENT_LEVELS,
+            input_spec="[N,1,112,112] grey pixel values 0-255 (normalisation folded in)",
+        ),
+        ModelSpec(
             name="face-api-expression",
             role="emotion",
             source=ModelSource(

@@ -93,7 +93,8 @@ class ModelCard:
     """How to recompute :attr:`data_fingerprint` from the data folders: ``kind`` (emotion or
     engagement), ``folders`` (names under the data root) and, for emotion, ``fer2013_weight``."""
     training_seconds: float = 0.0
-    """Wall time of the training run, as measured."""
+    """Seconds spent in the training epochs, as the run measured them (data loading and the
+    frozen blocks' features not included; docs/models.md gives the whole command's wall time)."""
     notes: list[str] = field(default_factory=list)
     """Caveats: what the model is not good at, and why."""
 
@@ -152,7 +153,19 @@ def load_packaged_model(name: str, expected_sha256: str, folder: Traversable | N
     if card.sha256 != expected_sha256:
         raise ModelSupplyError(f"{name}: the model card's sha256 {card.sha256} is not the manifest's "
                                f"{expected_sha256}; the card and the manifest disagree")
+    recorded = model_fingerprint(data)
+    if recorded != card.data_fingerprint:
+        raise ModelSupplyError(f"{name}: the model was trained on data with fingerprint {recorded or 'none'}, "
+                               f"its card says {card.data_fingerprint}")
     return data
+
+
+def model_fingerprint(model_bytes: bytes) -> str:
+    """The training-data fingerprint an exported model carries in its metadata (empty when none)."""
+    import onnx
+
+    model = onnx.load_from_string(model_bytes)
+    return next((prop.value for prop in model.metadata_props if prop.key == "classlens.data_fingerprint"), "")
 
 
 def check_parity(card: ModelCard, model_bytes: bytes) -> float:

@@ -103,7 +103,9 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_cache_di
     yield tmp_path
 
 
-DEFAULT_MODELS = ("retinaface-mnet025", "fer-mini-xception", "engagement-baseline-v1")
+# The defaults, and the models tests name directly (the previous defaults, still in the manifest).
+DEFAULT_MODELS = ("retinaface-mnet025", "classlens-emotion-v1", "classlens-engagement-v1", "fer-mini-xception",
+                  "engagement-baseline-v1")
 
 
 @pytest.fixture(scope="session")

@@ -58,10 +58,13 @@ def test_demo_classroom_finds_every_student_and_keeps_ids_through_an_occlusion(
         assert observation.emotion_neutral is not None
     index = (outcome.report_dir or Path()) / "index.html"
     html = index.read_text()
-    assert "Student 7" in html and "heuristic" in html.lower()
+    # The report names the trained default engagement model and how well it measured.
+    assert "Student 7" in html and "How engagement was estimated" in html and "classlens-engagement-v1" in html
     assert len(list((index.parent / "students").glob("*.html"))) == 7
     provenance = json.loads(analysis.models_json)
-    assert provenance["engagement"]["heuristic"] is True
+    assert provenance["engagement"]["heuristic"] is False
+    assert provenance["engagement"]["name"] == "classlens-engagement-v1"
+    assert provenance["emotion"]["name"] == "classlens-emotion-v1"
     assert provenance["detector"]["name"] == "retinaface-mnet025"
 
 

@@ -409,6 +409,8 @@ def test_a_trained_engagement_model_gets_no_heuristic_note(engine: Engine, tmp_p
     analysis_id = make_analysis(engine, models=models)
     html = _read(render_reports(engine, analysis_id, tmp_path / "out").overview)
     assert "not trained on DAiSEE" not in html
+    # Instead, the report says which model estimated engagement, and quotes what it is.
+    assert "How engagement was estimated" in html and MODELS["engagement"]["name"] in html
 
 
 def test_many_short_dips_are_charted_but_only_the_longest_are_listed(

@@ -29,7 +29,7 @@ from training.metrics import (
     unweighted_average_recall,
 )
 
-from .conftest import MEDIA_DIR
+from .conftest import DEFAULT_MODELS, MEDIA_DIR
 
 PHOTOS = ("solvay_conference.jpg", "12_angry_men.jpg", "multi_face.jpg")
 
@@ -140,7 +140,7 @@ def private_cache(tmp_path: Path, default_models: Path) -> Path:
     """A model cache of its own (exports go there) that links the default models of the shared one."""
     cache = tmp_path / "cache"
     cache.mkdir()
-    for name in ("retinaface-mnet025", "fer-mini-xception", "engagement-baseline-v1"):
+    for name in DEFAULT_MODELS:
         (cache / name).symlink_to(default_models / name)
     return cache
 

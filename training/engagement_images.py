@@ -296,7 +296,7 @@ def evaluate_engagement_images(
                      evaluations={result.data: metrics},
                      facts={"model": description, "data": result.data, "left out": dict(data.dropped) or "none"})
         summary = {**headline(metrics), "task": "engagement", "model": description, "data": str(folder),
-                   "split": split, "dropped": dict(data.dropped),
+                   "split": split or "all rows", "dropped": dict(data.dropped),
                    "per_class_recall": dict(zip(metrics.labels, metrics.recall.tolist(), strict=True)),
                    "metrics": metrics.to_dict()}
         write_atomic(out_dir / "evaluation.json", (json.dumps(summary, indent=2, default=float) + "\n").encode())

@@ -211,7 +211,10 @@ def evaluate(
             out_dir / "evaluation.html", f"Evaluation of {description}", evaluations={str(data): metrics},
             subgroups=subgroups, facts={"model": description, "data": str(data), "split": split or "all",
                                         "left out": dict(dropped) or "none"})
-        summary = {**headline(metrics), "task": "emotion", "model": description, "data": str(data), "split": split,
+        from training.face_sets import is_ferplus_folder
+
+        split_name = split or ("PublicTest" if is_ferplus_folder(data) else "all rows")
+        summary = {**headline(metrics), "task": "emotion", "model": description, "data": str(data), "split": split_name,
                    "dropped": dict(dropped), "per_class_recall": dict(zip(metrics.labels, metrics.recall.tolist(),
                                                                           strict=True)),
                    "metrics": metrics.to_dict(), "subgroups": {k: v.to_dict() for k, v in subgroups.items()}}

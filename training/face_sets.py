@@ -98,7 +98,8 @@ class _FerPlusRow:
     identity: str
 
 
-def _ferplus_rows(folder: Path, fer2013_weight: float, dropped: Counter[str]) -> list[_FerPlusRow]:
+def _ferplus_rows(folder: Path, fer2013_weight: float, splits: tuple[str, ...],
+                  dropped: Counter[str]) -> list[_FerPlusRow]:
     table = folder / "labels.csv"
     rows: list[_FerPlusRow] = []
     with table.open(newline="") as stream:
@@ -106,6 +107,8 @@ def _ferplus_rows(folder: Path, fer2013_weight: float, dropped: Counter[str]) ->
             split = FERPLUS_USAGE_SPLITS.get(row["usage"].strip())
             if split is None:
                 dropped[f"unknown usage {row['usage'].strip()}"] += 1
+                continue
+            if split not in splits:
                 continue
             majority = row["ferplus_majority"].strip()
             if majority in FERPLUS_LEFT_OUT_MAJORITIES:
@@ -147,7 +150,7 @@ def read_ferplus(folder: Path, size: int, *, fer2013_weight: float = DEFAULT_FER
     if not 0.0 <= fer2013_weight <= 1.0:
         raise TrainingError(f"the FER2013 label weight must be within 0–1, got {fer2013_weight}")
     dropped: Counter[str] = Counter()
-    rows = [row for row in _ferplus_rows(folder, fer2013_weight, dropped) if row.split in splits]
+    rows = _ferplus_rows(folder, fer2013_weight, splits, dropped)
     inputs, kept = [], []
     for row in progress_bar(rows, "FER+ faces", enabled=progress):
         image = _read_grey(row.path, size)

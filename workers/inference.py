@@ -23,17 +23,29 @@ class InferenceModels:
     """Eye and gaze cues (MediaPipe Face Landmarker), or None when not configured."""
     provenance: dict[str, dict[str, object]] = field(default_factory=dict)
     """Role → name, sha256, licence, description: recorded on the analysis for the reports."""
+    engagement_without_emotion: EngagementRunner | None = None
+    """The engagement model for sessions with emotion inference off, when ``engagement`` reads
+    expressions from the crop (a network grown from an emotion model); None when it does not."""
+    provenance_without_emotion: dict[str, object] | None = None
+    """Provenance of :attr:`engagement_without_emotion`."""
 
     def for_settings(self, emotion_inference: bool) -> InferenceModels:
         """These models as a session with this emotion switch may use them.
 
         Models loaded for another configuration never bring emotion inference back into a
-        session that switched it off: the switch is absolute (docs/privacy.md).
+        session that switched it off: the switch is absolute (docs/privacy.md). That covers
+        an engagement model that reads expressions: such a session gets the one that does not.
         """
-        if emotion_inference or self.emotion is None:
+        if emotion_inference or (self.emotion is None and self.engagement_without_emotion is None):
             return self
         provenance = {role: info for role, info in self.provenance.items() if role != "emotion"}
-        return replace(self, emotion=None, provenance=provenance)
+        engagement = self.engagement
+        if self.engagement_without_emotion is not None:
+            engagement = self.engagement_without_emotion
+            if self.provenance_without_emotion is not None:
+                provenance["engagement"] = self.provenance_without_emotion
+        return replace(self, emotion=None, engagement=engagement, provenance=provenance,
+                       engagement_without_emotion=None, provenance_without_emotion=None)
 
 
 def engagement_features(

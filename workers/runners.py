@@ -50,8 +50,14 @@ class OnnxRunner:
         return np.asarray(outputs[0], dtype=np.float32)
 
 
+DEFAULT_CROP_FRACTION = 0.9
+"""Share of the aligned crop's side a crop model sees, centred, when its input spec does not say:
+FER2013 faces are framed from forehead to chin, a little tighter than the crops that travel."""
+
+
 def emotion_model_input(
-    crops: ByteArray, size: int, *, crop_fraction: float = 0.9, colour: str = "grey", value_range: str = "0-255",
+    crops: ByteArray, size: int, *, crop_fraction: float = DEFAULT_CROP_FRACTION, colour: str = "grey",
+    value_range: str = "0-255",
 ) -> FloatArray:
     """BGR uint8 aligned crops [N,S,S,3] → the emotion model's float32 input [N,C,size,size].
 
@@ -88,9 +94,8 @@ class EmotionRunner(OnnxRunner):
 
     label = "emotion model"
 
-    #: Share of the aligned crop's side the emotion model sees, centred: FER2013 faces are
-    #: framed from forehead to chin, a little tighter than the crops that travel.
-    crop_fraction = 0.9
+    #: Share of the aligned crop's side the emotion model sees, centred (:data:`DEFAULT_CROP_FRACTION`).
+    crop_fraction = DEFAULT_CROP_FRACTION
 
     def __init__(self, model_path: Path, *, preference: str = "auto", intra_op_threads: int = 0) -> None:
         super().__init__(model_path, preference=preference, intra_op_threads=intra_op_threads)
@@ -163,7 +168,7 @@ class EngagementRunner(OnnxRunner):
                 f"{model_path}: a temporal (sequence) engagement model needs a clip of frames per prediction; "
                 "the workers score one crop at a time and cannot run it (use a frame or features model)")
         if self.input_kind == "image":
-            self.crop_fraction = float(spec.get("crop_fraction", EmotionRunner.crop_fraction))
+            self.crop_fraction = float(spec.get("crop_fraction", DEFAULT_CROP_FRACTION))
             self.colour = str(spec.get("colour", "grey"))
             self.value_range = str(spec.get("value_range", "0-255"))
             channels = 1 if self.colour == "grey" else 3

@@ -30,7 +30,12 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from classlens.errors import ClassLensError, ConfigurationError
-from classlens.settings import Settings, load_settings
+from classlens.settings import (
+    ENGAGEMENT_MODEL_READING_EXPRESSIONS,
+    ENGAGEMENT_MODEL_WITHOUT_EMOTION,
+    Settings,
+    load_settings,
+)
 from classlens.store import make_engine
 from classlens.types import CROP_SIZE, CropBatch
 from model_export.cache import ModelCache, resolve_model
@@ -98,7 +103,15 @@ def load_inference_models(settings: Settings) -> InferenceModels:
     engagement_model = resolve_model(cache, settings.engagement_model)
     engagement = EngagementRunner(engagement_model.path, **common)
     provenance["engagement"] = engagement_model.provenance()
-    return InferenceModels(engagement=engagement, emotion=emotion, landmarks=landmarks, provenance=provenance)
+    fallback, fallback_provenance = None, None
+    if settings.engagement_model == ENGAGEMENT_MODEL_READING_EXPRESSIONS:
+        # Producers may switch emotion off for their batches; such batches must not be scored
+        # by a model that reads expressions either (InferenceModels.for_settings).
+        fallback_model = resolve_model(cache, ENGAGEMENT_MODEL_WITHOUT_EMOTION)
+        fallback = EngagementRunner(fallback_model.path, **common)
+        fallback_provenance = fallback_model.provenance()
+    return InferenceModels(engagement=engagement, emotion=emotion, landmarks=landmarks, provenance=provenance,
+                           engagement_without_emotion=fallback, provenance_without_emotion=fallback_provenance)
 
 
 def settings_of(app: Any) -> Settings:
