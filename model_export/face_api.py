@@ -224,8 +224,8 @@ def decode_tfjs_weights(buffer: bytes, specs: Any) -> Weights:
     return weights
 
 
-def expected_weight_shapes() -> dict[str, tuple[int, ...]]:
-    """Names and TFJS shapes of every weight that face-api's expression network loads."""
+def expected_weight_shapes(classes: int = len(FACE_API_EXPRESSION_LABELS)) -> dict[str, tuple[int, ...]]:
+    """Names and TFJS shapes of every weight of face-api's expression network (with ``classes`` outputs)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for block, (channels_in, channels_out) in enumerate(DENSE_BLOCK_CHANNELS):
         for conv in range(CONVS_PER_BLOCK):
@@ -238,8 +238,8 @@ def expected_weight_shapes() -> dict[str, tuple[int, ...]]:
                 shapes[f"{prefix}/depthwise_filter"] = (3, 3, conv_in, 1)
                 shapes[f"{prefix}/pointwise_filter"] = (1, 1, conv_in, channels_out)
             shapes[f"{prefix}/bias"] = (channels_out,)
-    shapes["fc/weights"] = (FEATURE_SIZE, len(FACE_API_EXPRESSION_LABELS))
-    shapes["fc/bias"] = (len(FACE_API_EXPRESSION_LABELS),)
+    shapes["fc/weights"] = (FEATURE_SIZE, classes)
+    shapes["fc/bias"] = (classes,)
     return shapes
 
 
@@ -306,24 +306,29 @@ class GraphBuilder:
         return self.node("Conv", inputs, name, kernel_shape=[kernel, kernel], strides=[stride, stride],
                          pads=pads, group=groups, dilations=[1, 1])
 
-    def normalised_input(self) -> str:
+    def normalised_input(self, grey: bool = False) -> str:
         """face-api's input normalisation of :data:`INPUT_NAME`: ``(x - MEAN_RGB) / 255``.
 
         Sub then Div (not a folded Mul by 1/255), in the order face-api applies them, so the
         float32 results match its tensors to the last bit. It is not folded into the first
-        convolution because that convolution's zero padding lives in normalised space.
+        convolution because that convolution's zero padding lives in normalised space. A
+        ``grey`` input (one channel) is repeated to the three channels first.
         """
+        source = INPUT_NAME
+        if grey:
+            source = self.node("Concat", [INPUT_NAME, INPUT_NAME, INPUT_NAME], "grey_as_rgb", axis=1)
         mean = np.asarray(MEAN_RGB, dtype=np.float32).reshape(1, 3, 1, 1)
-        x = self.node("Sub", [INPUT_NAME, self.constant("mean_rgb", mean)], "centred")
+        x = self.node("Sub", [source, self.constant("mean_rgb", mean)], "centred")
         return self.node("Div", [x, self.constant("divisor", np.asarray(INPUT_DIVISOR, dtype=np.float32))],
                          "normalised")
 
     def finish(self, name: str, input_size: int, output: str, output_size: int, *, doc: str,
-               properties: Mapping[str, str]) -> onnx.ModelProto:
-        """The checked model: input ``[N, 3, S, S]``, one output ``[N, output_size]``, the source in its metadata."""
+               properties: Mapping[str, str], channels: int = 3) -> onnx.ModelProto:
+        """The checked model: input ``[N, C, S, S]``, one output ``[N, output_size]``, the source in its metadata."""
         graph = helper.make_graph(
             self.nodes, name,
-            [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 3, input_size, input_size])],
+            [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT,
+                                           ["N", channels, input_size, input_size])],
             [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["N", output_size])],
             initializer=self.initializers,
         )
@@ -344,11 +349,17 @@ class GraphBuilder:
         return self.conv(x, f"{prefix}/pointwise", pointwise.transpose(3, 2, 0, 1), weights[f"{prefix}/bias"], 1)
 
 
-def build_face_api_expression_onnx(weights: Mapping[str, Float32Array]) -> onnx.ModelProto:
-    """Build the checked ONNX model of face-api's expression network from its weights."""
-    check_expression_weights(weights)
+def build_face_api_expression_onnx(weights: Mapping[str, Float32Array], *, grey: bool = False,
+                                   labels: Sequence[str] = FACE_API_EXPRESSION_LABELS) -> onnx.ModelProto:
+    """Build the checked ONNX model of face-api's expression network from its weights.
+
+    The defaults build face-api's own network. A network fine-tuned from it
+    (:class:`training.emotion_models.FaceApiEmotionNet`) passes its weights in the same TFJS
+    layout, ``grey=True`` for its one-channel input and its own output ``labels``.
+    """
+    check_weights(weights, expected_weight_shapes(len(labels)), "expression")
     graph = GraphBuilder()
-    x = graph.normalised_input()
+    x = graph.normalised_input(grey)
     for block in range(len(DENSE_BLOCK_CHANNELS)):
         prefix = f"dense{block}"
         if block == 0:
@@ -376,10 +387,10 @@ def build_face_api_expression_onnx(weights: Mapping[str, Float32Array]) -> onnx.
     graph.node("Softmax", [x], OUTPUT_NAME, axis=-1)
 
     return graph.finish(
-        "face_api_expression", INPUT_SIZE, OUTPUT_NAME, len(FACE_API_EXPRESSION_LABELS),
-        doc=f"face-api expression network from {FACE_API_PACKAGE} (MIT); input RGB 0-255 NCHW; "
-            f"labels {','.join(FACE_API_EXPRESSION_LABELS)}",
-        properties={"labels": json.dumps(list(FACE_API_EXPRESSION_LABELS))})
+        "face_api_expression", INPUT_SIZE, OUTPUT_NAME, len(labels), channels=1 if grey else 3,
+        doc=f"face-api expression network from {FACE_API_PACKAGE} (MIT); input {'grey' if grey else 'RGB'} "
+            f"0-255 NCHW; labels {','.join(labels)}",
+        properties={"labels": json.dumps(list(labels))})
 
 
 def convert_face_api_expression(tarball_bytes: bytes) -> bytes:

@@ -173,7 +173,7 @@ MANIFEST: dict[str, ModelSpec] = {
             role="emotion",
             source=ModelSource(
                 kind="packaged",
-                sha256="8ab7c4bc0071f19efd320fbb594e7067a6dceb290d319b9d120a83b89fb894b9",
+                sha256="9e87a01436de9cbc4da1e8007b102adb2a7bbe9696db83d1c7de9b468bbeca29",
             ),
             conversion="none",
             licence="research use only, non-commercial (trained on FER2013/FER+ and CK+; face-api start: MIT)",
@@ -192,7 +192,7 @@ MANIFEST: dict[str, ModelSpec] = {
             role="engagement",
             source=ModelSource(
                 kind="packaged",
-                sha256="8899be6ccd0381bac946e4e822ed84c7e83e67f18f58c7e0a125c47a04d76c59",
+                sha256="299e02afaaa74ab901a0bd691be3a99ff04c14a889c53bcd3d140dd09ad428c3",
             ),
             conversion="none",
             licence="academic research use only, non-commercial (trained on DAiSEE; FER2013, CK+)",

@@ -164,6 +164,31 @@ class FaceApiExpressionNet(nn.Module):
         copy(self.fc.bias, weights["fc/bias"])
 
 
+def face_api_layout_weights(model: FaceApiExpressionNet) -> dict[str, Float32Array]:
+    """The module's weights in face-api's TFJS names and layout (the inverse of ``load_face_api_weights``)."""
+    weights: dict[str, Float32Array] = {}
+
+    def array(tensor: torch.Tensor | None) -> Float32Array:
+        if tensor is None:
+            raise ValueError("missing bias parameter")
+        return np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=np.float32)
+
+    for index, block in enumerate(model.dense):
+        for conv_index in range(4):
+            prefix = f"dense{index}/conv{conv_index}"
+            conv = getattr(block, f"conv{conv_index}")
+            if isinstance(conv, _SameConv3x3):
+                weights[f"{prefix}/filters"] = array(conv.conv.weight).transpose(2, 3, 1, 0)
+                weights[f"{prefix}/bias"] = array(conv.conv.bias)
+            else:
+                weights[f"{prefix}/depthwise_filter"] = array(conv.depthwise.weight).transpose(2, 3, 0, 1)
+                weights[f"{prefix}/pointwise_filter"] = array(conv.pointwise.weight).transpose(2, 3, 1, 0)
+                weights[f"{prefix}/bias"] = array(conv.pointwise.bias)
+    weights["fc/weights"] = np.ascontiguousarray(array(model.fc.weight).T)
+    weights["fc/bias"] = array(model.fc.bias)
+    return weights
+
+
 def build_face_api_expression_net(tarball_bytes: bytes) -> FaceApiExpressionNet:
     """Verify the pinned ``@vladmandic/face-api`` tarball and return the network with its weights."""
     model = FaceApiExpressionNet()
