@@ -150,27 +150,37 @@ def read_members(tarball_bytes: bytes, names: Sequence[str]) -> dict[str, bytes]
     return found
 
 
-def read_expression_weights(tarball_bytes: bytes) -> Weights:
-    """Verify the tarball and return the expression network's dequantised, validated weights."""
+def read_tfjs_weights(tarball_bytes: bytes, manifest_member: str, weights_member: str, weights_size: int) -> Weights:
+    """Verify the tarball and return one network's dequantised weights, read as TFJS reads them.
+
+    ``manifest_member`` is the network's TFJS weights manifest in the tarball;
+    ``weights_member`` its (first) weights file, which must be ``weights_size`` bytes.
+    """
     verify_tarball(tarball_bytes)
-    manifest_bytes = read_members(tarball_bytes, [MANIFEST_MEMBER])[MANIFEST_MEMBER]
+    manifest_bytes = read_members(tarball_bytes, [manifest_member])[manifest_member]
     try:
         manifest = json.loads(manifest_bytes)
     except ValueError as error:
-        raise ModelSupplyError(f"{MANIFEST_MEMBER} is not valid JSON: {error}") from error
-    if not isinstance(manifest, list):
-        raise ModelSupplyError(f"{MANIFEST_MEMBER} is not a list of weight groups")
+        raise ModelSupplyError(f"{manifest_member} is not valid JSON: {error}") from error
+    if not isinstance(manifest, list) or not all(isinstance(group, dict) for group in manifest):
+        raise ModelSupplyError(f"{manifest_member} is not a list of weight groups")
     # The manifest names its weight files relative to its own folder, as TFJS resolves them.
-    folder = posixpath.dirname(MANIFEST_MEMBER)
-    paths = [posixpath.join(folder, path) for group in manifest for path in _group_paths(group)]
-    files = read_members(tarball_bytes, paths)
-    if len(files.get(WEIGHTS_MEMBER, b"")) != WEIGHTS_SIZE:
-        raise ModelSupplyError(f"{WEIGHTS_MEMBER} is not the {WEIGHTS_SIZE}-byte file of {FACE_API_PACKAGE}")
+    folder = posixpath.dirname(manifest_member)
+    group_paths = [_group_paths(group) for group in manifest]
+    files = read_members(tarball_bytes, [posixpath.join(folder, path) for paths in group_paths for path in paths])
+    if len(files.get(weights_member, b"")) != weights_size:
+        raise ModelSupplyError(f"{weights_member} is not the {weights_size}-byte file of {FACE_API_PACKAGE}")
     weights: Weights = {}
-    for group in manifest:
+    for group, paths in zip(manifest, group_paths, strict=True):
         # TFJS concatenates a group's shard files and decodes its weights from the result.
-        buffer = b"".join(files[posixpath.join(folder, path)] for path in _group_paths(group))
+        buffer = b"".join(files[posixpath.join(folder, path)] for path in paths)
         weights.update(decode_tfjs_weights(buffer, group.get("weights")))
+    return weights
+
+
+def read_expression_weights(tarball_bytes: bytes) -> Weights:
+    """Verify the tarball and return the expression network's dequantised, validated weights."""
+    weights = read_tfjs_weights(tarball_bytes, MANIFEST_MEMBER, WEIGHTS_MEMBER, WEIGHTS_SIZE)
     check_expression_weights(weights)
     return weights
 
@@ -179,7 +189,7 @@ def _group_paths(group: Any) -> list[str]:
     """The shard file names of one manifest group, validated."""
     paths = group.get("paths") if isinstance(group, dict) else None
     if not isinstance(paths, list) or not all(isinstance(path, str) for path in paths):
-        raise ModelSupplyError(f"{MANIFEST_MEMBER}: a weight group has no list of paths")
+        raise ModelSupplyError("face-api weights manifest: a weight group has no list of paths")
     return paths
 
 
@@ -192,13 +202,13 @@ def decode_tfjs_weights(buffer: bytes, specs: Any) -> Weights:
     arithmetic below followed by one rounding reproduces bit for bit.
     """
     if not isinstance(specs, list):
-        raise ModelSupplyError(f"{MANIFEST_MEMBER}: a weight group has no list of weights")
+        raise ModelSupplyError("face-api weights manifest: a weight group has no list of weights")
     weights: Weights = {}
     offset = 0
     for spec in specs:
         name, shape, dtype = spec.get("name"), spec.get("shape"), spec.get("dtype")
         if not isinstance(name, str) or not isinstance(shape, list) or dtype != "float32":
-            raise ModelSupplyError(f"{MANIFEST_MEMBER}: unsupported weight entry {spec!r}")
+            raise ModelSupplyError(f"face-api weights manifest: unsupported weight entry {spec!r}")
         count = int(np.prod(shape, dtype=np.int64))
         quantization = spec.get("quantization")
         if quantization is None:
@@ -207,10 +217,10 @@ def decode_tfjs_weights(buffer: bytes, specs: Any) -> Weights:
             stored = _MIN_SCALE_QUANTISATION[quantization["dtype"]]
         else:
             # float16 and other schemes do not occur in this package; refuse rather than guess.
-            raise ModelSupplyError(f"{MANIFEST_MEMBER}: {name} has unsupported quantization {quantization!r}")
+            raise ModelSupplyError(f"face-api weights manifest: {name} has unsupported quantization {quantization!r}")
         size = count * stored.itemsize
         if offset + size > len(buffer):
-            raise ModelSupplyError(f"{MANIFEST_MEMBER}: weights end before {name}")
+            raise ModelSupplyError(f"face-api weights manifest: weights end before {name}")
         raw = np.frombuffer(buffer, dtype=stored, count=count, offset=offset)
         offset += size
         if quantization is None:
@@ -220,7 +230,7 @@ def decode_tfjs_weights(buffer: bytes, specs: Any) -> Weights:
             values = dequantised.astype(np.float32)
         weights[name] = values.reshape(shape)
     if offset != len(buffer):
-        raise ModelSupplyError(f"{MANIFEST_MEMBER}: {len(buffer) - offset} bytes left after the last weight")
+        raise ModelSupplyError(f"face-api weights manifest: {len(buffer) - offset} bytes left after the last weight")
     return weights
 
 

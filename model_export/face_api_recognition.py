@@ -58,17 +58,13 @@ channels_last layout, the reference the parity checks hold the ONNX graph to.
 
 from __future__ import annotations
 
-import json
 import math
-import posixpath
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 import onnx
-
-from classlens.errors import ModelSupplyError
 
 # Both face-api conversions read the tarball and build graphs with the same helpers.
 from model_export.face_api import (
@@ -80,10 +76,8 @@ from model_export.face_api import (
     GraphBuilder,
     Weights,
     check_weights,
-    decode_tfjs_weights,
     parameter_count,
-    read_members,
-    verify_tarball,
+    read_tfjs_weights,
 )
 
 __all__ = [
@@ -175,35 +169,9 @@ _PRODUCER_VERSION = "1"
 
 def read_recognition_weights(tarball_bytes: bytes) -> Weights:
     """Verify the tarball and return the recognition network's dequantised, validated weights."""
-    verify_tarball(tarball_bytes)
-    manifest_bytes = read_members(tarball_bytes, [MANIFEST_MEMBER])[MANIFEST_MEMBER]
-    try:
-        manifest = json.loads(manifest_bytes)
-    except ValueError as error:
-        raise ModelSupplyError(f"{MANIFEST_MEMBER} is not valid JSON: {error}") from error
-    if not isinstance(manifest, list) or not all(isinstance(group, dict) for group in manifest):
-        raise ModelSupplyError(f"{MANIFEST_MEMBER} is not a list of weight groups")
-    # The manifest names its shards relative to its own folder, as TFJS resolves them.
-    folder = posixpath.dirname(MANIFEST_MEMBER)
-    group_paths = [_group_paths(group) for group in manifest]
-    files = read_members(tarball_bytes, [posixpath.join(folder, path) for paths in group_paths for path in paths])
-    if len(files.get(WEIGHTS_MEMBER, b"")) != WEIGHTS_SIZE:
-        raise ModelSupplyError(f"{WEIGHTS_MEMBER} is not the {WEIGHTS_SIZE}-byte file of {FACE_API_PACKAGE}")
-    weights: Weights = {}
-    for group, paths in zip(manifest, group_paths, strict=True):
-        # TFJS concatenates a group's shards and decodes the group's weights from the result.
-        buffer = b"".join(files[posixpath.join(folder, path)] for path in paths)
-        weights.update(decode_tfjs_weights(buffer, group.get("weights")))
+    weights = read_tfjs_weights(tarball_bytes, MANIFEST_MEMBER, WEIGHTS_MEMBER, WEIGHTS_SIZE)
     check_recognition_weights(weights)
     return weights
-
-
-def _group_paths(group: Mapping[str, Any]) -> list[str]:
-    """The shard file names of one manifest group, validated."""
-    paths = group.get("paths")
-    if not isinstance(paths, list) or not all(isinstance(path, str) for path in paths):
-        raise ModelSupplyError(f"{MANIFEST_MEMBER}: a weight group has no list of paths")
-    return paths
 
 
 def _conv_layer_shapes(prefix: str, kernel: int, channels_in: int, channels_out: int) -> dict[str, tuple[int, ...]]:
