@@ -128,3 +128,49 @@ def test_an_engagement_folder_without_usable_rows_is_one_clear_error(tmp_path: P
     _write_table(tmp_path, ["file", "mood"], [["a.jpg", "2"]])
     with pytest.raises(TrainingError, match="needs an image column"):
         read_engagement_images(tmp_path, settings=Settings())
+
+
+def _tiny_ferplus(folder: Path) -> None:
+    """A FER+-style folder: two good faces, a corrupt PNG, an unknown usage and an unknown-majority face."""
+    import cv2
+
+    (folder / "data").mkdir(parents=True)
+    face = np.full((48, 48), 128, np.uint8)
+    for name in ("a.png", "b.png"):
+        cv2.imwrite(str(folder / "data" / name), face)
+    (folder / "data" / "broken.png").write_bytes(b"not a png")
+    header = ["path", "usage", "neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear",
+              "contempt", "unknown", "NF", "ferplus_majority", "fer2013_label", "pixel_md5", "n_exact_copies",
+              "test_image_also_in_training"]
+    votes = {"happy": [0, 8, 0, 0, 0, 0, 0, 0, 2, 0], "neutral": [9, 0, 0, 1, 0, 0, 0, 0, 0, 0]}
+    rows = [
+        ["data/a.png", "Training", *votes["happy"], "happiness", "happy", "m1", 1, 0],
+        ["data/b.png", "PublicTest", *votes["neutral"], "neutral", "neutral", "m2", 1, 0],
+        ["data/broken.png", "Training", *votes["happy"], "happiness", "happy", "m3", 1, 0],
+        ["data/a.png", "Someday", *votes["happy"], "happiness", "happy", "m4", 1, 0],
+        ["data/a.png", "Training", *votes["happy"], "unknown", "happy", "m5", 1, 0],
+    ]
+    _write_table(folder, header, rows)
+
+
+def test_a_ferplus_folder_with_bad_rows_skips_and_counts_them(tmp_path: Path) -> None:
+    from training.face_sets import read_ferplus
+
+    _tiny_ferplus(tmp_path)
+    data = read_ferplus(tmp_path, 48)
+    assert len(data) == 2 and data.splits == ["train", "test"]
+    assert data.dropped == {"unreadable image": 1, "unknown usage Someday": 1, "unknown (crowd disagreed)": 1}
+    with pytest.raises(TrainingError, match="no usable FER\\+ face"):
+        read_ferplus(tmp_path, 48, splits=("heldout",))
+
+
+def test_evaluating_a_ferplus_split_that_is_not_there_is_one_clear_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    _tiny_ferplus(tmp_path / "ferplus")
+    result = subprocess.run([sys.executable, "-m", "classlens", "evaluate", "fer-mini-xception", "--data",
+                             str(tmp_path / "ferplus"), "--split", "PrivateTest"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "PublicTest or Training" in result.stderr

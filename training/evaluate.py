@@ -178,7 +178,11 @@ def evaluate(
     or train / val / test); photos are all evaluated.
     """
     from classlens.settings import load_settings
+    from training.face_sets import is_ferplus_folder
 
+    if is_ferplus_folder(data) and (split or "PublicTest") not in FERPLUS_EVALUATION_SPLITS:
+        # Checked before any model is loaded: a wrong split is the user's one-line error.
+        raise TrainingError(f"--split of a FER+ folder is PublicTest or Training, not {split!r}")
     settings = settings or load_settings()
     dropped: Counter[str] = Counter()
     identifiers: list[str] = []
