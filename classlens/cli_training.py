@@ -167,7 +167,8 @@ def _train_engagement_images(images: list[Path], out_dir: Path, init: Path | Non
         raise BadInputError(f"--class-weighting is one of {', '.join(CLASS_WEIGHTINGS)}")
     run = train_engagement_images(images, out_dir, init=init, settings=load_settings(), config=config,
                                   frozen_blocks=frozen_blocks, selection_fraction=selection_fraction,
-                                  class_weighting=class_weighting, progress=not quiet)
+                                  class_weighting=class_weighting,  # type: ignore[arg-type]
+                                  progress=not quiet)
     for name, m in (("test, trained model", run.test), ("test, configured default", run.baseline)):
         if m is not None:
             out.print(f"{name}: accuracy {m.accuracy:.3f}, macro-F1 {m.macro_f1:.3f}, UAR {m.uar:.3f}, "

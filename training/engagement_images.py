@@ -31,7 +31,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -44,7 +44,11 @@ if TYPE_CHECKING:
     import torch
 
     from classlens.settings import Settings
+    from training.emotion_data import EmotionSet
+    from training.emotion_train import ClassWeighting
+    from training.loop import TrainConfig
     from training.metrics import ClassificationMetrics
+    from training.run import InputSpec, RunInfo
 
 logger = logging.getLogger(__name__)
 
@@ -304,7 +308,7 @@ def evaluate_engagement_images(
     return result
 
 
-def parity_inputs_of(info: Any, data: EngagementImages, count: int = 16) -> npt.NDArray[np.float32]:
+def parity_inputs_of(info: RunInfo, data: EngagementImages, count: int = 16) -> npt.NDArray[np.float32]:
     """Real model inputs for an export's parity check, made in memory from the data's crops."""
     from workers.runners import emotion_model_input
 
@@ -321,7 +325,7 @@ def parity_inputs_of(info: Any, data: EngagementImages, count: int = 16) -> npt.
 class EngagementImageRun:
     """A finished engagement run on images."""
 
-    info: Any
+    info: RunInfo
     """``run.json``."""
     test: ClassificationMetrics | None
     """The trained model on the held-out test split."""
@@ -330,14 +334,14 @@ class EngagementImageRun:
 
 
 def train_engagement_images(
-    folders: list[Path], out_dir: Path, *, init: Path, settings: Settings, config: Any, frozen_blocks: int = 3,
-    selection_fraction: float = 0.15, class_weighting: str = "inverse", progress: bool = True,
+    folders: list[Path], out_dir: Path, *, init: Path, settings: Settings, config: TrainConfig, frozen_blocks: int = 3,
+    selection_fraction: float = 0.15, class_weighting: ClassWeighting = "inverse", progress: bool = True,
 ) -> EngagementImageRun:
     """Train a frame engagement model from an emotion run on labelled image folders; evaluate it and the baseline."""
     import torch
 
     from training.emotion_models import MODEL_FACTORY, FaceApiEmotionNet
-    from training.emotion_train import PrefixFeatureDataset, class_weights
+    from training.emotion_train import PrefixFeatureDataset, class_weights, softmax
     from training.loop import fit, predict, resolve_device, seed_everything
     from training.metrics import classify_metrics
     from training.report import write_report
@@ -387,14 +391,13 @@ def train_engagement_images(
                 (("train", train), ("selection", selection), ("test", test))}
     train_set = PrefixFeatureDataset(model, sets_for["train"], soft_targets=False, mirrored=True, progress=progress)
     selection_set = PrefixFeatureDataset(model, sets_for["selection"], soft_targets=False) if len(selection) else None
-    weights = torch.from_numpy(class_weights(data.levels[train], len(ENGAGEMENT_LEVELS),
-                                             class_weighting))  # type: ignore[arg-type]
+    weights = torch.from_numpy(class_weights(data.levels[train], len(ENGAGEMENT_LEVELS), class_weighting))
 
     def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(output, target, weight=weights.to(output.device))
 
     def metrics_fn(outputs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-        return classify_metrics(targets, _softmax(outputs), ENGAGEMENT_LEVELS, ordinal_levels=True).summary()
+        return classify_metrics(targets, softmax(outputs), ENGAGEMENT_LEVELS, ordinal_levels=True).summary()
 
     model.from_features = True
     try:
@@ -403,7 +406,7 @@ def train_engagement_images(
         test_metrics = None
         if len(test):
             outputs, targets = predict(model, PrefixFeatureDataset(model, sets_for["test"], soft_targets=False))
-            test_metrics = classify_metrics(targets, _softmax(outputs), ENGAGEMENT_LEVELS, ordinal_levels=True)
+            test_metrics = classify_metrics(targets, softmax(outputs), ENGAGEMENT_LEVELS, ordinal_levels=True)
     finally:
         model.from_features = False
     baseline = None
@@ -434,12 +437,6 @@ def train_engagement_images(
     return EngagementImageRun(info=info, test=test_metrics, baseline=baseline)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exponent = np.exp(shifted)
-    return exponent / exponent.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
-
-
 def _concatenate(sets: list[EngagementImages]) -> EngagementImages:
     if len(sets) == 1:
         return sets[0]
@@ -453,7 +450,7 @@ def _concatenate(sets: list[EngagementImages]) -> EngagementImages:
         description=" + ".join(d.description for d in sets))
 
 
-def _model_inputs(data: EngagementImages, spec: Any) -> npt.NDArray[np.float32]:
+def _model_inputs(data: EngagementImages, spec: InputSpec) -> npt.NDArray[np.float32]:
     from workers.runners import emotion_model_input
 
     return np.concatenate([
@@ -462,7 +459,8 @@ def _model_inputs(data: EngagementImages, spec: Any) -> npt.NDArray[np.float32]:
         for start in range(0, len(data), 256)])
 
 
-def _as_emotion_set(inputs: npt.NDArray[np.float32], data: EngagementImages, indices: npt.NDArray[np.int64]) -> Any:
+def _as_emotion_set(inputs: npt.NDArray[np.float32], data: EngagementImages,
+                    indices: npt.NDArray[np.int64]) -> EmotionSet:
     """The engagement samples in the shape the shared prefix-feature code reads."""
     from training.emotion_data import EmotionSet
 
