@@ -499,18 +499,21 @@ def split_by_subject(
         own = {name: np.array([i for i, s in enumerate(data.splits) if s == name], np.int64)
                for name in ("train", "val", "test")}
         if len(own["val"]) == 0 and val_fraction > 0 and len(own["train"]):
-            train = data.subset(own["train"])
-            carved = split_by_subject(
-                EmotionSet(inputs=train.inputs[:0], labels=train.labels, subjects=train.subjects,
-                           sources=train.sources),
-                val_fraction=val_fraction, test_fraction=0.0, seed=seed)
+            carved = _split_subjects([data.subjects[i] for i in own["train"].tolist()],
+                                     val_fraction=val_fraction, test_fraction=0.0, seed=seed)
             own["val"] = own["train"][carved["val"]]
             own["train"] = own["train"][carved["train"]]
         return own
-    counts = Counter(data.subjects)
+    return _split_subjects(data.subjects, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+
+
+def _split_subjects(subject_of_sample: Sequence[str], *, val_fraction: float, test_fraction: float,
+                    seed: int) -> dict[str, npt.NDArray[np.int64]]:
+    """Indices of train / val / test: subjects shuffled with ``seed``, assigned greedily by sample share."""
+    counts = Counter(subject_of_sample)
     subjects = sorted(counts)
     np.random.default_rng(seed).shuffle(subjects)
-    total = len(data)
+    total = len(subject_of_sample)
     assigned: dict[str, str] = {}
     filled = {"test": 0, "val": 0}
     for subject in subjects:
@@ -522,5 +525,5 @@ def split_by_subject(
             assigned[subject] = "train"
         if assigned[subject] in filled:
             filled[assigned[subject]] += counts[subject]
-    return {name: np.array([i for i, s in enumerate(data.subjects) if assigned[s] == name], np.int64)
+    return {name: np.array([i for i, s in enumerate(subject_of_sample) if assigned[s] == name], np.int64)
             for name in ("train", "val", "test")}
