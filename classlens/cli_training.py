@@ -250,7 +250,9 @@ def evaluate_command(
         if (data / "DataSet").is_dir() and (data / "Labels").is_dir():
             _evaluate_engagement(model, data, out_dir, split or "Test", quiet)
             return
-        if _is_engagement_table(data):
+        from training.engagement_images import is_engagement_folder
+
+        if is_engagement_folder(data):
             _evaluate_engagement_images(model, data, out_dir, split, quiet)
             return
         from training.evaluate import evaluate
@@ -263,18 +265,6 @@ def evaluate_command(
         out.print(result.per_class_markdown())
         if result.report_path is not None:
             out.print(f"report: {result.report_path}")
-
-
-def _is_engagement_table(data: Path) -> bool:
-    """Whether ``data`` is a folder whose ``labels.csv`` has an engagement column."""
-    import csv
-
-    table = data / "labels.csv"
-    if not table.is_file():
-        return False
-    with table.open(newline="") as stream:
-        header = {name.strip().lower() for name in next(csv.reader(stream), [])}
-    return "engagement" in header
 
 
 def _evaluate_engagement_images(model: str, data: Path, out_dir: Path | None, split: str | None, quiet: bool) -> None:

@@ -99,6 +99,13 @@ class EngagementImages:
         return np.array([i for i, name in enumerate(self.splits) if name == split], np.int64)
 
 
+def is_engagement_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder whose ``labels.csv`` has an engagement column."""
+    from training.face_sets import labels_header
+
+    return "engagement" in {name.lower() for name in labels_header(path)}
+
+
 def _column(columns: dict[str, str], names: tuple[str, ...]) -> str | None:
     return next((columns[name] for name in names if name in columns), None)
 
@@ -261,11 +268,9 @@ def evaluate_engagement_images(
     import json
     import tempfile
 
-    from model_export.cache import ModelCache, resolve_model
-    from training.evaluate import headline, write_predictions
+    from training.evaluate import headline, model_to_evaluate, write_predictions
     from training.metrics import classify_metrics
     from training.report import write_report
-    from training.run import RUN_JSON, RunInfo
 
     wanted = None
     if split is not None:
@@ -275,21 +280,8 @@ def evaluate_engagement_images(
         wanted = (mapped,)
     data = read_engagement_images(folder, settings=settings, cache_dir=out_dir, splits=wanted, progress=progress)
     with tempfile.TemporaryDirectory(prefix="classlens-eval-") as scratch:
-        path = Path(model).expanduser()
-        if (path / RUN_JSON).is_file():
-            from training.export import export_run
-
-            info = RunInfo.load(path)
-            if info.task != "engagement":
-                raise TrainingError(f"{path} is a {info.task} run, not an engagement run")
-            exported = export_run(path, f"run-{info.run_id}", cache_dir=Path(scratch),
-                                  parity_inputs=parity_inputs_of(info, data))
-            model_path, description = exported.path, f"run {path} ({info.model_family}, {info.run_id})"
-        else:
-            cache = ModelCache(settings.model_cache_dir, local_models_dir=settings.local_models_dir,
-                               index_url=settings.package_index_url)
-            resolved = resolve_model(cache, model)
-            model_path, description = resolved.path, f"{model} ({resolved.path})"
+        model_path, description = model_to_evaluate(model, "engagement", settings, Path(scratch),
+                                                    parity_inputs=lambda info: parity_inputs_of(info, data))
         probabilities = engagement_probabilities(model_path, data, settings)
     metrics = classify_metrics(data.levels, probabilities, ENGAGEMENT_LEVELS, ordinal_levels=True)
     result = EngagementEvaluation(model=description, data=f"{folder} ({split or 'all rows'})", metrics=metrics,

@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -34,7 +34,7 @@ from training.emotion_data import (
 )
 from training.metrics import ClassificationMetrics, classify_metrics, subgroup_metrics
 from training.report import write_report
-from training.run import RUN_JSON, RunInfo, TrainingError, write_atomic
+from training.run import RUN_JSON, RunInfo, Task, TrainingError, write_atomic
 
 if TYPE_CHECKING:
     from classlens.settings import Settings
@@ -71,24 +71,32 @@ class EvaluationResult:
         return "\n".join(lines)
 
 
-def _runner_for(model: str, settings: Settings, scratch: Path) -> tuple[Any, str]:
-    """Load an emotion runner for a name, file or run folder; return it and a description."""
+def model_to_evaluate(
+    model: str, task: Task, settings: Settings, scratch: Path,
+    parity_inputs: Callable[[RunInfo], npt.NDArray[np.float32]] | None = None,
+) -> tuple[Path, str]:
+    """The file to load for a model name, ONNX file or training run folder, and a description.
+
+    A run folder of ``task`` is exported into ``scratch`` first (the export checks parity
+    with PyTorch, on ``parity_inputs(run)`` when given); a name or file goes through the
+    model cache, as the workers resolve it.
+    """
     from model_export.cache import ModelCache, resolve_model
-    from workers.runners import EmotionRunner
 
     path = Path(model).expanduser()
     if (path / RUN_JSON).is_file():
         from training.export import export_run
 
         info = RunInfo.load(path)
-        if info.task != "emotion":
-            raise TrainingError(f"{path} is a {info.task} run; `classlens evaluate` here evaluates emotion models")
-        exported = export_run(path, f"run-{info.run_id}", cache_dir=scratch)
-        return EmotionRunner(exported.path, preference="cpu"), f"run {path} ({info.model_family}, {info.run_id})"
+        if info.task != task:
+            raise TrainingError(f"{path} is a {info.task} run, not an {task} run")
+        exported = export_run(path, f"run-{info.run_id}", cache_dir=scratch,
+                              parity_inputs=parity_inputs(info) if parity_inputs is not None else None)
+        return exported.path, f"run {path} ({info.model_family}, {info.run_id})"
     cache = ModelCache(settings.model_cache_dir, local_models_dir=settings.local_models_dir,
                        index_url=settings.package_index_url)
     resolved = resolve_model(cache, model)
-    return EmotionRunner(resolved.path, preference="cpu"), f"{model} ({resolved.path})"
+    return resolved.path, f"{model} ({resolved.path})"
 
 
 FERPLUS_EVALUATION_SPLITS: dict[str, str] = {"PublicTest": "test", "test": "test", "Training": "train",
@@ -122,9 +130,7 @@ def _labelled_crops(
         yield from _cropped_faces(read_fer2013_csv(data, inner), FER_USAGE_SPLITS.get(split or "", split), dropped)
         return
     if is_ferplus_folder(data):
-        wanted = FERPLUS_EVALUATION_SPLITS.get(split or "PublicTest")
-        if wanted is None:
-            raise TrainingError(f"--split of a FER+ folder is PublicTest or Training, not {split!r}")
+        wanted = FERPLUS_EVALUATION_SPLITS[split or "PublicTest"]  # evaluate() checked the split
         yield from _cropped_faces(read_ferplus(data, inner, splits=(wanted,), progress=progress), wanted, dropped)
         return
     if is_ckplus_folder(data):
@@ -180,7 +186,8 @@ def evaluate(
     from classlens.settings import load_settings
     from training.face_sets import is_ferplus_folder
 
-    if is_ferplus_folder(data) and (split or "PublicTest") not in FERPLUS_EVALUATION_SPLITS:
+    ferplus = is_ferplus_folder(data)
+    if ferplus and (split or "PublicTest") not in FERPLUS_EVALUATION_SPLITS:
         # Checked before any model is loaded: a wrong split is the user's one-line error.
         raise TrainingError(f"--split of a FER+ folder is PublicTest or Training, not {split!r}")
     settings = settings or load_settings()
@@ -190,7 +197,10 @@ def evaluate(
     groups: list[str] = []
     probabilities: list[npt.NDArray[np.float32]] = []
     with tempfile.TemporaryDirectory(prefix="classlens-eval-") as scratch:
-        runner, description = _runner_for(model, settings, Path(scratch))
+        from workers.runners import EmotionRunner
+
+        model_path, description = model_to_evaluate(model, "emotion", settings, Path(scratch))
+        runner = EmotionRunner(model_path, preference="cpu")
         pending: list[npt.NDArray[np.uint8]] = []
         for identifier, label, group, crop in _labelled_crops(data, faces=faces, settings=settings, split=split,
                                                               dropped=dropped, cache_dir=out_dir, progress=progress):
@@ -215,9 +225,7 @@ def evaluate(
             out_dir / "evaluation.html", f"Evaluation of {description}", evaluations={str(data): metrics},
             subgroups=subgroups, facts={"model": description, "data": str(data), "split": split or "all",
                                         "left out": dict(dropped) or "none"})
-        from training.face_sets import is_ferplus_folder
-
-        split_name = split or ("PublicTest" if is_ferplus_folder(data) else "all rows")
+        split_name = split or ("PublicTest" if ferplus else "all rows")
         summary = {**headline(metrics), "task": "emotion", "model": description, "data": str(data), "split": split_name,
                    "dropped": dict(dropped), "per_class_recall": dict(zip(metrics.labels, metrics.recall.tolist(),
                                                                           strict=True)),

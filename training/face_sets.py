@@ -61,16 +61,17 @@ DEFAULT_FER2013_WEIGHT = 0.25
 
 def is_ferplus_folder(path: Path) -> bool:
     """Whether ``path`` is a folder whose ``labels.csv`` has the FER+ vote columns."""
-    return _header(path) >= {"path", "usage", "ferplus_majority", *FERPLUS_EMOTION_VOTES}
+    return labels_header(path) >= {"path", "usage", "ferplus_majority", *FERPLUS_EMOTION_VOTES}
 
 
 def is_ckplus_folder(path: Path) -> bool:
     """Whether ``path`` is a folder whose ``labels.csv`` has CK+'s ``path, label, subject`` columns."""
-    header = _header(path)
+    header = labels_header(path)
     return header >= {"path", "label", "subject"} and "usage" not in header
 
 
-def _header(path: Path) -> set[str]:
+def labels_header(path: Path) -> set[str]:
+    """The column names of a folder's ``labels.csv`` (spaces stripped); empty when it has none."""
     table = path / "labels.csv"
     if not table.is_file():
         return set()
