@@ -149,9 +149,13 @@ def read_labelled_rows(folder: Path, splits: tuple[str, ...] | None,
 
 def labelled_rows_fingerprint(folders: list[Path], splits: tuple[str, ...] | None = ("train", "test")) -> str:
     """The data fingerprint of engagement image folders: their usable labelled rows, before detection."""
-    rows = [(f"{folder.name}/{name}", f"{level}:{split}") for folder in folders
-            for name, level, split in read_labelled_rows(folder, splits, Counter())]
-    return data_fingerprint(rows)
+    return data_fingerprint(item for folder in folders
+                            for item in _fingerprint_items(folder, read_labelled_rows(folder, splits, Counter())))
+
+
+def _fingerprint_items(folder: Path, rows: list[tuple[str, int, str]]) -> list[tuple[str, str]]:
+    """What the data fingerprint hashes for labelled rows: the folder-relative image, its level and split."""
+    return [(f"{folder.name}/{name}", f"{level}:{split}") for name, level, split in rows]
 
 
 def read_engagement_images(
@@ -211,8 +215,7 @@ def _read_rows(folder: Path, wanted: list[tuple[str, int, str]], *, settings: Se
     return EngagementImages(
         crops=np.stack(crops), head_pose=np.asarray(poses, np.float32), levels=np.array(levels, np.int64),
         splits=kept_splits, sources=sources, dropped=dropped, description=f"engagement images {folder}",
-        rows_fingerprint=data_fingerprint((f"{folder.name}/{name}", f"{level}:{split}")
-                                          for name, level, split in wanted),
+        rows_fingerprint=data_fingerprint(_fingerprint_items(folder, wanted)),
     )
 
 
@@ -302,12 +305,8 @@ def evaluate_engagement_images(
 
 def parity_inputs_of(info: RunInfo, data: EngagementImages, count: int = 16) -> npt.NDArray[np.float32]:
     """Real model inputs for an export's parity check, made in memory from the data's crops."""
-    from workers.runners import emotion_model_input
-
-    spec = info.input_spec
     step = max(1, len(data) // count)
-    return emotion_model_input(data.crops[::step][:count], spec.size, crop_fraction=spec.crop_fraction,
-                               colour=spec.colour, value_range=spec.value_range)
+    return _model_inputs(data.subset(np.arange(0, len(data), step, dtype=np.int64)[:count]), info.input_spec)
 
 
 # --- training --------------------------------------------------------------------------
