@@ -64,6 +64,9 @@ LABEL_ALIASES: dict[str, str] = {
 DROPPED_LABELS: frozenset[str] = frozenset({"contempt"})
 """Labels with no FER2013 class; their samples are left out and counted."""
 
+DEFAULT_FER2013_WEIGHT = 0.25
+"""Weight of FER2013's original label in the FER+ soft target (``--fer2013-weight``)."""
+
 FER_USAGE_SPLITS: dict[str, str] = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
 """FER2013's ``Usage`` column → split."""
 
@@ -425,7 +428,7 @@ def load_emotion_data(
     settings: Settings | None = None,
     cache_dir: Path | None = None,
     progress: bool = False,
-    fer2013_weight: float = 0.25,
+    fer2013_weight: float = DEFAULT_FER2013_WEIGHT,
 ) -> EmotionSet:
     """Read any supported emotion data set.
 

@@ -14,7 +14,14 @@ import torch
 from torch.utils.data import Dataset
 
 from classlens.types import EMOTION_LABELS
-from training.emotion_data import EmotionSet, FaceHandling, concatenate_sets, load_emotion_data, split_by_subject
+from training.emotion_data import (
+    DEFAULT_FER2013_WEIGHT,
+    EmotionSet,
+    FaceHandling,
+    concatenate_sets,
+    load_emotion_data,
+    split_by_subject,
+)
 from training.emotion_models import MODEL_FACTORY, FaceApiEmotionNet, build_emotion_model
 from training.loop import EpochCallback, RunResult, TrainConfig, fit, predict, resolve_device, seed_everything
 from training.metrics import ClassificationMetrics, classify_metrics, subgroup_metrics
@@ -181,7 +188,7 @@ def train_emotion(
     data: EmotionSet | None = None,
     on_epoch_end: EpochCallback | None = None,
     class_weighting: ClassWeighting = "inverse",
-    fer2013_weight: float = 0.25,
+    fer2013_weight: float = DEFAULT_FER2013_WEIGHT,
 ) -> EmotionRun:
     """Train an emotion model on one or more supported data sets; write the run folder and its report.
 

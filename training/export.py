@@ -284,9 +284,11 @@ def export_run(
 def _fingerprint_recipe(info: RunInfo) -> dict[str, Any]:
     """What a card needs to recompute the run's data fingerprint from the data folders."""
     if info.task == "emotion":
+        from training.emotion_data import DEFAULT_FER2013_WEIGHT
+
         folders = info.config.get("data", [])
         return {"kind": "emotion", "folders": [Path(str(folder)).name for folder in folders],
-                "fer2013_weight": info.config.get("fer2013_weight", 0.25)}
+                "fer2013_weight": info.config.get("fer2013_weight", DEFAULT_FER2013_WEIGHT)}
     return {"kind": "engagement", "folders": [Path(str(folder)).name for folder in info.config.get("images", [])]}
 
 

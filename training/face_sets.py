@@ -38,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from classlens.types import EMOTION_LABELS
-from training.emotion_data import EmotionSet, label_index
+from training.emotion_data import DEFAULT_FER2013_WEIGHT, EmotionSet, label_index
 from training.run import TrainingError
 
 FERPLUS_EMOTION_VOTES: dict[str, str] = {
@@ -55,8 +55,6 @@ FERPLUS_LEFT_OUT_MAJORITIES: dict[str, str] = {
 FERPLUS_USAGE_SPLITS: dict[str, str] = {"Training": "train", "PublicTest": "test", "PrivateTest": "heldout"}
 """FER+ usage → split. PublicTest is the test split: model selection uses a slice of Training."""
 
-DEFAULT_FER2013_WEIGHT = 0.25
-"""Weight of FER2013's original label in the FER+ soft target."""
 
 
 def is_ferplus_folder(path: Path) -> bool:
