@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import cv2
 import numpy as np
@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FaceHandling = Literal["detect", "as-is"]
+DType = TypeVar("DType", np.uint8, np.float32)
+"""Pixel type a resize keeps: uint8 from image files, float32 from FER2013's CSV."""
 
 LABEL_ALIASES: dict[str, str] = {
     "angry": "angry", "anger": "angry",
@@ -146,6 +148,14 @@ class EmotionSet:
 # --- FER2013 --------------------------------------------------------------------------
 
 
+def resize_square(image: npt.NDArray[DType], size: int) -> npt.NDArray[DType]:
+    """A square face image at ``size``×``size`` in its own dtype: area averaging to shrink, linear to grow."""
+    if image.shape[:2] == (size, size):
+        return image
+    interpolation = cv2.INTER_AREA if image.shape[0] > size else cv2.INTER_LINEAR
+    return np.asarray(cv2.resize(image, (size, size), interpolation=interpolation), image.dtype)
+
+
 def read_fer2013_csv(path: Path, size: int) -> EmotionSet:
     """FER2013's ``emotion,pixels,Usage`` CSV (``Usage`` optional) at ``size``×``size``."""
     inputs, labels, sources, splits = [], [], [], []
@@ -169,11 +179,7 @@ def read_fer2013_csv(path: Path, size: int) -> EmotionSet:
                 raise TrainingError(f"{path}, line {number}: {exc}") from None
             if label is None:
                 continue
-            image = pixels.reshape(side, side)
-            if side != size:
-                shrink = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
-                image = np.asarray(cv2.resize(image, (size, size), interpolation=shrink), np.float32)
-            inputs.append(image)
+            inputs.append(resize_square(pixels.reshape(side, side), size))
             labels.append(label)
             # A row's identity is its content: the fingerprint then changes when any pixel does.
             sources.append(f"row{number}:{hashlib.sha1(row[columns['pixels']].encode()).hexdigest()[:16]}")

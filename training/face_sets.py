@@ -38,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from classlens.types import EMOTION_LABELS
-from training.emotion_data import DEFAULT_FER2013_WEIGHT, EmotionSet, label_index
+from training.emotion_data import DEFAULT_FER2013_WEIGHT, EmotionSet, label_index, resize_square
 from training.run import TrainingError
 
 FERPLUS_EMOTION_VOTES: dict[str, str] = {
@@ -82,10 +82,7 @@ def _read_grey(path: Path, size: int) -> npt.NDArray[np.float32] | None:
     image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if image is None or image.size == 0:
         return None
-    if image.shape != (size, size):
-        shrink = cv2.INTER_AREA if image.shape[0] > size else cv2.INTER_LINEAR
-        image = cv2.resize(image, (size, size), interpolation=shrink)
-    return np.asarray(image, np.float32)
+    return resize_square(np.asarray(image, np.uint8), size).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -120,7 +117,6 @@ def _ferplus_rows(folder: Path, fer2013_weight: float, splits: tuple[str, ...],
                 label = label_index(majority)
                 original = label_index(row["fer2013_label"])
             except (ValueError, TrainingError) as exc:
-                dropped["unreadable label row"] += 1
                 raise TrainingError(f"{table}, line {number}: {exc}") from None
             if label is None or votes.sum() <= 0:
                 dropped["no emotion votes"] += 1
