@@ -1,12 +1,14 @@
-"""Per-crop inference time of each role's models, in the workers' own runners, at batch 32.
+"""Per-face inference time of each role's models, in the code that runs them, at batch 32.
 
 Usage: python benchmarks/models.py [--batches 30] [--threads 1 2]
 
 For every emotion and engagement model in the manifest that is in (or can be put in) the
 model cache, the workers' runner (``EmotionRunner`` / ``EngagementRunner``) predicts on
 batches of 32 real aligned face crops (from insightface's ``t1.jpg``), preprocessing
-included, as a worker does. Prints one Markdown row per model and thread count: median
-and best milliseconds per crop over ``--batches`` timed batches after two warm-up ones.
+included, as a worker does. Every recogniser embeds 32 faces of one frame (the six faces of
+``t1.jpg``, repeated) through the tracker's embedder, its own crop included. Prints one
+Markdown row per model and thread count: median and best milliseconds per face over
+``--batches`` timed batches after two warm-up ones.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.analyze import host_description
 from bot.geometry import align_face
+from bot.recognition import load_embedder
 from classlens.errors import ModelSupplyError
 from classlens.settings import load_settings
 from classlens.types import VideoFrame
-from model_export.cache import ModelCache
+from model_export.cache import ModelCache, ResolvedModel
 from model_export.manifest import MANIFEST
 from training.emotion_data import load_runtime_detector
 from workers.runners import EmotionRunner, EngagementRunner
@@ -35,22 +38,34 @@ from workers.runners import EmotionRunner, EngagementRunner
 BATCH = 32
 
 
-def face_crops() -> np.ndarray:
-    """32 aligned crops: the six faces of t1.jpg, repeated."""
+def t1_faces() -> tuple[np.ndarray, np.ndarray]:
+    """insightface's t1.jpg and the keypoints [32, 5, 2] of its six faces, repeated."""
     import insightface
 
-    image = cv2.imread(str(Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"))
+    image = np.ascontiguousarray(cv2.imread(str(Path(insightface.__file__).parent / "data" / "images" / "t1.jpg")))
     detector, _ = load_runtime_detector(load_settings())
-    detections = detector.detect(VideoFrame("t1", 0.0, np.ascontiguousarray(image)))
-    crops = [align_face(image, points) for points in detections.keypoints]
-    return np.stack([crops[i % len(crops)] for i in range(BATCH)])
+    keypoints = detector.detect(VideoFrame("t1", 0.0, image)).keypoints
+    return image, np.stack([keypoints[i % len(keypoints)] for i in range(BATCH)])
 
 
-def time_model(name: str, path: Path, crops: np.ndarray, threads: int, batches: int) -> list[float]:
-    """Milliseconds per crop of each timed batch."""
+def face_crops(image: np.ndarray, keypoints: np.ndarray) -> np.ndarray:
+    """32 aligned crops of the faces at ``keypoints``."""
+    return np.stack([align_face(image, points) for points in keypoints])
+
+
+def time_model(name: str, path: Path, image: np.ndarray, keypoints: np.ndarray, threads: int,
+               batches: int) -> list[float]:
+    """Milliseconds per face of each timed batch."""
     role = MANIFEST[name].role
+    crops = face_crops(image, keypoints)
     features = np.zeros((BATCH, 11), np.float32)
-    if role == "emotion":
+    if role == "recognizer":
+        embedder = load_embedder(ResolvedModel(path, name, MANIFEST[name]), preference="cpu",
+                                 intra_op_threads=threads)
+
+        def run() -> None:
+            embedder.embed(image, keypoints)
+    elif role == "emotion":
         runner = EmotionRunner(path, preference="cpu", intra_op_threads=threads)
 
         def run() -> None:
@@ -78,21 +93,21 @@ def main() -> None:
     settings = load_settings()
     cache = ModelCache(settings.model_cache_dir, local_models_dir=settings.local_models_dir,
                        index_url=settings.package_index_url)
-    crops = face_crops()
+    image, keypoints = t1_faces()
     print(f"host: {host_description()}")
-    print("| model | role | default | threads | ms per crop (median) | ms per crop (best) |")
+    print("| model | role | default | threads | ms per face (median) | ms per face (best) |")
     print("|---|---|---|---|---|---|")
     for name, spec in MANIFEST.items():
-        if spec.role not in ("emotion", "engagement"):
+        if spec.role not in ("emotion", "engagement", "recognizer"):
             continue
         try:
             path = cache.ensure(name)
         except ModelSupplyError as exc:
             print(f"| {name} | {spec.role} | | | not available: {exc} | |")
             continue
-        default = name in (settings.emotion_model, settings.engagement_model)
+        default = name in (settings.emotion_model, settings.engagement_model, settings.recognizer)
         for threads in args.threads:
-            times = time_model(name, path, crops, threads, args.batches)
+            times = time_model(name, path, image, keypoints, threads, args.batches)
             print(f"| `{name}` | {spec.role} | {'yes' if default else ''} | {threads} | "
                   f"{statistics.median(times):.2f} | {min(times):.2f} |", flush=True)
 

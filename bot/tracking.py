@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from bot.geometry import arcface_crop
+from bot.recognition import ARCFACE_SCALE, Embedder
 from classlens.types import ByteArray, FloatArray, FrameDetections, as_float32
 
 logger = logging.getLogger(__name__)
 
 #: Minimum match score (0–1) for a face to continue a track.
 MATCH_THRESHOLD = 0.3
-#: Cosine similarity above which two embeddings are taken to be the same person.
-#: MobileFaceNet gives 0.84–0.94 for the same person and at most 0.3 for different people.
-SAME_PERSON_COSINE = 0.55
 #: Motion is extrapolated at most this long; beyond it a hidden face is expected where it was last seen.
 MAX_PREDICTION_SECONDS = 2.0
 #: Weight of appearance against geometry when both are known.
@@ -58,39 +54,6 @@ def geometry_scores(expected: FloatArray, boxes: FloatArray) -> FloatArray:
     # A face within one and a half face sizes of where it was expected is plausibly the same face.
     nearness = np.clip(1.0 - distance / 1.5, 0.0, 1.0)
     return as_float32(0.5 * overlap + 0.5 * nearness)
-
-
-class FaceEmbedder:
-    """Face embeddings through insightface's ``ArcFaceONNX`` class, for re-identification within a session."""
-
-    def __init__(self, model_path: Path, *, imagenet_normalisation: bool, preference: str = "auto",
-                 intra_op_threads: int = 0) -> None:
-        from bot.detection import load_insightface_model
-
-        model = load_insightface_model(model_path, "recognition", preference=preference,
-                                       intra_op_threads=intra_op_threads)
-        if imagenet_normalisation:
-            # insightface assumes (x-127.5)/127.5; MobileFaceNet was trained with ImageNet statistics.
-            model.input_mean = np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 3, 1, 1) * 255.0
-            model.input_std = np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 3, 1, 1) * 255.0
-        self._model = model
-        self._size = int(model.input_size[0])
-        self._fixed_batch = model.input_shape[0] == 1
-
-    def embed(self, image: ByteArray, keypoints: FloatArray) -> FloatArray:
-        """Unit-length embeddings [K, D] of the faces given by their keypoints [K, 5, 2]."""
-        if keypoints.shape[0] == 0:
-            return np.zeros((0, 1), np.float32)
-        crops = np.stack([arcface_crop(image, k, self._size) for k in keypoints])
-        rgb = crops[..., ::-1].transpose(0, 3, 1, 2).astype(np.float32)
-        if self._fixed_batch:
-            # Models exported with batch size 1 (MobileFaceNet) take one face at a time.
-            features: FloatArray = as_float32(np.concatenate([self._model.forward(rgb[i:i + 1])
-                                                              for i in range(rgb.shape[0])]))
-        else:
-            features = as_float32(self._model.forward(rgb))
-        norms = np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-6)
-        return as_float32(features / norms)
 
 
 @dataclass
@@ -135,7 +98,7 @@ class _Track:
 class StudentTracker:
     """Assigns stable track ids to the faces of one or more streams of one session."""
 
-    def __init__(self, *, max_gap_seconds: float, embedder: FaceEmbedder | None = None, first_id: int = 1) -> None:
+    def __init__(self, *, max_gap_seconds: float, embedder: Embedder | None = None, first_id: int = 1) -> None:
         self.max_gap_seconds = max_gap_seconds
         self.embedder = embedder
         self._next_id = first_id
@@ -190,10 +153,11 @@ class StudentTracker:
         stored = np.stack([t.embedding if t.embedding is not None else np.zeros(embeddings.shape[1], np.float32)
                            for t in tracks])
         cosine = stored @ embeddings.T
-        appearance = np.clip((cosine - 0.2) / (SAME_PERSON_COSINE - 0.2), 0.0, 1.0) * 0.9
+        scale = self.embedder.scale if self.embedder is not None else ARCFACE_SCALE
+        appearance = scale.appearance(cosine)
         combined = APPEARANCE_WEIGHT * appearance + (1 - APPEARANCE_WEIGHT) * geometry
         # Appearance vetoes a geometric match with a clearly different person.
-        combined = np.where(cosine < 0.3, np.minimum(combined, 0.2), combined)
+        combined = np.where(cosine <= scale.different, np.minimum(combined, 0.2), combined)
         return as_float32(np.where(known[:, None], combined, geometry))
 
     @staticmethod

@@ -21,8 +21,9 @@ from sqlmodel import Session, col, select
 
 from bot.detection import FaceDetector
 from bot.geometry import align_face, head_poses
+from bot.recognition import Embedder
 from bot.sources import RecordedFileSource, VideoInfo, prefetched
-from bot.tracking import FaceEmbedder, StudentTracker, TrackSummary, is_student
+from bot.tracking import StudentTracker, TrackSummary, is_student
 from classlens.errors import BadInputError, ClassLensError
 from classlens.settings import Settings
 from classlens.store import (
@@ -99,7 +100,7 @@ class PipelineComponents:
 
     detector: FaceDetector
     """Face detector."""
-    embedder: FaceEmbedder | None
+    embedder: Embedder | None
     """Optional face-embedding model for re-identification within a session."""
     models: InferenceModels
     """Emotion and engagement runners."""

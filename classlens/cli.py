@@ -161,7 +161,8 @@ EmotionOption = Annotated[bool | None, typer.Option(
 DetectorOption = Annotated[str | None, typer.Option(
     "--detector", help="Detector model name, ONNX file or pack folder.")]
 RecognizerOption = Annotated[str | None, typer.Option(
-    "--recognizer", help="Face-embedding model for re-identification within the session.")]
+    "--recognizer", help="Face-embedding model that keeps students' ids within the session "
+                         "(default face-api-recognition; 'none' for position and motion only).")]
 
 
 @app.command()

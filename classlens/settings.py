@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from classlens.errors import ConfigurationError
@@ -77,10 +77,12 @@ class Settings(BaseSettings):
         ),
     )
     recognizer: str | None = Field(
-        default=None,
+        default="face-api-recognition",
         description=(
-            "Optional face-embedding model (manifest name, ONNX path or model-pack folder) that "
-            "helps the tracker keep a student's id after the face was hidden. Never used across sessions."
+            "Face-embedding model (manifest name, ONNX path or model-pack folder) that keeps a student's "
+            "id through cuts, layout changes and absences. The default is face-api's recogniser, pulled "
+            "from its pinned npm archive; 'none' turns re-identification off (position and motion only). "
+            "Embeddings stay in memory for one session and are never compared across sessions."
         ),
     )
     emotion_model: str = Field(
@@ -361,6 +363,14 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9_.-]+$",
         description="Celery queue the scheduled retention job is sent to; a worker must consume it (cpu workers do).",
     )
+
+    @field_validator("recognizer", mode="before")
+    @classmethod
+    def _no_recognizer(cls, value: object) -> object:
+        """'none' or an empty value (CLASSLENS_RECOGNIZER=none, --recognizer none) turns it off."""
+        if isinstance(value, str) and value.strip().lower() in ("", "none"):
+            return None
+        return value
 
     @model_validator(mode="after")
     def _check_sizes(self) -> Settings:

@@ -33,6 +33,12 @@ def _face_api_expression(raw: bytes) -> bytes:
     return convert_face_api_for_runtime(raw)
 
 
+def _face_api_recognition(raw: bytes) -> bytes:
+    from model_export.face_api_recognition import convert_face_api_recognition
+
+    return convert_face_api_recognition(raw)
+
+
 def _build_engagement_baseline(raw: bytes) -> bytes:
     del raw  # built from code, there is no source file
     from model_export.engagement_baseline import build_engagement_baseline
@@ -51,6 +57,7 @@ def _face_landmarker_task(raw: bytes) -> bytes:
 
 CONVERSIONS: dict[str, Callable[[bytes], bytes]] = {
     "face_api_expression": _face_api_expression,
+    "face_api_recognition": _face_api_recognition,
     "face_landmarker_task": _face_landmarker_task,
     "none": _unchanged,
     "retinaface_to_scrfd": _retinaface_to_scrfd,

@@ -58,10 +58,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from classlens.errors import ModelSupplyError
 
+# The tarball's pin lives with the manifest's two face-api entries, which download it.
+from model_export.manifest import FACE_API_TARBALL_SHA256
+
 FACE_API_PACKAGE: str = "@vladmandic/face-api@1.7.15"
 """The npm package (``npm pack`` tarball) whose expression weights are converted."""
-FACE_API_TARBALL_SHA256: str = "0d77fffeef362ef9c0939cf6c567f3a2e8e177f114fa257a3270cbd2e509b031"
-"""sha256 of ``vladmandic-face-api-1.7.15.tgz`` as ``npm pack`` downloads it."""
 
 MANIFEST_MEMBER: str = "package/model/face_expression_model-weights_manifest.json"
 """Path of the TFJS weights manifest inside the tarball."""

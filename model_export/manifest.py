@@ -26,6 +26,13 @@ from typing import Literal
 
 from classlens.types import EMOTION_LABELS, ENGAGEMENT_LEVELS
 
+FACE_API_TARBALL_URL = "https://registry.npmjs.org/@vladmandic/face-api/-/face-api-1.7.15.tgz"
+"""The pinned npm tarball that carries face-api's expression and recognition weights."""
+FACE_API_TARBALL_NAME = "vladmandic-face-api-1.7.15.tgz"
+"""The name the tarball is kept under in the cache's archives and looked for in import folders."""
+FACE_API_TARBALL_SHA256 = "0d77fffeef362ef9c0939cf6c567f3a2e8e177f114fa257a3270cbd2e509b031"
+"""sha256 of the pinned tarball."""
+
 SourceKind = Literal["archive", "url", "local", "built", "packaged", "trained"]
 Role = Literal["detector", "recognizer", "emotion", "engagement", "landmarks"]
 FileFormat = Literal["onnx", "mediapipe-task"]
@@ -49,6 +56,11 @@ class ModelSource:
     filename: str = ""
     """File name inside ``local_models_dir`` (local sources); for url sources, the name the
     downloaded file is kept and looked for under (default: the URL's last part)."""
+
+
+FACE_API_SOURCE = ModelSource(kind="url", url=FACE_API_TARBALL_URL, filename=FACE_API_TARBALL_NAME,
+                              sha256=FACE_API_TARBALL_SHA256)
+"""The pinned face-api tarball: both the expression and the recognition network come from it."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +145,22 @@ MANIFEST: dict[str, ModelSpec] = {
             input_spec="[1,3,640,640] RGB, (x-127.5)/128",
         ),
         ModelSpec(
+            name="face-api-recognition",
+            role="recognizer",
+            source=FACE_API_SOURCE,
+            conversion="face_api_recognition",
+            licence="MIT",
+            description=(
+                "face-api's face recognition network (@vladmandic/face-api 1.7.15; dlib's ResNet-34-like "
+                "model), rebuilt from the package's source and weights: a 128-d descriptor on face-api's "
+                "own crop. The default recogniser: it keeps a student's id through cuts, layout changes "
+                "and absences within one session; descriptors are never stored, never compared across "
+                "sessions."
+            ),
+            input_spec="[N,3,150,150] RGB pixel values 0-255 (face-api's crop and resize; normalisation folded in)",
+            extra={"embedding": "face-api", "different_person_cosine": "0.90", "same_person_cosine": "0.95"},
+        ),
+        ModelSpec(
             name="mobilefacenet",
             role="recognizer",
             source=ModelSource(
@@ -209,12 +237,7 @@ MANIFEST: dict[str, ModelSpec] = {
         ModelSpec(
             name="face-api-expression",
             role="emotion",
-            source=ModelSource(
-                kind="url",
-                url="https://registry.npmjs.org/@vladmandic/face-api/-/face-api-1.7.15.tgz",
-                filename="vladmandic-face-api-1.7.15.tgz",
-                sha256="0d77fffeef362ef9c0939cf6c567f3a2e8e177f114fa257a3270cbd2e509b031",
-            ),
+            source=FACE_API_SOURCE,
             conversion="face_api_expression",
             licence="MIT",
             description=(

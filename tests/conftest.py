@@ -104,8 +104,8 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_cache_di
 
 
 # The defaults, and the models tests name directly (the previous defaults, still in the manifest).
-DEFAULT_MODELS = ("retinaface-mnet025", "classlens-emotion-v1", "classlens-engagement-v1", "fer-mini-xception",
-                  "engagement-baseline-v1")
+DEFAULT_MODELS = ("retinaface-mnet025", "face-api-recognition", "classlens-emotion-v1", "classlens-engagement-v1",
+                  "fer-mini-xception", "engagement-baseline-v1")
 
 
 @pytest.fixture(scope="session")
@@ -131,3 +131,17 @@ def components(default_models: Path) -> object:
     from classlens.settings import Settings
 
     return PipelineComponents.load(Settings(model_cache_dir=default_models, execution_provider="cpu"))
+
+
+@pytest.fixture(scope="session")
+def face_api_tarball(model_cache_dir: Path) -> bytes:
+    """The pinned face-api npm tarball, downloaded once into the shared model cache's archives."""
+    from classlens.errors import ModelSupplyError
+    from model_export.cache import ModelCache
+    from model_export.manifest import get_spec
+
+    try:
+        return ModelCache(model_cache_dir).url_source_bytes(get_spec("face-api-recognition"))
+    except ModelSupplyError as exc:
+        require(False, f"needs the npm registry to download face-api once ({exc})")
+        raise

@@ -66,3 +66,56 @@ def with_garbage(source: Path, path: Path, start: float, length: int) -> Path:
     offset = int(len(data) * start)
     data[offset:offset + length] = np.random.default_rng(3).integers(0, 255, length, dtype=np.uint8).tobytes()
     return write(path, bytes(data))
+
+
+# Six people, each with several real photos in ../shared/data/facial_expressions_dev (LFW crops).
+SCENE_PEOPLE = ("George_W_Bush", "Colin_Powell", "Tony_Blair", "Jennifer_Capriati", "Serena_Williams",
+                "Gerhard_Schroeder")
+# Shots of a TV scene: (seconds, [(person, centre as a share of the width, face size in pixels)]).
+# Close-ups put one person after another at the same place, as a cut does; wide shots and
+# two-shots bring people back at other places and sizes.
+SCENE_SHOTS: tuple[tuple[int, tuple[tuple[int, float, int], ...]], ...] = (
+    (3, ((0, .2, 130), (1, .5, 130), (2, .8, 130))), (3, ((0, .5, 300),)), (3, ((1, .5, 300),)),
+    (3, ((3, .3, 220), (4, .7, 220))), (2, ((5, .5, 300),)), (3, ((0, .5, 300),)),
+    (3, ((3, .2, 130), (4, .5, 130), (5, .8, 130))), (2, ((2, .5, 300),)), (3, ((5, .3, 220), (1, .7, 220))),
+    (3, ((3, .5, 300),)),
+)
+SCENE_SIZE = (1280, 720)
+
+
+def scene_cast(second: int) -> list[tuple[int, float]]:
+    """(person, x centre in pixels) of everyone on screen during second ``second`` of the scene."""
+    start = 0
+    for seconds, cast in SCENE_SHOTS:
+        if start <= second < start + seconds:
+            return [(person, centre * SCENE_SIZE[0]) for person, centre, _ in cast]
+        start += seconds
+    return []
+
+
+def tv_scene_with_cuts(photos_dir: Path, *, fps: int = 5, seed: int = 0) -> io.BytesIO:
+    """A 28-second scene of six real people, cut between wide shots, two-shots and close-ups.
+
+    Each shot shows each of its people in one of their (up to three) real photos, picked at
+    random and mirrored and re-lit at random, so the same person looks different from shot to
+    shot, as across camera angles. The six people are the six of :data:`SCENE_PEOPLE`.
+    """
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    photos = [[cv2.imread(str(path)) for path in sorted(photos_dir.glob(f"{name}_*.jpg"))[:3]]
+              for name in SCENE_PEOPLE]
+    width, height = SCENE_SIZE
+    frames = []
+    for seconds, cast in SCENE_SHOTS:
+        canvas = np.full((height, width, 3), 90, np.uint8)
+        for person, centre, size in cast:
+            photo = photos[person][int(rng.integers(len(photos[person])))]
+            if rng.random() < 0.5:
+                photo = photo[:, ::-1]
+            relit = photo.astype(np.float32) * rng.uniform(0.8, 1.2) + rng.uniform(-20, 20)
+            face = cv2.resize(np.clip(relit, 0, 255).astype(np.uint8), (size, size))
+            x, y = int(centre * width - size / 2), (height - size) // 2
+            canvas[y:y + size, x:x + size] = face
+        frames += [canvas] * (seconds * fps)
+    return encode_video(frames, fps=fps)

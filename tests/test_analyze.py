@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,13 @@ import pytest
 from sqlmodel import select
 
 from bot.synthetic import demo_classroom_video, still_image_video
-from classlens.analysis import AnalysisOutcome, analyze_recording
-from classlens.settings import load_settings
+from classlens.analysis import AnalysisOutcome, PipelineComponents, analyze_recording
+from classlens.settings import Settings, load_settings
 from classlens.store import Analysis, FaceObservation, FrameSample, Student, init_store, session_scope
 from tests import media_factory
-from tests.conftest import MEDIA_DIR
+from tests.conftest import DATA_DIR, MEDIA_DIR, require
+
+SCENE_PHOTOS = DATA_DIR / "facial_expressions_dev" / "images"
 
 
 def _run(source: Path | io.BytesIO, tmp: Path, components: Any, **overrides: Any) -> AnalysisOutcome:
@@ -167,3 +170,37 @@ def test_landmark_cues_reach_the_store_and_the_report(isolated_env: Path, defaul
     assert len(known) >= 0.8 * len(observations)
     assert all(0.0 <= (o.eyes_closed or 0.0) <= 1.0 and 0.0 <= (o.gaze_away or 0.0) <= 1.0 for o in known)
     assert "landmarks" in json.loads(analysis.models_json)
+
+
+def _people_per_track(observations: list[FaceObservation]) -> dict[int, set[int]]:
+    """Which of the scene's six people each track's faces show (each face told by where it sits)."""
+    people: dict[int, set[int]] = defaultdict(set)
+    for observation in observations:
+        centre = (observation.box_x1 + observation.box_x2) / 2
+        person, x = min(media_factory.scene_cast(int(observation.timestamp + 1e-6)), key=lambda c: abs(c[1] - centre))
+        assert abs(x - centre) < 80, f"a face at x={centre:.0f} where nobody sits ({observation.timestamp} s)"
+        people[observation.track_id].add(person)
+    return dict(people)
+
+
+@pytest.mark.media
+def test_six_people_in_a_scene_with_cuts_are_six_students_each_one_person(isolated_env: Path,
+                                                                          components: Any) -> None:
+    require(SCENE_PHOTOS.is_dir(), f"needs {SCENE_PHOTOS}")
+    outcome = _run(media_factory.tv_scene_with_cuts(SCENE_PHOTOS), isolated_env, components)
+    _analysis, students, observations, _samples = _rows(outcome.analysis_id)
+    people = _people_per_track(observations)
+    assert len(students) == 6 and len(people) == 6, people
+    assert all(len(shown) == 1 for shown in people.values()), people
+    assert set().union(*people.values()) == set(range(6))
+
+
+@pytest.mark.media
+def test_without_a_recogniser_the_cuts_merge_people(isolated_env: Path, default_models: Path) -> None:
+    require(SCENE_PHOTOS.is_dir(), f"needs {SCENE_PHOTOS}")
+    settings = Settings(model_cache_dir=default_models, execution_provider="cpu", recognizer="none")
+    outcome = _run(media_factory.tv_scene_with_cuts(SCENE_PHOTOS), isolated_env,
+                   PipelineComponents.load(settings), recognizer="none")
+    _analysis, _students, observations, _samples = _rows(outcome.analysis_id)
+    # Position alone takes whoever appears where someone sat for that person.
+    assert any(len(shown) > 1 for shown in _people_per_track(observations).values())

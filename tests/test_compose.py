@@ -277,8 +277,9 @@ def test_entrypoint_puts_the_configured_models_in_the_cache_then_runs_the_comman
     assert completed.returncode == 0, completed.stderr
     lines = completed.stdout.splitlines()
     # The configured models (emotion off: no emotion model, and the engagement model that reads
-    # no expressions), then the command's own output.
-    assert [line.split(":")[0] for line in lines[:-1]] == ["retinaface-mnet025", "engagement-baseline-v1"]
+    # no expressions; the default recogniser), then the command's own output.
+    assert [line.split(":")[0] for line in lines[:-1]] == ["retinaface-mnet025", "engagement-baseline-v1",
+                                                            "face-api-recognition"]
     from classlens import __version__
 
     assert lines[-1] == __version__

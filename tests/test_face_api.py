@@ -13,19 +13,6 @@ from tests.conftest import MEDIA_DIR, require
 pytestmark = pytest.mark.network
 
 
-@pytest.fixture(scope="module")
-def face_api_tarball(model_cache_dir: Path) -> bytes:
-    """The pinned npm tarball, downloaded once into the shared model cache's archives."""
-    from classlens.errors import ModelSupplyError
-    from model_export.cache import ModelCache
-    from model_export.manifest import get_spec
-
-    try:
-        return ModelCache(model_cache_dir).url_source_bytes(get_spec("face-api-expression"))
-    except ModelSupplyError as exc:
-        require(False, f"needs the npm registry to download face-api once ({exc})")
-        raise
-
 
 def _face_crops() -> np.ndarray:
     """RGB 112×112 centre crops of the labelled photos in ../shared/media."""

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import pytest
 
 from classlens.errors import ModelSupplyError
@@ -98,3 +102,47 @@ def test_an_imported_folder_provides_the_file_without_any_download(tmp_path: Pat
     data = ModelCache(tmp_path / "cache").url_source_bytes(spec, search_dirs=[folder],
                                                            allow_download=False)
     assert data == payload
+
+
+
+@pytest.mark.network
+def test_the_default_recogniser_is_pulled_from_its_pinned_url_and_runs(
+        file_server: tuple[str, Path], tmp_path: Path, face_api_tarball: bytes,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from bot.recognition import FaceApiEmbedder, load_embedder
+    from classlens.settings import Settings
+    from model_export.cache import resolve_model
+    from model_export.manifest import MANIFEST
+
+    assert Settings().recognizer == "face-api-recognition"
+    base, served = file_server
+    spec = get_spec("face-api-recognition")
+    (served / "face-api-1.7.15.tgz").write_bytes(face_api_tarball)
+    monkeypatch.setitem(MANIFEST, spec.name, replace(spec, source=replace(spec.source,
+                                                                         url=f"{base}/face-api-1.7.15.tgz")))
+    cache = ModelCache(tmp_path / "cache")
+    model = resolve_model(cache, spec.name)
+    assert _Files.requests == ["/face-api-1.7.15.tgz"]
+    assert cache.verify(spec.name) == cache.read_meta(spec.name)["sha256"]  # type: ignore[index]
+    embedder = load_embedder(model, preference="cpu")
+    assert isinstance(embedder, FaceApiEmbedder)
+    image = np.full((480, 640, 3), 120, np.uint8)
+    keypoints = np.array([[[280, 200], [360, 200], [320, 250], [290, 300], [350, 300]]], np.float32)
+    embedding = embedder.embed(image, keypoints)
+    assert embedding.shape == (1, 128) and abs(float(np.linalg.norm(embedding)) - 1.0) < 1e-5
+    # A second resolve is offline: the converted model is in the cache.
+    resolve_model(cache, spec.name, allow_download=False)
+    assert _Files.requests == ["/face-api-1.7.15.tgz"]
+
+
+@pytest.mark.network
+def test_models_import_takes_the_recogniser_from_a_folder_offline(tmp_path: Path, face_api_tarball: bytes) -> None:
+    folder = tmp_path / "usb-stick"
+    folder.mkdir()
+    (folder / get_spec("face-api-recognition").source.filename).write_bytes(face_api_tarball)
+    env = {**os.environ, "CLASSLENS_MODEL_CACHE_DIR": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-m", "classlens", "models", "import", str(folder)],
+                            capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "face-api-recognition: imported" in result.stdout
+    assert (tmp_path / "cache" / "face-api-recognition" / "model.onnx").is_file()

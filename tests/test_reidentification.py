@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from bot.detection import FaceDetector
+from bot.recognition import ArcFaceEmbedder
 from bot.synthetic import bundled_image
-from bot.tracking import FaceEmbedder, StudentTracker
+from bot.tracking import StudentTracker
 from classlens.types import VideoFrame
 from tests.conftest import LOCAL_MODELS_DIR
 
@@ -61,7 +62,7 @@ def _ids(frames: list[VideoFrame], detector: FaceDetector, tracker: StudentTrack
 def test_embedding_keeps_a_student_who_moved_while_hidden(faces: tuple[np.ndarray, np.ndarray],
                                                           default_models: Path) -> None:
     detector = FaceDetector(default_models / "retinaface-mnet025" / "model.onnx", preference="cpu")
-    embedder = FaceEmbedder(LOCAL_MODELS_DIR / "MobileFaceNet.onnx", imagenet_normalisation=True, preference="cpu")
+    embedder = ArcFaceEmbedder(LOCAL_MODELS_DIR / "MobileFaceNet.onnx", imagenet_normalisation=True, preference="cpu")
     frames = _scenario(faces)
     with_embedding = _ids(frames, detector, StudentTracker(max_gap_seconds=30, embedder=embedder))
     a, b = with_embedding[0]
@@ -77,7 +78,7 @@ def test_embedding_keeps_a_student_who_moved_while_hidden(faces: tuple[np.ndarra
 def test_same_person_embeddings_are_close_and_different_people_far(faces: tuple[np.ndarray, np.ndarray],
                                                                    default_models: Path) -> None:
     detector = FaceDetector(default_models / "retinaface-mnet025" / "model.onnx", preference="cpu")
-    embedder = FaceEmbedder(LOCAL_MODELS_DIR / "MobileFaceNet.onnx", imagenet_normalisation=True, preference="cpu")
+    embedder = ArcFaceEmbedder(LOCAL_MODELS_DIR / "MobileFaceNet.onnx", imagenet_normalisation=True, preference="cpu")
     person_a, person_b = faces
     canvas = _canvas()
     _place(canvas, person_a, 80, 200)

@@ -37,8 +37,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from bot.detection import FaceDetector
+from bot.recognition import Embedder, load_embedder
 from bot.sources import RecordedFileSource, prefetched
-from bot.tracking import FaceEmbedder, StudentTracker
+from bot.tracking import StudentTracker
 from classlens.analysis import crop_batch_for
 from classlens.errors import ConfigurationError
 from classlens.settings import Settings
@@ -175,7 +176,7 @@ class CaptureModels:
 
     detector: FaceDetector
     """Face detector."""
-    embedder: FaceEmbedder | None
+    embedder: Embedder | None
     """Optional face-embedding model for re-identification within the segment."""
     provenance: dict[str, dict[str, object]]
     """Role → provenance of the models above, recorded with the analysis."""
@@ -203,8 +204,7 @@ def load_capture_models(settings: Settings) -> CaptureModels:
     embedder = None
     if settings.recognizer:
         recognizer_model = resolve_model(cache, settings.recognizer)
-        imagenet = bool(recognizer_model.spec and recognizer_model.spec.extra.get("input_mean") == "imagenet")
-        embedder = FaceEmbedder(recognizer_model.path, imagenet_normalisation=imagenet, **common)
+        embedder = load_embedder(recognizer_model, **common)
         provenance["recognizer"] = recognizer_model.provenance()
     return CaptureModels(detector, embedder, provenance)
 
