@@ -52,9 +52,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-from bot.sources import RecordedFileSource  # noqa: E402
 from classlens.analysis import PipelineComponents, analyze_recording  # noqa: E402
-from classlens.settings import Settings, load_settings  # noqa: E402
+from kernel.settings import Settings, load_settings  # noqa: E402
+from vision.sources import RecordedFileSource  # noqa: E402
 
 DEFAULT_MEDIA_DIR = REPO_ROOT.parent / "shared" / "media"
 DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
@@ -142,7 +142,7 @@ def gallery_frames(tiles: list[TileSource], seconds: float) -> Iterator[np.ndarr
 
 
 def encode_stream(frames: Iterator[np.ndarray], fps: int) -> io.BytesIO:
-    """Encode BGR frames to an in-memory H.264 MP4 with the settings of ``bot.synthetic.encode_video``.
+    """Encode BGR frames to an in-memory H.264 MP4 with the settings of ``vision.synthetic.encode_video``.
 
     ``encode_video`` takes a list, which would hold every raw frame in memory; this
     streams the same encoder settings (libx264, veryfast, crf 20, yuv420p), except that

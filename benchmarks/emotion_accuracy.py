@@ -17,11 +17,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-import bot.geometry as geometry
-from bot.detection import FaceDetector
-from classlens.settings import load_settings
-from classlens.types import EMOTION_LABELS, VideoFrame
+import vision.geometry as geometry
+from kernel.settings import load_settings
+from kernel.types import EMOTION_LABELS, VideoFrame
 from model_export.cache import ModelCache
+from vision.detection import FaceDetector
 from workers.runners import EmotionRunner
 
 LABEL_MAP = {"neutral": "neutral", "happiness": "happy", "surprise": "surprise", "sadness": "sad",

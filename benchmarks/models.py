@@ -25,14 +25,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.analyze import host_description
-from bot.geometry import align_face
-from bot.recognition import load_embedder
-from classlens.errors import ModelSupplyError
-from classlens.settings import load_settings
-from classlens.types import VideoFrame
-from model_export.cache import ModelCache, ResolvedModel
+from kernel.errors import ModelSupplyError
+from kernel.settings import load_settings
+from kernel.types import VideoFrame
+from model_export.cache import ModelCache
 from model_export.manifest import MANIFEST
 from training.emotion_data import load_runtime_detector
+from vision.geometry import align_face
+from vision.recognition import load_embedder
 from workers.runners import EmotionRunner, EngagementRunner
 
 BATCH = 32
@@ -60,7 +60,7 @@ def time_model(name: str, path: Path, image: np.ndarray, keypoints: np.ndarray, 
     crops = face_crops(image, keypoints)
     features = np.zeros((BATCH, 11), np.float32)
     if role == "recognizer":
-        embedder = load_embedder(ResolvedModel(path, name, MANIFEST[name]), preference="cpu",
+        embedder = load_embedder(path, MANIFEST[name].extra, preference="cpu",
                                  intra_op_threads=threads)
 
         def run() -> None:

@@ -72,14 +72,14 @@ from benchmarks.analyze import (  # noqa: E402
     host_description,
     median_timing,
 )
-from bot.sources import RecordedFileSource  # noqa: E402
-from bot.synthetic import demo_classroom_video  # noqa: E402
-from bot.tracking import StudentTracker  # noqa: E402
 from classlens.analysis import PipelineComponents, crop_batch_for  # noqa: E402
-from classlens.settings import Settings, load_settings  # noqa: E402
-from classlens.store import Analysis, delete_analysis_data, init_store, session_scope  # noqa: E402
-from classlens.types import CropBatch  # noqa: E402
+from kernel.settings import Settings, load_settings  # noqa: E402
+from kernel.store import Analysis, delete_analysis_data, init_store, session_scope  # noqa: E402
+from kernel.types import CropBatch  # noqa: E402
 from tests.processes import stop_process_group  # noqa: E402  (shared with the Celery tests)
+from vision.sources import RecordedFileSource  # noqa: E402
+from vision.synthetic import demo_classroom_video  # noqa: E402
+from vision.tracking import StudentTracker  # noqa: E402
 from workers.celery_app import make_celery_app  # noqa: E402
 from workers.celery_dispatch import CeleryDispatcher  # noqa: E402
 from workers.inference import InferenceModels, analyse_crops  # noqa: E402

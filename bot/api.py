@@ -13,7 +13,7 @@ connections live in it), so a stored PIN would buy nothing: after a restart, mee
 that were running are marked failed and the teacher invites the bot again.
 
 The web app provides authentication: :func:`meetings_router` takes the dependency
-that resolves the current :class:`~classlens.store.User`, and the registry is found at
+that resolves the current :class:`~kernel.store.User`, and the registry is found at
 ``app.state.meeting_registry``.
 """
 
@@ -35,8 +35,8 @@ from bot.consent import ConsentPolicy
 from bot.live import SharedComponents
 from bot.meeting import MeetingBot, MeetingOutcome, MeetingStatus, MeetingTarget
 from classlens.analysis import PipelineComponents
-from classlens.settings import Settings
-from classlens.store import (
+from kernel.settings import Settings
+from kernel.store import (
     Analysis,
     AnalysisStatus,
     ConsentMode,
@@ -171,7 +171,7 @@ class MeetingRegistry:
                                   state_detail="starting")
                 session.add(meeting)
                 session.flush()
-                from classlens.audit import record_event
+                from kernel.audit import record_event
 
                 record_event(session, owner, "invited", "meeting", str(meeting.id),
                              f"bot invited to {source} (session {analysis_id})")

@@ -17,7 +17,7 @@ import numpy as np
 from aiortc import VideoStreamTrack
 from av import VideoFrame as AvVideoFrame
 
-from classlens.types import ByteArray
+from kernel.types import ByteArray
 
 CARD_HEADLINE = "ClassLens is analysing this meeting for engagement"
 #: 90 kHz is the RTP video clock; aiortc's encoders expect pts in it.

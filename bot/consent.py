@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from classlens.store import ConsentMode
+from kernel.store import ConsentMode
 
 
 def normalise_name(display_name: str) -> str:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from classlens.errors import ClassLensError
+from kernel.errors import ClassLensError
 
 if TYPE_CHECKING:
     from aiortc import MediaStreamTrack, RTCPeerConnection

@@ -41,10 +41,9 @@ from aiortc.mediastreams import MediaStreamError
 from sqlalchemy import Engine
 
 from bot.consent import ConsentPolicy
-from bot.tracking import StudentTracker, TrackSummary
 from classlens.analysis import PipelineComponents, _finalise_students, _mark_failed, crop_batch_for
-from classlens.settings import Settings
-from classlens.store import (
+from kernel.settings import Settings
+from kernel.store import (
     Analysis,
     AnalysisStatus,
     FrameSample,
@@ -54,7 +53,8 @@ from classlens.store import (
     session_scope,
     utcnow,
 )
-from classlens.types import ByteArray, VideoFrame
+from kernel.types import ByteArray, VideoFrame
+from vision.tracking import StudentTracker, TrackSummary
 from workers.dispatch import CropDispatcher, InProcessDispatcher, _Stop
 
 if TYPE_CHECKING:

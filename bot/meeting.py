@@ -57,8 +57,8 @@ from bot.janus import (
     publish_tracks,
     rtc_configuration,
 )
-from classlens.settings import Settings
-from classlens.store import Analysis, AnalysisStatus, ConsentMode, MeetingState, session_scope
+from kernel.settings import Settings
+from kernel.store import Analysis, AnalysisStatus, ConsentMode, MeetingState, session_scope
 
 if TYPE_CHECKING:
     from aiortc import RTCPeerConnection

@@ -30,8 +30,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
-from classlens.settings import Settings
-from classlens.store import AnalysisStatus, ConsentMode, User, UserRole, init_store
+from kernel.settings import Settings
+from kernel.store import AnalysisStatus, ConsentMode, User, UserRole, init_store
 
 if TYPE_CHECKING:
     from aiortc import RTCPeerConnection
@@ -368,7 +368,7 @@ def whip_router(current_user: Callable[..., Any], *, settings: Settings | None =
     Settings default to the environment's; the web app passes its own engine and the
     models it shares with the meeting bots, so one process opens one store and loads one copy.
     """
-    from classlens.settings import load_settings
+    from kernel.settings import load_settings
 
     return WhipIngest(settings or load_settings(), components=components, engine=engine).router(current_user)
 

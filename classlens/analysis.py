@@ -19,14 +19,9 @@ import numpy as np
 from sqlalchemy import Engine, delete, func, update
 from sqlmodel import Session, col, select
 
-from bot.detection import FaceDetector
-from bot.geometry import align_face, head_poses
-from bot.recognition import Embedder
-from bot.sources import RecordedFileSource, VideoInfo, prefetched
-from bot.tracking import StudentTracker, TrackSummary, is_student
-from classlens.errors import BadInputError, ClassLensError
-from classlens.settings import Settings
-from classlens.store import (
+from kernel.errors import BadInputError, ClassLensError
+from kernel.settings import Settings
+from kernel.store import (
     Analysis,
     AnalysisStatus,
     FaceObservation,
@@ -38,8 +33,13 @@ from classlens.store import (
     session_scope,
     utcnow,
 )
-from classlens.types import CROP_SIZE, CropBatch, FrameDetections, VideoFrame
+from kernel.types import CROP_SIZE, CropBatch, FrameDetections, VideoFrame
 from model_export.cache import ModelCache
+from vision.detection import FaceDetector
+from vision.geometry import align_face, head_poses
+from vision.recognition import Embedder
+from vision.sources import RecordedFileSource, VideoInfo, prefetched
+from vision.tracking import StudentTracker, TrackSummary, is_student
 from workers.dispatch import CropDispatcher, InProcessDispatcher
 from workers.inference import InferenceModels
 
@@ -199,7 +199,7 @@ def analyze_recording(
     """Analyse one recorded video and render its reports.
 
     Bad input (missing, unreadable, empty or corrupt video) raises
-    :class:`~classlens.errors.BadInputError` after recording the analysis as failed;
+    :class:`~kernel.errors.BadInputError` after recording the analysis as failed;
     nothing derived from a failed analysis is left in the store or on disk.
 
     With a broker, a file longer than ``segment_seconds`` is analysed in time segments by
@@ -416,8 +416,8 @@ def submit_segmented_analysis(
 def _finalise_segmented(engine: Engine, analysis_id: int, settings: Settings, info: VideoInfo,
                         result: SegmentProgress, report_dir: Path) -> tuple[int, int, float]:
     """Stitch the segments' tracks, rewrite observation ids, create students; returns (students, frames, last time)."""
+    from vision.stitching import stitch_segment_tracks
     from workers.segments import segment_tracks_for
-    from workers.stitching import stitch_segment_tracks
 
     with session_scope(engine) as session:
         # A write first: it takes SQLite's write lock and PostgreSQL's row lock, so that no late

@@ -24,8 +24,8 @@ from classlens.cli_privacy import forget, retention_app
 from classlens.cli_report import report
 from classlens.cli_serve import serve, users_app
 from classlens.cli_training import evaluate_command, export_command, models_use, train_app
-from classlens.errors import ClassLensError
-from classlens.settings import Settings, load_settings
+from kernel.errors import ClassLensError
+from kernel.settings import Settings, load_settings
 
 app = typer.Typer(name="classlens", help="Engagement analytics for online classes.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -242,7 +242,7 @@ def demo(
 ) -> None:
     """Analyse a short classroom video built in memory from images shipped with insightface."""
     with _user_errors():
-        from bot.synthetic import demo_classroom_video
+        from vision.synthetic import demo_classroom_video
 
         settings = _settings(database_url=db)
         console.print("building the demo classroom video in memory…")

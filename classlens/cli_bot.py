@@ -37,7 +37,7 @@ async def _run_bot(settings: Any, target: Any, consent: Any, title: str, course:
                    quiet: bool) -> Any:
     from bot.live import create_live_analysis
     from bot.meeting import MeetingBot
-    from classlens.store import init_store
+    from kernel.store import init_store
 
     engine = await asyncio.to_thread(init_store, settings.resolved_database_url)
     analysis_id = await asyncio.to_thread(
@@ -91,9 +91,9 @@ def join(
     from bot.consent import ConsentPolicy
     from bot.meeting import MeetingTarget
     from classlens.cli import _user_errors
-    from classlens.errors import BadInputError
-    from classlens.settings import load_settings
-    from classlens.store import MeetingState
+    from kernel.errors import BadInputError
+    from kernel.settings import load_settings
+    from kernel.store import MeetingState
 
     with _user_errors():
         if opt_in and opt_out:

@@ -29,8 +29,8 @@ def retention_run(
     """Delete every session older than retention_days, with its rows and report folder."""
     from classlens.cli import _user_errors
     from classlens.privacy import run_retention
-    from classlens.settings import load_settings
-    from classlens.store import init_store
+    from kernel.settings import load_settings
+    from kernel.store import init_store
 
     with _user_errors():
         settings = load_settings(database_url=db)
@@ -53,8 +53,8 @@ def retention_beat(
 ) -> None:
     """Run Celery beat: sends the retention job every retention_interval_hours to maintenance_queue."""
     from classlens.cli import _user_errors
-    from classlens.errors import ConfigurationError
-    from classlens.settings import load_settings
+    from kernel.errors import ConfigurationError
+    from kernel.settings import load_settings
 
     with _user_errors():
         from workers.celery_app import make_celery_app
@@ -80,8 +80,8 @@ def forget(
     """Delete one student's data from a session (every table) and re-render its reports without them."""
     from classlens.cli import _user_errors
     from classlens.privacy import forget_student
-    from classlens.settings import load_settings
-    from classlens.store import init_store
+    from kernel.settings import load_settings
+    from kernel.store import init_store
 
     with _user_errors():
         settings = load_settings(database_url=db)

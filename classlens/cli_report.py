@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from classlens.errors import ClassLensError
+from kernel.errors import ClassLensError
 
 _console = Console(stderr=True)
 _out = Console()
@@ -32,8 +32,8 @@ def report(
     reached after every retry; the report is on disk either way.
     """
     try:
-        from classlens.settings import load_settings
-        from classlens.store import init_store
+        from kernel.settings import load_settings
+        from kernel.store import init_store
         from reports.delivery import deliver_after_session
 
         settings = load_settings(database_url=db)

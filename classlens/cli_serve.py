@@ -16,7 +16,7 @@ from rich.table import Table
 
 
 class RoleChoice(enum.StrEnum):
-    """The roles ``users add`` offers; mirrors :class:`classlens.store.UserRole` without importing the store."""
+    """The roles ``users add`` offers; mirrors :class:`kernel.store.UserRole` without importing the store."""
 
     teacher = "teacher"
     admin = "admin"
@@ -79,7 +79,7 @@ def _warn_without_users(engine: object) -> None:
     from sqlalchemy import Engine
     from sqlmodel import select
 
-    from classlens.store import User, session_scope
+    from kernel.store import User, session_scope
 
     assert isinstance(engine, Engine)
     with session_scope(engine) as session:
@@ -109,8 +109,8 @@ def users_add(
     from classlens.cli import _settings, _user_errors
 
     with _user_errors():
-        from classlens.accounts import create_user
-        from classlens.store import UserRole, init_store, session_scope
+        from kernel.accounts import create_user
+        from kernel.store import UserRole, init_store, session_scope
 
         engine = init_store(_settings(database_url=db).resolved_database_url)
         password = _read_password(password_stdin)
@@ -125,8 +125,8 @@ def users_list(db: Annotated[str | None, typer.Option("--db", help="SQLAlchemy U
     from classlens.cli import _settings, _user_errors
 
     with _user_errors():
-        from classlens.accounts import list_users
-        from classlens.store import init_store, session_scope
+        from kernel.accounts import list_users
+        from kernel.store import init_store, session_scope
 
         engine = init_store(_settings(database_url=db).resolved_database_url)
         with session_scope(engine) as session:
@@ -149,8 +149,8 @@ def users_token(
     from classlens.cli import _settings, _user_errors
 
     with _user_errors():
-        from classlens.accounts import AccountError, find_user, issue_api_token
-        from classlens.store import init_store, session_scope
+        from kernel.accounts import AccountError, find_user, issue_api_token
+        from kernel.store import init_store, session_scope
 
         engine = init_store(_settings(database_url=db).resolved_database_url)
         with session_scope(engine) as session:

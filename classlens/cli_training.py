@@ -62,8 +62,8 @@ def train_emotion_command(
 ) -> None:
     """Train an emotion model (the product's seven classes); resumes an interrupted run in --out."""
     from classlens.cli import _user_errors
-    from classlens.errors import BadInputError
-    from classlens.settings import load_settings
+    from kernel.errors import BadInputError
+    from kernel.settings import load_settings
 
     with _user_errors():
         if device not in ("cpu", "cuda", "auto") or faces not in ("detect", "as-is"):
@@ -121,8 +121,8 @@ def train_engagement_command(
 ) -> None:
     """Train an engagement model on DAiSEE (four states, levels 0-3); resumes an interrupted run in --out."""
     from classlens.cli import _user_errors
-    from classlens.errors import BadInputError
-    from classlens.settings import load_settings
+    from kernel.errors import BadInputError
+    from kernel.settings import load_settings
 
     with _user_errors():
         if device not in ("cpu", "cuda", "auto"):
@@ -156,8 +156,8 @@ def train_engagement_command(
 def _train_engagement_images(images: list[Path], out_dir: Path, init: Path | None, config: TrainConfig,
                              frozen_blocks: int, selection_fraction: float, class_weighting: str, quiet: bool) -> None:
     """``classlens train engagement --images DIR --init RUN``: a frame model from labelled face images."""
-    from classlens.errors import BadInputError
-    from classlens.settings import load_settings
+    from kernel.errors import BadInputError
+    from kernel.settings import load_settings
     from training.emotion_train import CLASS_WEIGHTINGS
     from training.engagement_images import train_engagement_images
 
@@ -191,7 +191,7 @@ def export_command(
 ) -> None:
     """Export a run to ONNX in the model cache (or ship it with a model card), checking parity with PyTorch."""
     from classlens.cli import _user_errors
-    from classlens.settings import load_settings
+    from kernel.settings import load_settings
 
     with _user_errors():
         from training.export import export_run
@@ -212,7 +212,7 @@ def export_command(
 
                 parity = engagement_parity_inputs(run, settings)
         if ship is not None:
-            from classlens.errors import BadInputError
+            from kernel.errors import BadInputError
             from training.export import ship_run
 
             if card is None:
@@ -241,8 +241,8 @@ def evaluate_command(
 ) -> None:
     """Evaluate an emotion model (default or trained) on a data set: accuracy, macro-F1, UAR, per class."""
     from classlens.cli import _user_errors
-    from classlens.errors import BadInputError
-    from classlens.settings import load_settings
+    from kernel.errors import BadInputError
+    from kernel.settings import load_settings
 
     with _user_errors():
         if faces not in ("detect", "as-is"):
@@ -269,7 +269,7 @@ def evaluate_command(
 
 def _evaluate_engagement_images(model: str, data: Path, out_dir: Path | None, split: str | None, quiet: bool) -> None:
     """``classlens evaluate MODEL --data <labelled face images>``: an engagement model as the workers run it."""
-    from classlens.settings import load_settings
+    from kernel.settings import load_settings
     from training.engagement_images import evaluate_engagement_images
 
     result = evaluate_engagement_images(model, data, settings=load_settings(), split=split, out_dir=out_dir,
@@ -289,7 +289,7 @@ def _evaluate_engagement_images(model: str, data: Path, out_dir: Path | None, sp
 
 def _evaluate_engagement(model: str, daisee: Path, out_dir: Path | None, split: str, quiet: bool) -> None:
     """``classlens evaluate MODEL --data <DAiSEE folder>``: an engagement model as the workers run it."""
-    from classlens.settings import load_settings
+    from kernel.settings import load_settings
     from training.engagement_train import evaluate_engagement
 
     result = evaluate_engagement(model, daisee, load_settings(), split=split, out_dir=out_dir, progress=not quiet)
@@ -308,8 +308,8 @@ def models_use(
 ) -> None:
     """Make the workers use a model for a role (kept in the model cache; the environment still wins)."""
     from classlens.cli import _user_errors
-    from classlens.errors import BadInputError
-    from classlens.settings import MODEL_SELECTION_FIELDS, MODEL_SELECTION_FILE, load_settings, read_model_selection
+    from kernel.errors import BadInputError
+    from kernel.settings import MODEL_SELECTION_FIELDS, MODEL_SELECTION_FILE, load_settings, read_model_selection
     from model_export.cache import ModelCache
     from training.run import write_atomic
 

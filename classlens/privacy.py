@@ -4,8 +4,8 @@ Both work on the store's schema generically where they can, so tables added late
 covered without changes here:
 
 * :func:`run_retention` deletes every session created more than ``retention_days`` ago,
-  with every row derived from it (:func:`~classlens.store.delete_analysis_data`) and its
-  rendered report folder, and records what it did as an :class:`~classlens.store.AuditEvent`
+  with every row derived from it (:func:`~kernel.store.delete_analysis_data`) and its
+  rendered report folder, and records what it did as an :class:`~kernel.store.AuditEvent`
   by the actor ``system``.
 * :func:`forget_student` deletes one student of one session from every table that holds
   per-student rows: every table with an ``analysis_id`` column and a ``track_id`` column
@@ -31,9 +31,9 @@ from typing import Any
 from sqlalchemy import Engine, Table, delete, update
 from sqlmodel import SQLModel, col, select
 
-from classlens.errors import BadInputError
-from classlens.settings import Settings
-from classlens.store import Analysis, AnalysisStatus, AuditEvent, Student, delete_analysis_data, session_scope, utcnow
+from kernel.errors import BadInputError
+from kernel.settings import Settings
+from kernel.store import Analysis, AnalysisStatus, AuditEvent, Student, delete_analysis_data, session_scope, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def per_student_tables() -> tuple[list[Table], list[Table]]:
 
     Returns the tables keyed by (analysis, stream, track) and those keyed by (analysis,
     stream) only. Tables registered later (live sessions, workers) are found as long as
-    their modules were imported, which :func:`~classlens.store.init_store` does.
+    their modules were imported, which :func:`~kernel.store.init_store` does.
     """
     by_track: list[Table] = []
     by_stream: list[Table] = []
@@ -165,7 +165,7 @@ def forget_student(engine: Engine, settings: Settings, analysis_id: int, student
     """Delete every row about one student of one session, then re-render the session's reports.
 
     The student is found by the label shown in reports ("Student 3" or a meeting display
-    name). Raises :class:`~classlens.errors.BadInputError` when the session does not exist,
+    name). Raises :class:`~kernel.errors.BadInputError` when the session does not exist,
     is still running, or has no student with that label. The consent list of the session
     stops naming the student as well.
     """

@@ -17,8 +17,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from classlens.settings import Settings
-from classlens.store import init_store
 from classlens.webauth import (
     API_PREFIX,
     LoginRateLimiter,
@@ -29,6 +27,8 @@ from classlens.webauth import (
     load_secret_key,
     login_redirect_target,
 )
+from kernel.settings import Settings
+from kernel.store import init_store
 from reports.archive import archive_router, error_page
 
 logger = logging.getLogger(__name__)

@@ -37,10 +37,10 @@ from fastapi import Depends, HTTPException, Request, Response
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from sqlalchemy import Engine
 
-from classlens.accounts import user_for_token
-from classlens.errors import ConfigurationError
-from classlens.settings import Settings
-from classlens.store import User, UserRole, session_scope
+from kernel.accounts import user_for_token
+from kernel.errors import ConfigurationError
+from kernel.settings import Settings
+from kernel.store import User, UserRole, session_scope
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ if [ "${SKIP_MODEL_PULL:-0}" != "1" ] && [ "${1:-}" = "classlens" ]; then
     # a missing or damaged one is pulled, verified and converted.
     if ! python - >/tmp/classlens-models.log 2>&1 <<'PY'
 from classlens.analysis import model_cache_for
-from classlens.settings import load_settings
+from kernel.settings import load_settings
 from model_export.manifest import MANIFEST
 
 settings = load_settings()

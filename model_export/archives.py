@@ -17,7 +17,7 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from classlens.errors import ModelSupplyError
+from kernel.errors import ModelSupplyError
 
 
 def sha256_of_file(path: Path) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from classlens.errors import ModelSupplyError
+from kernel.errors import ModelSupplyError
 from model_export.archives import fetch_archive, read_archive_member, sha256_of_bytes, sha256_of_file
 from model_export.conversions import convert
 from model_export.manifest import MANIFEST, ModelSpec, get_spec, read_local_manifest

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from classlens.errors import ModelSupplyError
+from kernel.errors import ModelSupplyError
 
 
 def _unchanged(raw: bytes) -> bytes:

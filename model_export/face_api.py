@@ -56,7 +56,7 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from classlens.errors import ModelSupplyError
+from kernel.errors import ModelSupplyError
 
 # The tarball's pin lives with the manifest's two face-api entries, which download it.
 from model_export.manifest import FACE_API_TARBALL_SHA256
@@ -505,7 +505,7 @@ RUNTIME_INPUT_SPEC: dict[str, object] = {
 
 def product_order() -> list[int]:
     """Index into face-api's outputs of each product class, in the product's order."""
-    from classlens.types import EMOTION_LABELS
+    from kernel.types import EMOTION_LABELS
 
     by_product = {product: FACE_API_EXPRESSION_LABELS.index(name) for name, product in FACE_API_TO_PRODUCT.items()}
     return [by_product[label] for label in EMOTION_LABELS]
@@ -518,7 +518,7 @@ def convert_face_api_for_runtime(tarball_bytes: bytes) -> bytes:
     the metadata the emotion runner reads is set: ``classlens.labels`` and
     ``classlens.input_spec`` (RGB 112×112 of the centred 90 % of the aligned crop).
     """
-    from classlens.types import EMOTION_LABELS
+    from kernel.types import EMOTION_LABELS
 
     weights = dict(read_expression_weights(tarball_bytes))
     order = product_order()

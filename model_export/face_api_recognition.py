@@ -29,18 +29,19 @@ source, ``src/faceRecognitionNet/``:
 
 Feature maps at 150×150 input: 72 (stem) → 35 (max pool) → 17 → 8 → 4 → 2 (then the mean).
 
-Crop: ``detectAllFaces(…).withFaceLandmarks().withFaceDescriptors()`` does not feed the
-recogniser the ``alignedRect`` that the other heads use but ``landmarks.align(null,
+Crop (made at run time by :mod:`vision.recognition`):
+``detectAllFaces(…).withFaceLandmarks().withFaceDescriptors()`` does not feed the recogniser
+the ``alignedRect`` that the other heads use but ``landmarks.align(null,
 {useDlibAlignment: true})`` (``FaceLandmarks.alignDlib``): an axis-aligned square (no rotation)
 of side ``floor(mean(|mouth - left eye|, |mouth - right eye|) / 0.45)`` placed so that the
 centroid of the two eye centres and the mouth centre sits at (0.5, 0.43) of it, then clipped
-to the image and floored (``extractFaceTensors``). :func:`face_api_descriptor_box` computes it.
+to the image and floored (``extractFaceTensors``). ``vision.recognition.face_api_descriptor_box`` computes it.
 
 Input: face-api's ``NetInput.toBatchTensor(150, isCenterInputs=true)`` pads a non-square face
 tensor to a square with zeros (``padToSquare``: the larger half of the difference goes after,
 i.e. bottom/right), then resizes it with ``tf.image.resizeBilinear(…, [150, 150],
 alignCorners=false, halfPixelCenters=false)`` (TF's legacy, corner-anchored bilinear).
-:func:`face_api_input` reproduces that for a face crop; the ONNX graph itself takes the
+``vision.recognition.face_api_input`` reproduces that for a face crop; the ONNX graph itself takes the
 150×150 result.
 
 The converted model follows the convention of ClassLens crop models:
@@ -58,7 +59,6 @@ channels_last layout, the reference the parity checks hold the ONNX graph to.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -94,8 +94,6 @@ __all__ = [
     "check_recognition_weights",
     "convert_face_api_recognition",
     "expected_weight_shapes",
-    "face_api_descriptor_box",
-    "face_api_input",
     "multiply_accumulates",
     "parameter_count",
     "read_recognition_weights",
@@ -325,83 +323,6 @@ def convert_face_api_recognition(tarball_bytes: bytes) -> bytes:
     model = build_face_api_recognition_onnx(read_recognition_weights(tarball_bytes))
     serialised: bytes = model.SerializeToString()
     return serialised
-
-
-# ---------------------------------------------------------------------------------------
-# face-api's input preparation
-# ---------------------------------------------------------------------------------------
-
-def _legacy_bilinear_taps(size_in: int, size_out: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp],
-                                                                 Float64Array]:
-    """Source rows (low, high) and weights of TF's resizeBilinear without aligned corners or half pixels."""
-    # tfjs-backend-cpu: src = (in / out) * dst in doubles, floor/ceil clamped to the image.
-    source = (size_in / size_out) * np.arange(size_out, dtype=np.float64)
-    low = np.maximum(np.floor(source), 0.0)
-    high = np.minimum(np.ceil(source), size_in - 1)
-    return low.astype(np.intp), high.astype(np.intp), source - low
-
-
-DLIB_ALIGN_REL_X: float = 0.5
-"""``relX`` of face-api's ``alignDlib``: horizontal position of the eyes/mouth centroid in the crop."""
-DLIB_ALIGN_REL_Y: float = 0.43
-"""``relY``: vertical position of the eyes/mouth centroid in the crop."""
-DLIB_ALIGN_REL_SCALE: float = 0.45
-"""``relScale``: the mean eye-to-mouth distance as a fraction of the crop's side."""
-
-
-def face_api_descriptor_box(left_eye: tuple[float, float], right_eye: tuple[float, float],
-                            mouth: tuple[float, float], image_width: int, image_height: int
-                            ) -> tuple[int, int, int, int]:
-    """``(x, y, width, height)`` of the image region face-api crops for a face's descriptor.
-
-    ``FaceLandmarks.alignDlib`` followed by ``extractFaceTensors``' ``clipAtImageBorders`` and
-    ``floor``. The points are pixel coordinates of the eye centres and the mouth centre (face-api
-    averages its 68 landmarks: 36–41, 42–47 and 48–67; a five-point detector's eye points and the
-    midpoint of its mouth corners approximate them). A width or height of 0 or less means face-api
-    would drop the face.
-    """
-    points = np.asarray([left_eye, right_eye, mouth], dtype=np.float64)
-    eye_to_mouth = float(np.mean(np.linalg.norm(points[2] - points[:2], axis=1)))
-    size = math.floor(eye_to_mouth / DLIB_ALIGN_REL_SCALE)
-    centre_x, centre_y = (float(value) for value in points.mean(axis=0))
-    x = math.floor(max(0.0, centre_x - DLIB_ALIGN_REL_X * size))
-    y = math.floor(max(0.0, centre_y - DLIB_ALIGN_REL_Y * size))
-    # alignDlib caps the side at image size + x (a no-op, kept as written); clipAtImageBorders
-    # then cuts the square at the right and bottom borders, so border faces become non-square.
-    width = min(min(size, image_width + x), image_width - x)
-    height = min(min(size, image_height + y), image_height - y)
-    return x, y, width, height
-
-
-def face_api_input(face_rgb: npt.NDArray[Any]) -> Float32Array:
-    """The ``[3, 150, 150]`` network input face-api builds from an ``[H, W, 3]`` RGB face tensor.
-
-    ``NetInput.toBatchTensor(150, true)`` for a tensor input: ``padToSquare`` with zeros, the
-    shorter side extended by ``round(diff / 2)`` after (bottom/right) and the rest before, then
-    (unless already 150×150) ``tf.image.resizeBilinear`` with ``alignCorners=false`` and
-    ``halfPixelCenters=false``, interpolated in double precision and stored as float32 as the
-    TFJS CPU backend does. (Browser canvases go through ``imageToSquare``/``drawImage`` instead,
-    whose resampling is the browser's.)
-    """
-    image = np.asarray(face_rgb, dtype=np.float32).astype(np.float64)
-    if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
-        raise ValueError(f"expected an RGB face [H, W, 3], got {image.shape}")
-    height, width = int(image.shape[0]), int(image.shape[1])
-    if height != width:
-        difference = abs(height - width)
-        after = math.floor(difference * 0.5 + 0.5)  # JavaScript's Math.round rounds halves up
-        pad = (difference - after, after)
-        image = np.pad(image, ((0, 0), pad, (0, 0)) if height > width else (pad, (0, 0), (0, 0)))
-    if image.shape[0] != INPUT_SIZE:
-        low, high, frac = _legacy_bilinear_taps(image.shape[0], INPUT_SIZE)
-        col_frac = frac[None, :, None]
-        top_rows, bottom_rows = image[low], image[high]
-        # The kernel's own evaluation order: interpolate along columns, then along rows.
-        top = top_rows[:, low] + (top_rows[:, high] - top_rows[:, low]) * col_frac
-        bottom = bottom_rows[:, low] + (bottom_rows[:, high] - bottom_rows[:, low]) * col_frac
-        image = top + (bottom - top) * frac[:, None, None]
-    resized: Float32Array = np.ascontiguousarray(image.astype(np.float32).transpose(2, 0, 1))
-    return resized
 
 
 # ---------------------------------------------------------------------------------------

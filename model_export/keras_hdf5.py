@@ -10,7 +10,7 @@ built node by node with ``onnx.helper``.
 Only the layer types and options that this model uses are supported: InputLayer,
 Conv2D, SeparableConv2D, BatchNormalization, Activation (linear, relu, softmax),
 MaxPooling2D, Add and GlobalAveragePooling2D, all channels_last, without dilation.
-Anything else raises :class:`~classlens.errors.ModelSupplyError` naming the layer and
+Anything else raises :class:`~kernel.errors.ModelSupplyError` naming the layer and
 the option, because a silently mis-converted model would produce plausible but wrong
 emotions.
 
@@ -42,7 +42,7 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from classlens.errors import ModelSupplyError
+from kernel.errors import ModelSupplyError
 
 FER2013_LABELS: tuple[str, ...] = (
     "angry", "disgust", "fear", "happy", "sad", "surprise", "neutral",

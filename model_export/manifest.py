@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from classlens.types import EMOTION_LABELS, ENGAGEMENT_LEVELS
+from kernel.types import EMOTION_LABELS, ENGAGEMENT_LEVELS
 
 FACE_API_TARBALL_URL = "https://registry.npmjs.org/@vladmandic/face-api/-/face-api-1.7.15.tgz"
 """The pinned npm tarball that carries face-api's expression and recognition weights."""

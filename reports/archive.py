@@ -29,16 +29,6 @@ from markupsafe import Markup
 from sqlalchemy import func, or_
 from sqlmodel import Session, col, select
 
-from classlens.accounts import authenticate, list_users
-from classlens.audit import AuditFilter, count_events, event_actions, events_csv, query_events, record_event
-from classlens.store import (
-    Analysis,
-    Student,
-    User,
-    UserRole,
-    delete_analysis_data,
-    session_scope,
-)
 from classlens.webauth import (
     CSRF_FIELD,
     LoginRateLimiter,
@@ -53,6 +43,16 @@ from classlens.webauth import (
     safe_next_path,
     sign_in,
     sign_out,
+)
+from kernel.accounts import authenticate, list_users
+from kernel.audit import AuditFilter, count_events, event_actions, events_csv, query_events, record_event
+from kernel.store import (
+    Analysis,
+    Student,
+    User,
+    UserRole,
+    delete_analysis_data,
+    session_scope,
 )
 from reports.aggregate import build_report_data
 from reports.formatting import format_timestamp

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from markupsafe import Markup, escape
 
-from classlens.types import ENGAGEMENT_LEVELS
+from kernel.types import ENGAGEMENT_LEVELS
 from reports.aggregate import ClassOverview, StudentSummary, StudentTimeline, StudentTrend
 from reports.formatting import (
     format_score,

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 
-from classlens.errors import ClassLensError
-from classlens.store import Analysis, EmailStatus, session_scope
+from kernel.errors import ClassLensError
+from kernel.store import Analysis, EmailStatus, session_scope
 from reports.aggregate import AnalysisNotFoundError, build_report_data
 from reports.render import ReportOptions, ReportPaths, render_documents, report_paths, write_documents
 
 if TYPE_CHECKING:
-    from classlens.settings import Settings
+    from kernel.settings import Settings
 
 logger = logging.getLogger(__name__)
 

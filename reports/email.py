@@ -28,15 +28,15 @@ from typing import TYPE_CHECKING, Literal
 
 from sqlalchemy import Engine
 
-from classlens.errors import ClassLensError, ConfigurationError
-from classlens.store import Analysis, EmailStatus, session_scope, utcnow
+from kernel.errors import ClassLensError, ConfigurationError
+from kernel.store import Analysis, EmailStatus, session_scope, utcnow
 from reports.aggregate import ReportData
 from reports.formatting import format_score, format_share, format_timestamp, score_level_name
 from reports.png_charts import PngChart, class_curve_png, heatmap_png
 from reports.render import MAX_LISTED_DIPS, STUDENTS_DIR, ReportOptions, template_environment
 
 if TYPE_CHECKING:
-    from classlens.settings import Settings
+    from kernel.settings import Settings
 
 logger = logging.getLogger(__name__)
 

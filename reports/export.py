@@ -18,7 +18,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from classlens.types import EMOTION_LABELS
+from kernel.types import EMOTION_LABELS
 from reports.aggregate import ReportData, StudentTimeline, TimelineSample
 from reports.formatting import format_timestamp, level_name
 

@@ -10,7 +10,7 @@ import math
 import re
 import unicodedata
 
-from classlens.types import ENGAGEMENT_LEVELS
+from kernel.types import ENGAGEMENT_LEVELS
 
 #: Shown wherever a number is unknown (never seen, model did not run).
 MISSING = "–"

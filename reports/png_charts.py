@@ -20,7 +20,7 @@ from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter
 
-from classlens.types import ENGAGEMENT_LEVELS
+from kernel.types import ENGAGEMENT_LEVELS
 from reports.aggregate import ClassOverview
 from reports.charts import (
     DIP_COLOUR,

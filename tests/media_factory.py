@@ -8,7 +8,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from bot.synthetic import bundled_image, encode_video
+from vision.synthetic import bundled_image, encode_video
 
 
 def write(path: Path, data: bytes | io.BytesIO) -> Path:

@@ -12,12 +12,12 @@ import cv2
 import pytest
 from sqlmodel import select
 
-from bot.synthetic import demo_classroom_video, still_image_video
 from classlens.analysis import AnalysisOutcome, PipelineComponents, analyze_recording
-from classlens.settings import Settings, load_settings
-from classlens.store import Analysis, FaceObservation, FrameSample, Student, init_store, session_scope
+from kernel.settings import Settings, load_settings
+from kernel.store import Analysis, FaceObservation, FrameSample, Student, init_store, session_scope
 from tests import media_factory
 from tests.conftest import DATA_DIR, MEDIA_DIR, require
+from vision.synthetic import demo_classroom_video, still_image_video
 
 SCENE_PHOTOS = DATA_DIR / "facial_expressions_dev" / "images"
 
@@ -119,7 +119,7 @@ def test_no_faces_gives_a_correct_empty_report(isolated_env: Path, components: A
 
 def test_emotion_off_stores_no_emotion(isolated_env: Path, components: Any, default_models: Path) -> None:
     from classlens.analysis import PipelineComponents
-    from classlens.settings import Settings
+    from kernel.settings import Settings
 
     no_emotion = PipelineComponents.load(Settings(model_cache_dir=default_models, emotion_inference=False,
                                                   execution_provider="cpu"))
@@ -160,7 +160,7 @@ def test_landmark_cues_reach_the_store_and_the_report(isolated_env: Path, defaul
 
     require(importlib.util.find_spec("mediapipe") is not None, "needs the landmarks extra (docs/models.md)")
     from classlens.analysis import PipelineComponents
-    from classlens.settings import Settings
+    from kernel.settings import Settings
 
     with_landmarks = PipelineComponents.load(Settings(model_cache_dir=default_models, execution_provider="cpu",
                                                       landmark_model="mediapipe-face-landmarker"))

@@ -22,11 +22,11 @@ import pytest
 import uvicorn
 from sqlmodel import select
 
-from bot.synthetic import demo_classroom_video
 from classlens.analysis import analyze_recording
-from classlens.store import Analysis, User, session_scope
+from kernel.store import Analysis, User, session_scope
 from tests.conftest import CHROMIUM_BINARY, REPO_ROOT
 from tests.test_archive_http import PASSWORD, ArchiveWorld, build_archive_world
+from vision.synthetic import demo_classroom_video
 
 pytestmark = [pytest.mark.media, pytest.mark.browser]
 

@@ -34,7 +34,9 @@ from sqlalchemy import Engine, delete, func
 from sqlmodel import Session, col, select
 from typer.testing import CliRunner
 
-from classlens.accounts import (
+from classlens.analysis import analyze_recording
+from classlens.webauth import SECRET_KEY_FILE, SESSION_COOKIE, LoginRateLimiter, SessionCookies, load_secret_key
+from kernel.accounts import (
     AccountError,
     authenticate,
     create_user,
@@ -42,11 +44,10 @@ from classlens.accounts import (
     issue_api_token,
     user_for_token,
 )
-from classlens.analysis import analyze_recording
-from classlens.audit import AuditFilter, events_csv, query_events, record_event
-from classlens.errors import BadInputError
-from classlens.settings import Settings
-from classlens.store import (
+from kernel.audit import AuditFilter, events_csv, query_events, record_event
+from kernel.errors import BadInputError
+from kernel.settings import Settings
+from kernel.store import (
     Analysis,
     AuditEvent,
     FaceObservation,
@@ -57,7 +58,6 @@ from classlens.store import (
     init_store,
     session_scope,
 )
-from classlens.webauth import SECRET_KEY_FILE, SESSION_COOKIE, LoginRateLimiter, SessionCookies, load_secret_key
 from tests.conftest import LOCAL_MODELS_DIR, MEDIA_DIR
 
 PASSWORD = "correct horse battery staple"

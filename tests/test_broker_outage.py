@@ -44,8 +44,8 @@ from typing import TypeVar
 import pytest
 import redis
 
-from classlens.store import init_store
-from classlens.types import CropBatch
+from kernel.store import init_store
+from kernel.types import CropBatch
 from tests.conftest import require
 from tests.test_celery import (  # noqa: F401  (demo_batches is a fixture)
     Store,

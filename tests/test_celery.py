@@ -30,26 +30,27 @@ import redis
 from sqlalchemy import Engine, delete, func
 from sqlmodel import Session, col, select
 
-from bot.sources import RecordedFileSource
-from bot.synthetic import demo_classroom_video
-from bot.tracking import StudentTracker
 from classlens.analysis import PipelineComponents, crop_batch_for
-from classlens.settings import Settings
-from classlens.store import (
+from kernel.settings import Settings
+from kernel.store import (
     Analysis,
     FaceObservation,
+    FailedBatch,
     delete_analysis_data,
     init_store,
     observations_for,
     session_scope,
 )
-from classlens.types import CropBatch
+from kernel.types import CropBatch
 from tests.conftest import POSTGRES_URL, REPO_ROOT, require
 from tests.processes import stop_process_group
+from vision.sources import RecordedFileSource
+from vision.synthetic import demo_classroom_video
+from vision.tracking import StudentTracker
 from workers.celery_app import make_celery_app
 from workers.celery_dispatch import CeleryDispatcher, CeleryDispatchError
 from workers.dispatch import InProcessDispatcher
-from workers.failures import FailedBatch, failed_batches_for
+from workers.failures import failed_batches_for
 from workers.tasks import ANALYSE_CROP_BATCH_TASK
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
@@ -234,7 +235,7 @@ def _celery_worker(settings: Settings, log: Path, *, concurrency: int = 1) -> Wo
 
 def _run_worker(settings: Settings, log: Path) -> Worker:
     """:func:`workers.worker_main.run_worker` (what ``classlens worker`` calls) with a short visibility timeout."""
-    code = ("import os; from classlens.settings import load_settings; from workers.worker_main import run_worker; "
+    code = ("import os; from kernel.settings import load_settings; from workers.worker_main import run_worker; "
             "s = load_settings(); run_worker(s, [s.inference_queue], 1, 'info', "
             "visibility_timeout_seconds=int(os.environ['CLASSLENS_TEST_VISIBILITY_TIMEOUT']))")
     return _spawn([sys.executable, "-c", code], settings, log)
@@ -485,14 +486,14 @@ def test_the_app_acks_late_and_redelivers_after_the_time_limit(tmp_path: Path) -
     ("amqp://guest@localhost//", "broker_url: expected a Redis URL"),
 ])
 def test_a_missing_or_foreign_broker_is_a_configuration_error(broker_url: str | None, message: str) -> None:
-    from classlens.errors import ConfigurationError
+    from kernel.errors import ConfigurationError
 
     with pytest.raises(ConfigurationError, match=re.escape(message)):
         make_celery_app(Settings(broker_url=broker_url))
 
 
 def test_worker_arguments_are_checked() -> None:
-    from classlens.errors import ConfigurationError
+    from kernel.errors import ConfigurationError
     from workers.worker_main import worker_argv
 
     argv = worker_argv(["cpu", "gpu"], 2, "info")

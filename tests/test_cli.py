@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from sqlmodel import select
 
-from classlens.settings import load_settings
-from classlens.store import Analysis, FaceObservation, FrameSample, Student, init_store, session_scope
+from kernel.settings import load_settings
+from kernel.store import Analysis, FaceObservation, FrameSample, Student, init_store, session_scope
 from tests import media_factory
 from tests.conftest import MEDIA_DIR
 

@@ -23,7 +23,7 @@ import jsonschema
 import pytest
 import yaml
 
-from classlens.settings import Settings
+from kernel.settings import Settings
 from tests.conftest import REPO_ROOT, require
 
 COMPOSE_FILE = REPO_ROOT / "compose.yaml"

@@ -9,11 +9,11 @@ import cv2
 import numpy as np
 import pytest
 
-from bot.detection import FaceDetector
-from bot.geometry import align_face, head_pose
-from classlens.errors import ModelSupplyError
-from classlens.types import EMOTION_LABELS, VideoFrame
+from kernel.errors import ModelSupplyError
+from kernel.types import EMOTION_LABELS, VideoFrame
 from tests.conftest import LOCAL_MODELS_DIR, MEDIA_DIR
+from vision.detection import FaceDetector
+from vision.geometry import align_face, head_pose
 from workers.runners import EmotionRunner
 
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from classlens.settings import Settings
+from kernel.settings import Settings
 from model_export.manifest import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,8 +23,8 @@ from aiosmtpd.controller import Controller
 from sqlalchemy import Engine
 from typer.testing import CliRunner
 
-from classlens.settings import Settings
-from classlens.store import Analysis, EmailStatus, init_store, session_scope
+from kernel.settings import Settings
+from kernel.store import Analysis, EmailStatus, init_store, session_scope
 from reports.delivery import deliver_after_session
 from tests.test_reports import make_analysis
 

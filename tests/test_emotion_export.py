@@ -21,7 +21,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from classlens.errors import ModelSupplyError
+from kernel.errors import ModelSupplyError
 from model_export.archives import fetch_archive, read_archive_member
 from model_export.keras_hdf5 import (
     FER2013_LABELS,

@@ -28,7 +28,7 @@ def _face_crops() -> np.ndarray:
 
 
 def test_a_tarball_with_another_hash_is_refused() -> None:
-    from classlens.errors import ModelSupplyError
+    from kernel.errors import ModelSupplyError
     from model_export.face_api import convert_face_api_expression
 
     with pytest.raises(ModelSupplyError, match="sha256"):
@@ -69,7 +69,7 @@ def test_the_torch_module_matches_the_onnx_graph(face_api_tarball: bytes) -> Non
 def test_the_runtime_model_gives_the_same_probabilities_in_the_products_class_order(face_api_tarball: bytes) -> None:
     import onnxruntime
 
-    from classlens.types import EMOTION_LABELS
+    from kernel.types import EMOTION_LABELS
     from model_export.face_api import (
         FACE_API_EXPRESSION_LABELS,
         FACE_API_TO_PRODUCT,
@@ -89,7 +89,7 @@ def test_the_runtime_model_gives_the_same_probabilities_in_the_products_class_or
 
 def test_the_pulled_model_runs_in_the_workers_runner_and_reads_a_smile(face_api_tarball: bytes,
                                                                        tmp_path: Path) -> None:
-    from classlens.types import EMOTION_LABELS
+    from kernel.types import EMOTION_LABELS
     from model_export.cache import ModelCache
     from workers.runners import EmotionRunner
 
@@ -107,12 +107,12 @@ def test_the_pulled_model_runs_in_the_workers_runner_and_reads_a_smile(face_api_
 
 def _t1_descriptors_inputs(insightface_images: Path, default_models: Path) -> np.ndarray:
     """face-api's 150×150 inputs for the six faces of t1.jpg, and for their mirror images."""
-    from classlens.settings import Settings
-    from model_export.face_api_recognition import face_api_descriptor_box, face_api_input
+    from kernel.settings import Settings
     from training.emotion_data import load_runtime_detector
+    from vision.recognition import face_api_descriptor_box, face_api_input
 
     detector, _ = load_runtime_detector(Settings(model_cache_dir=default_models, execution_provider="cpu"))
-    from bot.sources import VideoFrame
+    from vision.sources import VideoFrame
 
     image = cv2.imread(str(insightface_images / "t1.jpg"))
     detections = detector.detect(VideoFrame(image=image, timestamp=0.0, stream="t1"))
@@ -149,3 +149,11 @@ def test_the_recognition_graph_matches_its_reference_and_tells_people_apart(
     # Each face is nearest to its own mirror image, under face-api's 0.6 match threshold.
     assert (distances.argmin(axis=1) == np.arange(6)).all()
     assert (np.diag(distances) < 0.6).all()
+
+
+def test_the_runtime_crop_and_the_converted_network_agree_on_sizes() -> None:
+    from model_export import face_api_recognition
+    from vision import recognition
+
+    assert recognition.FACE_API_INPUT_SIZE == face_api_recognition.INPUT_SIZE
+    assert recognition.FACE_API_EMBEDDING_SIZE == face_api_recognition.EMBEDDING_SIZE

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from classlens.types import EMOTION_LABELS
+from kernel.types import EMOTION_LABELS
 from tests.conftest import DATA_DIR, require
 from training.run import TrainingError
 
@@ -87,7 +87,7 @@ def test_a_training_split_without_validation_gets_a_validation_slice_of_training
 @pytest.mark.media
 def test_engagement_images_are_read_through_the_runtime_with_bad_rows_counted(tmp_path: Path,
                                                                                default_models: Path) -> None:
-    from classlens.settings import Settings
+    from kernel.settings import Settings
     from training.engagement_images import labelled_rows_fingerprint, read_engagement_images
 
     source = _require_data("daisee_frames")
@@ -119,7 +119,7 @@ def test_engagement_images_are_read_through_the_runtime_with_bad_rows_counted(tm
 
 
 def test_an_engagement_folder_without_usable_rows_is_one_clear_error(tmp_path: Path) -> None:
-    from classlens.settings import Settings
+    from kernel.settings import Settings
     from training.engagement_images import read_engagement_images
 
     _write_table(tmp_path, ["path", "engagement"], [["a.jpg", "high"]])

@@ -20,11 +20,11 @@ import cv2
 import numpy as np
 import pytest
 
-from bot.detection import FaceDetector
-from bot.geometry import align_face
-from classlens.errors import ModelSupplyError
-from classlens.types import ByteArray, FloatArray, VideoFrame
+from kernel.errors import ModelSupplyError
+from kernel.types import ByteArray, FloatArray, VideoFrame
 from tests.conftest import IN_CI, MEDIA_DIR, REPO_ROOT, require
+from vision.detection import FaceDetector
+from vision.geometry import align_face
 from workers.landmarks import (
     FACE_LANDMARKER_MEMBERS,
     FACE_LANDMARKER_SHA256,

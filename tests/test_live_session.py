@@ -14,11 +14,10 @@ import pytest
 from sqlmodel import select
 
 from bot.consent import ConsentPolicy, normalise_name
-from bot.detection import FaceDetector
 from bot.live import LiveSession, ReplayVideoTrack, create_live_analysis, decode_video_frames
 from classlens.analysis import PipelineComponents
-from classlens.settings import Settings
-from classlens.store import (
+from kernel.settings import Settings
+from kernel.store import (
     Analysis,
     AnalysisStatus,
     ConsentMode,
@@ -30,8 +29,9 @@ from classlens.store import (
     init_store,
     session_scope,
 )
-from classlens.types import FrameDetections, VideoFrame
+from kernel.types import FrameDetections, VideoFrame
 from tests.conftest import MEDIA_DIR
+from vision.detection import FaceDetector
 
 
 def test_consent_names_match_regardless_of_case_and_spacing() -> None:

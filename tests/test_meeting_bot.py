@@ -21,8 +21,8 @@ from sqlmodel import select
 
 from bot.janus import JanusRoomClient, PublishedFeed, publish_tracks
 from bot.meeting import MeetingBot, MeetingTarget
-from classlens.settings import Settings
-from classlens.store import (
+from kernel.settings import Settings
+from kernel.store import (
     Analysis,
     AnalysisStatus,
     MeetingState,
@@ -179,7 +179,7 @@ async def test_bot_follows_a_class_through_joins_leaves_and_a_janus_restart(
 async def test_a_frozen_feed_times_out_and_an_empty_room_ends_the_class(
         janus_server: JanusServer, components: Any, isolated_env: Path) -> None:  # noqa: F811
     from bot.consent import ConsentPolicy
-    from classlens.store import StreamStats
+    from kernel.store import StreamStats
 
     room = 4322
     await _create_room(janus_server.url, room)
@@ -247,7 +247,7 @@ async def test_invite_api_joins_reports_state_and_leaves(janus_server: JanusServ
     from fastapi import FastAPI, HTTPException
 
     from bot.api import MeetingRegistry, meetings_router
-    from classlens.store import Meeting, User, UserRole
+    from kernel.store import Meeting, User, UserRole
 
     room = 4324
     await _create_room(janus_server.url, room)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from bot.api import MeetingRegistry
-from classlens.settings import Settings
-from classlens.store import Analysis, AnalysisStatus, Meeting, MeetingState, init_store, session_scope
+from kernel.settings import Settings
+from kernel.store import Analysis, AnalysisStatus, Meeting, MeetingState, init_store, session_scope
 
 
 async def test_recover_fails_meetings_whose_bot_died_with_the_previous_process(tmp_path: Path) -> None:

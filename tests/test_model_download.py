@@ -16,7 +16,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
-from classlens.errors import ModelSupplyError
+from kernel.errors import ModelSupplyError
 from model_export.cache import ModelCache
 from model_export.manifest import ModelSource, ModelSpec, get_spec
 
@@ -109,10 +109,10 @@ def test_an_imported_folder_provides_the_file_without_any_download(tmp_path: Pat
 def test_the_default_recogniser_is_pulled_from_its_pinned_url_and_runs(
         file_server: tuple[str, Path], tmp_path: Path, face_api_tarball: bytes,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from bot.recognition import FaceApiEmbedder, load_embedder
-    from classlens.settings import Settings
+    from kernel.settings import Settings
     from model_export.cache import resolve_model
     from model_export.manifest import MANIFEST
+    from vision.recognition import FaceApiEmbedder, load_embedder
 
     assert Settings().recognizer == "face-api-recognition"
     base, served = file_server
@@ -124,7 +124,7 @@ def test_the_default_recogniser_is_pulled_from_its_pinned_url_and_runs(
     model = resolve_model(cache, spec.name)
     assert _Files.requests == ["/face-api-1.7.15.tgz"]
     assert cache.verify(spec.name) == cache.read_meta(spec.name)["sha256"]  # type: ignore[index]
-    embedder = load_embedder(model, preference="cpu")
+    embedder = load_embedder(model.path, spec.extra, preference="cpu")
     assert isinstance(embedder, FaceApiEmbedder)
     image = np.full((480, 640, 3), 120, np.uint8)
     keypoints = np.array([[[280, 200], [360, 200], [320, 250], [290, 300], [350, 300]]], np.float32)

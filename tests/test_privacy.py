@@ -36,12 +36,11 @@ from sqlmodel import col, select
 from typer.testing import CliRunner
 
 import classlens.analysis
-from bot.synthetic import demo_classroom_video
 from classlens.analysis import AnalysisOutcome, analyze_recording
 from classlens.cli import app as cli_app
 from classlens.privacy import forget_student, per_student_tables, run_retention
-from classlens.settings import Settings, load_settings
-from classlens.store import (
+from kernel.settings import Settings, load_settings
+from kernel.store import (
     Analysis,
     AuditEvent,
     FaceObservation,
@@ -51,9 +50,10 @@ from classlens.store import (
     session_scope,
     utcnow,
 )
-from classlens.types import CropBatch, FrameDetections, VideoFrame
+from kernel.types import CropBatch, FrameDetections, VideoFrame
 from tests.conftest import MEDIA_DIR, POSTGRES_URL, REPO_ROOT, require
 from tests.processes import stop_process_group
+from vision.synthetic import demo_classroom_video
 
 pytestmark = pytest.mark.media
 
@@ -277,7 +277,7 @@ def test_forget_refuses_a_running_session(isolated_env: Path) -> None:
         session.flush()
         analysis_id = analysis.id
     assert analysis_id is not None
-    from classlens.errors import BadInputError
+    from kernel.errors import BadInputError
 
     with pytest.raises(BadInputError, match="still running"):
         forget_student(engine, load_settings(), analysis_id, "Ada")

@@ -8,12 +8,12 @@ import cv2
 import numpy as np
 import pytest
 
-from bot.detection import FaceDetector
-from bot.recognition import ArcFaceEmbedder
-from bot.synthetic import bundled_image
-from bot.tracking import StudentTracker
-from classlens.types import VideoFrame
+from kernel.types import VideoFrame
 from tests.conftest import LOCAL_MODELS_DIR
+from vision.detection import FaceDetector
+from vision.recognition import ArcFaceEmbedder
+from vision.synthetic import bundled_image
+from vision.tracking import StudentTracker
 
 
 def _canvas() -> np.ndarray:

@@ -22,13 +22,13 @@ import pytest
 from sqlalchemy import Engine
 from sqlmodel import col, select
 
-from bot.synthetic import still_image_video
 from classlens.analysis import PipelineComponents, analyze_recording
-from classlens.settings import Settings
-from classlens.store import Analysis, ConsentMode, FaceObservation, Student, init_store, session_scope
+from kernel.settings import Settings
+from kernel.store import Analysis, ConsentMode, FaceObservation, Student, init_store, session_scope
 from reports.aggregate import build_report_data, mean_with_interval
 from reports.render import ReportOptions, render_documents
 from tests.conftest import MEDIA_DIR
+from vision.synthetic import still_image_video
 
 pytestmark = pytest.mark.media
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from classlens.store import (
+from kernel.store import (
     Analysis,
     AnalysisStatus,
     FaceObservation,
@@ -29,7 +29,7 @@ from classlens.store import (
     init_store,
     session_scope,
 )
-from classlens.types import EMOTION_LABELS
+from kernel.types import EMOTION_LABELS
 from reports.aggregate import (
     AnalysisNotFoundError,
     ClassPoint,

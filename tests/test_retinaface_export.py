@@ -14,7 +14,7 @@ from insightface.model_zoo.scrfd import SCRFD
 from onnx import TensorProto, helper
 from scipy.optimize import linear_sum_assignment
 
-from classlens.errors import ModelSupplyError
+from kernel.errors import ModelSupplyError
 from model_export.archives import fetch_archive, read_archive_member
 from model_export.retinaface import (
     STRIDES,

@@ -5,8 +5,8 @@ from pathlib import Path
 import onnxruntime
 import pytest
 
-from classlens.errors import ConfigurationError
-from classlens.runtime import select_providers
+from kernel.errors import ConfigurationError
+from kernel.runtime import select_providers
 from workers.runners import EngagementRunner
 
 

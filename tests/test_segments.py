@@ -26,11 +26,9 @@ import redis
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from bot.sources import RecordedFileSource
-from bot.synthetic import classroom_frames, demo_classroom_video
 from classlens.analysis import AnalysisProgress, PipelineComponents, analyze_recording
-from classlens.settings import Settings
-from classlens.store import (
+from kernel.settings import Settings
+from kernel.store import (
     Analysis,
     FaceObservation,
     FrameSample,
@@ -42,14 +40,16 @@ from classlens.store import (
     init_store,
     session_scope,
 )
-from classlens.types import ByteArray
+from kernel.types import ByteArray
 from tests import media_factory
 from tests.conftest import MEDIA_DIR, POSTGRES_URL
 from tests.test_celery import BROKER_URL, Worker, _celery_worker, _in_flight, broker  # noqa: F401  (a fixture)
+from vision.sources import RecordedFileSource
+from vision.stitching import stitch_segment_tracks
+from vision.synthetic import classroom_frames, demo_classroom_video
 from workers.celery_app import make_celery_app
 from workers.celery_dispatch import CeleryDispatchError
 from workers.segments import SEGMENT_TRACK_STRIDE, plan_segments, segment_overrides
-from workers.stitching import stitch_segment_tracks
 
 LECTURE = MEDIA_DIR / "WolfgangLanger_Pexels.mp4"
 

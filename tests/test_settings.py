@@ -1,7 +1,7 @@
 import pytest
 
-from classlens.errors import ConfigurationError
-from classlens.settings import load_settings
+from kernel.errors import ConfigurationError
+from kernel.settings import load_settings
 
 
 def test_unknown_environment_keys_are_rejected(isolated_env: object, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from classlens.errors import ModelSupplyError
+from kernel.errors import ModelSupplyError
 from model_export.manifest import MANIFEST
 from model_export.model_cards import (
     CARD_SUFFIX,
@@ -109,7 +109,7 @@ def test_a_card_whose_outputs_drifted_fails_the_parity_check() -> None:
 
 
 def test_the_shipped_models_are_the_defaults() -> None:
-    from classlens.settings import Settings
+    from kernel.settings import Settings
 
     settings = Settings()
     defaults = {"emotion": settings.emotion_model, "engagement": settings.engagement_model}
@@ -139,7 +139,7 @@ def test_a_cards_data_fingerprint_is_the_fingerprint_of_the_data_in_shared(name:
 def test_with_emotion_inference_off_engagement_reads_no_expressions_unless_chosen(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The trained engagement model grew from the emotion network, so emotion off means the pose-and-eyes baseline."""
-    from classlens.settings import Settings
+    from kernel.settings import Settings
 
     monkeypatch.delenv("CLASSLENS_ENGAGEMENT_MODEL", raising=False)
     assert Settings(model_cache_dir=tmp_path).engagement_model == "classlens-engagement-v1"
@@ -153,7 +153,7 @@ def test_with_emotion_inference_off_engagement_reads_no_expressions_unless_chose
 def test_a_batch_with_emotion_off_is_scored_without_the_expression_reading_engagement_model(
         default_models: Path) -> None:
     """A producer's emotion switch reaches workers loaded with emotion on: their engagement model too."""
-    from classlens.settings import Settings
+    from kernel.settings import Settings
     from workers.tasks import load_inference_models
 
     models = load_inference_models(Settings(model_cache_dir=default_models, execution_provider="cpu"))

@@ -2,10 +2,10 @@ from pathlib import Path
 
 import pytest
 
-from bot.sources import RecordedFileSource
-from classlens.errors import BadInputError
+from kernel.errors import BadInputError
 from tests import media_factory
 from tests.conftest import MEDIA_DIR
+from vision.sources import RecordedFileSource
 
 
 @pytest.mark.media
@@ -55,7 +55,7 @@ def test_a_video_without_frames_yields_nothing(tmp_path: Path) -> None:
 
 
 def test_in_memory_videos_are_read_without_touching_disk() -> None:
-    from bot.synthetic import demo_classroom_video
+    from vision.synthetic import demo_classroom_video
 
     frames = list(RecordedFileSource(demo_classroom_video(seconds=3), 1.0))
     assert [f.timestamp for f in frames] == [0.0, 1.0, 2.0]
@@ -71,7 +71,7 @@ def test_dense_sampling_decodes_every_frame() -> None:
 
 
 def test_prefetching_keeps_order_and_hands_errors_over() -> None:
-    from bot.sources import prefetched
+    from vision.sources import prefetched
 
     assert list(prefetched(iter(range(50)), depth=3)) == list(range(50))
 

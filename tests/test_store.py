@@ -7,7 +7,7 @@ from sqlalchemy import create_engine, func, inspect, text
 from sqlalchemy.engine import make_url
 from sqlmodel import select
 
-from classlens.store import (
+from kernel.store import (
     Analysis,
     ConsentMode,
     EmailStatus,
@@ -16,7 +16,7 @@ from classlens.store import (
     init_store,
     session_scope,
 )
-from classlens.types import CropBatch, FaceAnalysisBatch
+from kernel.types import CropBatch, FaceAnalysisBatch
 from tests.conftest import POSTGRES_URL
 from workers.persistence import store_face_results
 

@@ -1,7 +1,7 @@
 import numpy as np
 
-from bot.tracking import StudentTracker, TrackSummary, box_iou, is_student
-from classlens.types import FrameDetections
+from kernel.types import FrameDetections
+from vision.tracking import StudentTracker, TrackSummary, box_iou, is_student
 
 
 def _frame(t: float, boxes: list[list[float]]) -> FrameDetections:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from classlens.types import EMOTION_LABELS
+from kernel.types import EMOTION_LABELS
 from training.metrics import (
     binary_auc,
     classify_metrics,
@@ -82,10 +82,10 @@ def face_crops(default_models: Path) -> list[np.ndarray]:
     """Runtime crops (aligned 112×112 BGR) of every face in a few photos of ../shared/media."""
     import cv2
 
-    from bot.geometry import align_face
-    from classlens.settings import Settings
-    from classlens.types import VideoFrame
+    from kernel.settings import Settings
+    from kernel.types import VideoFrame
     from training.emotion_data import load_runtime_detector
+    from vision.geometry import align_face
 
     detector, _ = load_runtime_detector(Settings(model_cache_dir=default_models))
     crops = []
@@ -168,7 +168,7 @@ def test_fer2013_reader_keeps_usage_splits_and_rejects_bad_rows(fer_csv: Path, t
 @pytest.mark.media
 def test_labels_csv_folder_detects_faces_like_the_runtime(labels_folder: Path, default_models: Path,
                                                           tmp_path: Path) -> None:
-    from classlens.settings import Settings
+    from kernel.settings import Settings
     from training.emotion_data import load_emotion_data, split_by_subject
 
     settings = Settings(model_cache_dir=default_models)
@@ -208,7 +208,7 @@ def test_training_resumes_exports_and_runs_in_the_workers(
     from typer.testing import CliRunner
 
     from classlens.cli import app
-    from classlens.settings import Settings, load_settings
+    from kernel.settings import Settings, load_settings
     from training.emotion_train import train_emotion
     from training.export import export_run
     from training.loop import TrainConfig
@@ -281,7 +281,7 @@ def whole_model(run_dir: Path) -> Any:
 @pytest.mark.torch
 def test_evaluate_default_and_trained_models(labels_folder: Path, fer_csv: Path, default_models: Path,
                                              tmp_path: Path) -> None:
-    from classlens.settings import Settings
+    from kernel.settings import Settings
     from training.emotion_train import train_emotion
     from training.evaluate import evaluate
     from training.loop import TrainConfig

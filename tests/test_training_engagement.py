@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from classlens.types import CropBatch, FaceAnalysisBatch
+from kernel.types import CropBatch, FaceAnalysisBatch
 from tests.conftest import MEDIA_DIR, REPO_ROOT
 
 pytestmark = [pytest.mark.media]
@@ -157,7 +157,7 @@ def test_reader_rejects_a_subject_in_two_splits(tmp_path: Path) -> None:
 
 
 def test_reader_rejects_a_folder_that_is_not_daisee(tmp_path: Path) -> None:
-    from classlens.errors import BadInputError
+    from kernel.errors import BadInputError
     from training.daisee import read_daisee, subject_folds
 
     with pytest.raises(BadInputError, match="not a DAiSEE folder"):
@@ -171,7 +171,7 @@ def test_reader_rejects_a_folder_that_is_not_daisee(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def extractor(default_models: Path) -> Iterator[object]:
-    from classlens.settings import Settings
+    from kernel.settings import Settings
     from training.frames import ClipFaceExtractor
 
     settings = Settings(model_cache_dir=default_models, execution_provider="cpu")
@@ -181,7 +181,7 @@ def extractor(default_models: Path) -> Iterator[object]:
 def test_faces_match_the_runtime_and_are_cached_as_numbers_only(daisee_root: Path, extractor: object,
                                                                 tmp_path: Path) -> None:
     from classlens.analysis import crop_batch_for
-    from classlens.types import CROP_SIZE
+    from kernel.types import CROP_SIZE
     from training.frames import ClipFaceExtractor, ClipFaces, largest_face
 
     assert isinstance(extractor, ClipFaceExtractor)
@@ -198,7 +198,7 @@ def test_faces_match_the_runtime_and_are_cached_as_numbers_only(daisee_root: Pat
     with np.load(entries[0]) as stored:  # numbers only: no array with an image's shape
         assert all(stored[name].ndim <= 3 and stored[name].size <= 4 * 10 for name in stored.files)
     # The crops re-made in memory are the runtime's crops of the same frames.
-    from bot.sources import RecordedFileSource
+    from vision.sources import RecordedFileSource
 
     batch = cached.crops(clip, faces)
     assert batch.crops.shape == (4, CROP_SIZE, CROP_SIZE, 3)
@@ -213,7 +213,7 @@ def test_faces_match_the_runtime_and_are_cached_as_numbers_only(daisee_root: Pat
 
 
 def test_faces_of_a_clip_without_face_and_of_a_corrupt_clip(tmp_path: Path, extractor: object) -> None:
-    from classlens.errors import BadInputError
+    from kernel.errors import BadInputError
     from training.frames import ClipFaceExtractor
 
     assert isinstance(extractor, ClipFaceExtractor)
@@ -232,7 +232,7 @@ def test_faces_of_a_clip_without_face_and_of_a_corrupt_clip(tmp_path: Path, extr
 
 
 def _settings(default_models: Path) -> object:
-    from classlens.settings import Settings
+    from kernel.settings import Settings
 
     return Settings(model_cache_dir=default_models, execution_provider="cpu")
 
@@ -240,7 +240,7 @@ def _settings(default_models: Path) -> object:
 def _train(daisee_root: Path, out: Path, default_models: Path, model: str, *, epochs: int = 2,
            folds: int = 0, init: Path | None = None, scheduler: str = "cosine",
            subgroups: Path | None = None) -> object:
-    from classlens.settings import Settings
+    from kernel.settings import Settings
     from training.engagement_train import EngagementTrainOptions, train_engagement
     from training.loop import TrainConfig
 
@@ -313,7 +313,7 @@ def test_temporal_model_trains_on_clip_sequences(daisee_root: Path, default_mode
     assert result.info.config["sequence_length"] == 4
     assert "frame engagement" not in result.test_metrics
     assert result.test_metrics["clip engagement"].count == 2
-    from classlens.errors import ModelSupplyError
+    from kernel.errors import ModelSupplyError
     from training.export import export_run
 
     exported = export_run(tmp_path / "temporal", "daisee-temporal-test", cache_dir=tmp_path / "models")
@@ -355,7 +355,7 @@ def test_frame_model_trains_and_resumes(daisee_root: Path, default_models: Path,
         other = torch.load(tmp_path / "frame" / "checkpoint.pt", weights_only=True)["model"][name]
         torch.testing.assert_close(other, value, msg=f"{name} differs after resuming")
 
-    from classlens.settings import Settings
+    from kernel.settings import Settings
     from training.engagement_train import engagement_parity_inputs
     from training.export import export_run
     from training.run import load_trained_model
@@ -438,7 +438,7 @@ def test_transfer_starts_from_an_emotion_run(daisee_root: Path, default_models: 
 
 def _worker_models(default_models: Path, engagement_model: Path) -> object:
     """The workers' models with the exported engagement model configured, as a worker loads them."""
-    from classlens.settings import Settings
+    from kernel.settings import Settings
     from workers.tasks import load_inference_models
 
     settings = Settings(model_cache_dir=default_models, execution_provider="cpu",
@@ -448,7 +448,7 @@ def _worker_models(default_models: Path, engagement_model: Path) -> object:
 
 def _real_crops(daisee_root: Path, default_models: Path) -> CropBatch:
     """Runtime crops of a test clip's faces."""
-    from classlens.settings import Settings
+    from kernel.settings import Settings
     from training.frames import ClipFaceExtractor
 
     settings = _settings(default_models)

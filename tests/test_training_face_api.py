@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.torch, pytest.mark.network, pytest.mark.media]
 
 @pytest.fixture(scope="module")
 def settings(default_models: Path) -> object:
-    from classlens.settings import Settings
+    from kernel.settings import Settings
 
     return Settings(model_cache_dir=default_models, execution_provider="cpu")
 
@@ -29,7 +29,7 @@ def settings(default_models: Path) -> object:
 @pytest.fixture(scope="module")
 def emotion_run(tmp_path_factory: pytest.TempPathFactory, settings: object) -> Path:
     """One epoch of ``--model face-api`` on 96 FER+ faces (64 train, 32 validation)."""
-    from classlens.errors import ModelSupplyError
+    from kernel.errors import ModelSupplyError
     from training.emotion_train import face_api_tarball, train_emotion
     from training.face_sets import read_ferplus
     from training.loop import TrainConfig

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from classlens.types import CropBatch, FaceAnalysisBatch, FrameDetections
+from kernel.types import CropBatch, FaceAnalysisBatch, FrameDetections
 
 
 def _batch(count: int = 3) -> CropBatch:

@@ -14,8 +14,8 @@ from sqlmodel import select
 
 from bot.whip import WHIP_PATH, WhipIngest
 from classlens.analysis import PipelineComponents
-from classlens.settings import Settings
-from classlens.store import (
+from kernel.settings import Settings
+from kernel.store import (
     Analysis,
     AnalysisStatus,
     FaceObservation,

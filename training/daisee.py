@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from classlens.errors import BadInputError
+from kernel.errors import BadInputError
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def _clip_files(split_dir: Path) -> dict[str, tuple[str, Path]]:
 
 def _readable(path: Path) -> str | None:
     """None when PyAV opens the clip and finds a video stream; otherwise why not."""
-    from bot.sources import RecordedFileSource
+    from vision.sources import RecordedFileSource
 
     try:
         RecordedFileSource(path, 1.0).probe()

@@ -8,7 +8,7 @@ assigns (FER2013's ``Usage``) if any.
 What a model sees must be what the workers will feed it:
 
 * photos (class folders, ``labels.csv``) go through the runtime's own pipeline: the
-  configured face detector, the largest face, :func:`bot.geometry.align_face` to the
+  configured face detector, the largest face, :func:`vision.geometry.align_face` to the
   112×112 crop, then :func:`workers.runners.emotion_model_input` (centred 90 %, grey,
   area resize). Detection is slow, so the five keypoints of each photo (numbers, never
   pixels) are cached in ``<cache>/keypoints-<detector>.json``, keyed by the photo's path,
@@ -18,7 +18,7 @@ What a model sees must be what the workers will feed it:
   same way (for data sets of pre-cropped faces, e.g. AffectNet's).
 
 Labels are mapped to FER2013's seven classes in the runtime's order
-(:data:`classlens.types.EMOTION_LABELS`): ``angry, disgust, fear, happy, sad, surprise,
+(:data:`kernel.types.EMOTION_LABELS`): ``angry, disgust, fear, happy, sad, surprise,
 neutral``, accepting common spellings (anger, happiness, sadness, surprised, ...).
 AffectNet's eighth class, contempt, has no FER2013 counterpart: its images are left out
 and counted in :attr:`EmotionSet.dropped`.
@@ -41,11 +41,11 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from classlens.types import EMOTION_LABELS
+from kernel.types import EMOTION_LABELS
 from training.run import TrainingError, data_fingerprint, write_atomic
 
 if TYPE_CHECKING:
-    from classlens.settings import Settings
+    from kernel.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -293,8 +293,8 @@ class KeypointCache:
 
 def load_runtime_detector(settings: Settings) -> tuple[Any, str]:
     """The runtime's configured detector (same model, input size, threshold) and its name."""
-    from bot.detection import FaceDetector
     from model_export.cache import ModelCache, resolve_model
+    from vision.detection import FaceDetector
 
     cache = ModelCache(settings.model_cache_dir, local_models_dir=settings.local_models_dir,
                        index_url=settings.package_index_url)
@@ -307,7 +307,7 @@ def load_runtime_detector(settings: Settings) -> tuple[Any, str]:
 
 def largest_face_keypoints(detector: Any, image: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32] | None:
     """Keypoints ``[5, 2]`` of the largest detected face, or None."""
-    from classlens.types import VideoFrame
+    from kernel.types import VideoFrame
 
     detections = detector.detect(VideoFrame("training", 0.0, np.ascontiguousarray(image)))
     if len(detections) == 0:
@@ -322,7 +322,7 @@ def as_runtime_crop(face: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     Used for FER2013 rows and ``--faces as-is`` photos when they are fed to the runtime
     runner, which keeps the centred :attr:`EmotionRunner.crop_fraction` of every crop.
     """
-    from classlens.types import CROP_SIZE
+    from kernel.types import CROP_SIZE
     from workers.runners import EmotionRunner
 
     margin = round(CROP_SIZE * (1 - EmotionRunner.crop_fraction) / 2)
@@ -344,16 +344,16 @@ def iter_photo_crops(
     """Yield (sample, FER2013 class, runtime crop ``[112, 112, 3]`` BGR) for every usable photo.
 
     With ``faces="detect"`` the crop is the runtime's: the configured detector's largest
-    face aligned by :func:`bot.geometry.align_face`. Photos left out are counted in ``dropped``.
+    face aligned by :func:`vision.geometry.align_face`. Photos left out are counted in ``dropped``.
     """
-    from bot.geometry import align_face
     from training.loop import progress_bar
+    from vision.geometry import align_face
 
     dropped = dropped if dropped is not None else Counter()
     detector = None
     cache = KeypointCache(None)
     if faces == "detect":
-        from classlens.settings import load_settings
+        from kernel.settings import load_settings
 
         detector, detector_name = load_runtime_detector(settings or load_settings())
         safe_name = re.sub(r"[^A-Za-z0-9_.-]", "_", detector_name)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from classlens.types import EMOTION_LABELS
+from kernel.types import EMOTION_LABELS
 
 EMOTION_MODEL_FAMILIES: tuple[str, ...] = ("mini-xception", "resnet", "face-api")
 """Model families ``classlens train emotion --model`` accepts."""

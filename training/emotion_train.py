@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from classlens.types import EMOTION_LABELS
+from kernel.types import EMOTION_LABELS
 from training.emotion_data import (
     DEFAULT_FER2013_WEIGHT,
     EmotionSet,
@@ -29,7 +29,7 @@ from training.report import write_report
 from training.run import REPORT, InputSpec, RunInfo, TrainingError, write_atomic
 
 if TYPE_CHECKING:
-    from classlens.settings import Settings
+    from kernel.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class PrefixFeatureDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
 def face_api_tarball(settings: Settings | None) -> bytes:
     """The pinned face-api package (its weights start ``--model face-api``), from the model cache."""
-    from classlens.settings import load_settings
+    from kernel.settings import load_settings
     from model_export.cache import ModelCache
     from model_export.manifest import get_spec
 

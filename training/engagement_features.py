@@ -30,9 +30,9 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from classlens.errors import BadInputError
-from classlens.settings import Settings
-from classlens.types import FloatArray
+from kernel.errors import BadInputError
+from kernel.settings import Settings
+from kernel.types import FloatArray
 from model_export.engagement_baseline import ENGAGEMENT_FEATURES
 from training.daisee import AFFECTIVE_STATES, LEVEL_COUNT
 from training.frames import ClipFaceExtractor, ClipFaces

@@ -5,8 +5,8 @@ workers run on every face crop, and ``classlens evaluate MODEL --data DIR`` meas
 engagement model (trained or the heuristic baseline) on such a folder, as the workers run it.
 
 **What the model sees is what the workers feed it.** Every image goes through the runtime's
-detector (its largest face), :func:`bot.geometry.align_face` to the 112×112 crop and
-:func:`bot.geometry.head_pose`; the five keypoints are cached as numbers in the run's
+detector (its largest face), :func:`vision.geometry.align_face` to the 112×112 crop and
+:func:`vision.geometry.head_pose`; the five keypoints are cached as numbers in the run's
 ``cache/`` folder, the crops are rebuilt in memory on every run. A feature model (the
 baseline) gets the runtime's feature rows (:func:`workers.inference.engagement_features`:
 head angles, emotion probabilities of the configured emotion model; eye cues are unknown
@@ -37,13 +37,13 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from classlens.types import ENGAGEMENT_LEVELS
+from kernel.types import ENGAGEMENT_LEVELS
 from training.run import TrainingError, data_fingerprint, write_atomic
 
 if TYPE_CHECKING:
     import torch
 
-    from classlens.settings import Settings
+    from kernel.settings import Settings
     from training.emotion_data import EmotionSet
     from training.emotion_train import ClassWeighting
     from training.loop import TrainConfig
@@ -175,9 +175,9 @@ def read_engagement_images(
 def _read_rows(folder: Path, wanted: list[tuple[str, int, str]], *, settings: Settings, cache_dir: Path | None,
                progress: bool, dropped: Counter[str] | None = None) -> EngagementImages:
     """Detect, align and pose the given rows of a folder."""
-    from bot.geometry import align_face, head_pose
     from training.emotion_data import KeypointCache, largest_face_keypoints, load_runtime_detector
     from training.loop import progress_bar
+    from vision.geometry import align_face, head_pose
 
     dropped = dropped if dropped is not None else Counter()
     detector, detector_name = load_runtime_detector(settings)

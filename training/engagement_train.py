@@ -32,8 +32,8 @@ import torch
 from numpy.typing import NDArray
 from torch.utils.data import Dataset
 
-from classlens.errors import BadInputError
-from classlens.settings import Settings
+from kernel.errors import BadInputError
+from kernel.settings import Settings
 from training.daisee import AFFECTIVE_STATES, DaiseeClip, DaiseeDataset, DatasetProblem, read_daisee, subject_folds
 from training.engagement_features import (
     FRAME_FEATURES,

@@ -3,7 +3,7 @@
 The model is a manifest name (the default ``fer-mini-xception``), a model exported into
 the cache, an ONNX file, or a training run folder (exported on the fly to a temporary
 folder). It is always loaded by :class:`workers.runners.EmotionRunner`, and photos go
-through the runtime's detector and :func:`bot.geometry.align_face`, so the figures are
+through the runtime's detector and :func:`vision.geometry.align_face`, so the figures are
 those of the model as the workers run it. FER2013 rows (already face crops) are framed
 so that the runner's centred crop is exactly the row's 48×48 face
 (:func:`training.emotion_data.as_runtime_crop`).
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from classlens.types import EMOTION_LABELS
+from kernel.types import EMOTION_LABELS
 from training.emotion_data import (
     FER_USAGE_SPLITS,
     EmotionSet,
@@ -37,7 +37,7 @@ from training.report import write_report
 from training.run import RUN_JSON, RunInfo, Task, TrainingError, write_atomic
 
 if TYPE_CHECKING:
-    from classlens.settings import Settings
+    from kernel.settings import Settings
 
 _BATCH = 128
 
@@ -120,7 +120,7 @@ def _labelled_crops(
     cache_dir: Path | None, progress: bool,
 ) -> Iterator[tuple[str, int, str, npt.NDArray[np.uint8]]]:
     """(sample id, class, subgroup, runtime crop) for every usable sample of the data set."""
-    from classlens.types import CROP_SIZE
+    from kernel.types import CROP_SIZE
     from training.face_sets import is_ckplus_folder, is_ferplus_folder, read_ckplus, read_ferplus
     from workers.runners import EmotionRunner
 
@@ -183,7 +183,7 @@ def evaluate(
     ``split`` picks FER2013 rows by Usage (``Training``, ``PublicTest``, ``PrivateTest``
     or train / val / test); photos are all evaluated.
     """
-    from classlens.settings import load_settings
+    from kernel.settings import load_settings
     from training.face_sets import is_ferplus_folder
 
     ferplus = is_ferplus_folder(data)

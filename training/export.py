@@ -51,7 +51,7 @@ OUTPUT_NAME = "probabilities"
 """Name of the exported model's output."""
 
 PREPROCESSING = {
-    "image": "runtime aligned 112x112 crop (bot.geometry.align_face) -> centred crop_fraction -> colour conversion "
+    "image": "runtime aligned 112x112 crop (vision.geometry.align_face) -> centred crop_fraction -> colour conversion "
              "-> area resize to size x size -> values in value_range; normalisation is inside the model",
     "features": "per-face feature vector in the order of input_spec.features",
     "sequence": "per-frame feature vectors of one clip, [N, T, F]",

@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from classlens.types import EMOTION_LABELS
+from kernel.types import EMOTION_LABELS
 from training.emotion_data import DEFAULT_FER2013_WEIGHT, EmotionSet, label_index, resize_square
 from training.run import TrainingError
 

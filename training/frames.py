@@ -1,8 +1,8 @@
 """Faces of DAiSEE clips, found exactly as the runtime pipeline finds them.
 
 A model must see at training time what it will see in production, so a clip goes
-through the runtime's own stages: :class:`~bot.sources.RecordedFileSource` samples it
-at 1 or 2 fps on the video's clock, :class:`~bot.detection.FaceDetector` (the configured
+through the runtime's own stages: :class:`~vision.sources.RecordedFileSource` samples it
+at 1 or 2 fps on the video's clock, :class:`~vision.detection.FaceDetector` (the configured
 detector, loaded by :func:`workers.segments.load_capture_models`) finds the faces, and
 :func:`classlens.analysis.crop_batch_for` aligns the crop and estimates head pose. As in
 the seeds, the largest face of a frame is the student.
@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from bot.detection import FaceDetector
-from bot.sources import RecordedFileSource
 from classlens.analysis import crop_batch_for
-from classlens.errors import BadInputError
-from classlens.settings import Settings
-from classlens.types import CropBatch, FloatArray, FrameDetections, VideoFrame
+from kernel.errors import BadInputError
+from kernel.settings import Settings
+from kernel.types import CropBatch, FloatArray, FrameDetections, VideoFrame
+from vision.detection import FaceDetector
+from vision.sources import RecordedFileSource
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def _matching_index(frame: VideoFrame, wanted: dict[float, int]) -> int | None:
 
 
 def _empty_batch(stream: str) -> CropBatch:
-    from classlens.types import CROP_SIZE
+    from kernel.types import CROP_SIZE
 
     del stream  # an empty batch has no streams
     return CropBatch(analysis_id=0, streams=(), track_ids=np.zeros(0, np.int64), timestamps=np.zeros(0, np.float64),

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from classlens.errors import ClassLensError
+from kernel.errors import ClassLensError
 
 if TYPE_CHECKING:
     import torch

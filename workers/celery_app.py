@@ -1,8 +1,8 @@
 """The Celery application that carries crop batches from producers to inference workers.
 
-:func:`make_celery_app` builds an app from :class:`~classlens.settings.Settings`. The
+:func:`make_celery_app` builds an app from :class:`~kernel.settings.Settings`. The
 module-level ``app`` (what ``celery -A workers.celery_app worker`` finds) is built from
-:func:`~classlens.settings.load_settings` on first access, not at import, so importing
+:func:`~kernel.settings.load_settings` on first access, not at import, so importing
 this module never needs a broker.
 
 Delivery guarantees: a message is acknowledged only after its task returned
@@ -22,8 +22,8 @@ from celery import Celery
 from kombu.entity import Queue
 from kombu.utils.url import maybe_sanitize_url
 
-from classlens.errors import ConfigurationError
-from classlens.settings import Settings, load_settings
+from kernel.errors import ConfigurationError
+from kernel.settings import Settings, load_settings
 
 #: Queues every ClassLens deployment knows: CPU workers and GPU workers.
 STANDARD_QUEUES: tuple[str, ...] = ("cpu", "gpu")

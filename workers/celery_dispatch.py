@@ -22,11 +22,11 @@ from sqlalchemy import Engine, func
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlmodel import Session, col, select
 
-from classlens.errors import ClassLensError
-from classlens.store import FaceObservation
-from classlens.types import CropBatch
+from kernel.errors import ClassLensError
+from kernel.store import FaceObservation, FailedBatch
+from kernel.types import CropBatch
 from workers.dispatch import DispatchStats
-from workers.failures import FailedBatch, ensure_failed_batch_table, failed_batches_for
+from workers.failures import ensure_failed_batch_table, failed_batches_for
 from workers.tasks import ANALYSE_CROP_BATCH_TASK
 
 logger = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 :class:`CropDispatcher` is the interface the pipeline talks to. The in-process
 dispatcher here runs inference on a background thread of the same process (onnxruntime
 releases the GIL, so detection and inference overlap on two cores); the Celery
-dispatcher sends the same :class:`~classlens.types.CropBatch` payloads to workers.
+dispatcher sends the same :class:`~kernel.types.CropBatch` payloads to workers.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Protocol
 
 from sqlalchemy import Engine
 
-from classlens.types import CropBatch
+from kernel.types import CropBatch
 from workers.inference import InferenceModels, analyse_crops
 from workers.persistence import store_face_results
 

@@ -10,13 +10,12 @@ never arrive. Only numbers and text are stored, never the payload (it holds face
 from __future__ import annotations
 
 import logging
-from datetime import datetime
 
 from sqlalchemy import Engine, inspect
 from sqlalchemy.exc import DatabaseError
-from sqlmodel import Field, Session, SQLModel, col, select
+from sqlmodel import Session, col, select
 
-from classlens.store import session_scope, utcnow
+from kernel.store import FailedBatch, session_scope
 
 logger = logging.getLogger(__name__)
 
@@ -25,23 +24,6 @@ MAX_REASON_CHARS = 1000
 
 #: Largest id PostgreSQL's INTEGER holds; a poison payload may claim anything.
 _MAX_INT32 = 2**31 - 1
-
-
-class FailedBatch(SQLModel, table=True):
-    """One crop batch that a worker gave up on, and why."""
-
-    # No foreign key to ``analysis``: a poison payload may name an analysis that does not
-    # exist (or none at all), and the record must still be written.
-    id: int | None = Field(default=None, primary_key=True, description="Row id.")
-    analysis_id: int | None = Field(
-        default=None, index=True,
-        description="The analysis the payload named, or None when it could not be read.",
-    )
-    reason: str = Field(description="Why the batch failed, in one line (the error a person needs to see).")
-    crops: int | None = Field(
-        default=None, description="How many crops the payload said it held, or None when unknown.",
-    )
-    created_at: datetime = Field(default_factory=utcnow, description="When the worker gave up (UTC).")
 
 
 def ensure_failed_batch_table(engine: Engine) -> None:

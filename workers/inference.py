@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from classlens.types import EMOTION_LABELS, CropBatch, FaceAnalysisBatch, FloatArray
+from kernel.types import EMOTION_LABELS, CropBatch, FaceAnalysisBatch, FloatArray
 from workers.landmarks import LandmarkRunner
 from workers.runners import EmotionRunner, EngagementRunner
 

@@ -37,8 +37,8 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from classlens.errors import ModelSupplyError
-from classlens.types import ByteArray, FloatArray, as_float32
+from kernel.errors import ModelSupplyError
+from kernel.types import ByteArray, FloatArray, as_float32
 
 # --- where the model comes from -------------------------------------------------------
 

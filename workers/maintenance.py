@@ -17,8 +17,8 @@ from typing import Any
 
 from celery import Task, shared_task
 
-from classlens.settings import Settings
-from classlens.store import init_store
+from kernel.settings import Settings
+from kernel.store import init_store
 
 logger = logging.getLogger(__name__)
 

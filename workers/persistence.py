@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Engine
 
-from classlens.store import FaceObservation, insert_ignoring_duplicates, session_scope
-from classlens.types import EMOTION_LABELS, CropBatch, FaceAnalysisBatch, FloatArray
+from kernel.store import FaceObservation, insert_ignoring_duplicates, session_scope
+from kernel.types import EMOTION_LABELS, CropBatch, FaceAnalysisBatch, FloatArray
 
 
 def _known(values: FloatArray | None, index: int) -> float | None:

@@ -14,9 +14,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from classlens.errors import ModelSupplyError
-from classlens.runtime import create_session
-from classlens.types import EMOTION_LABELS, ByteArray, FloatArray
+from kernel.errors import ModelSupplyError
+from kernel.runtime import create_session
+from kernel.types import EMOTION_LABELS, ByteArray, FloatArray
 
 logger = logging.getLogger(__name__)
 

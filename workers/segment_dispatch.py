@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlmodel import Session
 
-from classlens.store import SegmentState, SegmentStatus, insert_ignoring_duplicates, session_scope
+from kernel.store import SegmentState, SegmentStatus, insert_ignoring_duplicates, session_scope
 from workers.celery_dispatch import PUBLISH_RETRY_POLICY, CeleryDispatchError, first_line, publish_error
 from workers.segments import Segment, statuses_for
 from workers.tasks import ANALYSE_RECORDING_SEGMENT_TASK

@@ -3,14 +3,14 @@
 A long recording is cut into segments on the sampling grid (:func:`plan_segments`). A
 worker decodes its segment (seeking to the keyframe before it), detects, tracks with
 track ids of the segment's own range (``segment_index * 1_000_000 + n``), runs inference
-in its own process and stores the results: :class:`~classlens.store.FrameSample` and
-:class:`~classlens.store.FaceObservation` rows, and one
-:class:`~classlens.store.SegmentTrack` per track (numbers only: times, counts, first
+in its own process and stores the results: :class:`~kernel.store.FrameSample` and
+:class:`~kernel.store.FaceObservation` rows, and one
+:class:`~kernel.store.SegmentTrack` per track (numbers only: times, counts, first
 and last box) from which the producer stitches ids across the boundaries
-(:mod:`workers.stitching`).
+(:mod:`vision.stitching`).
 
 A segment is written in one transaction, together with the ``done`` mark of its
-:class:`~classlens.store.SegmentStatus` row, and only while the analysis is still
+:class:`~kernel.store.SegmentStatus` row, and only while the analysis is still
 running. A redelivered or duplicated segment task (``acks_late``) therefore either finds
 the segment done and writes nothing, or is the one that writes it; a segment that
 finishes after its analysis failed or was finalised writes nothing either.
@@ -36,14 +36,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from bot.detection import FaceDetector
-from bot.recognition import Embedder, load_embedder
-from bot.sources import RecordedFileSource, prefetched
-from bot.tracking import StudentTracker
 from classlens.analysis import crop_batch_for
-from classlens.errors import ConfigurationError
-from classlens.settings import Settings
-from classlens.store import (
+from kernel.errors import ConfigurationError
+from kernel.settings import Settings
+from kernel.store import (
     Analysis,
     AnalysisStatus,
     FaceObservation,
@@ -54,8 +50,12 @@ from classlens.store import (
     insert_ignoring_duplicates,
     utcnow,
 )
-from classlens.types import CropBatch, FrameDetections
+from kernel.types import CropBatch, FrameDetections
 from model_export.cache import ModelCache, resolve_model
+from vision.detection import FaceDetector
+from vision.recognition import Embedder, load_embedder
+from vision.sources import RecordedFileSource, prefetched
+from vision.tracking import StudentTracker
 from workers.inference import InferenceModels, analyse_crops
 from workers.persistence import observation_rows
 
@@ -204,7 +204,8 @@ def load_capture_models(settings: Settings) -> CaptureModels:
     embedder = None
     if settings.recognizer:
         recognizer_model = resolve_model(cache, settings.recognizer)
-        embedder = load_embedder(recognizer_model, **common)
+        facts = recognizer_model.spec.extra if recognizer_model.spec is not None else {}
+        embedder = load_embedder(recognizer_model.path, facts, **common)
         provenance["recognizer"] = recognizer_model.provenance()
     return CaptureModels(detector, embedder, provenance)
 

@@ -1,13 +1,13 @@
 """Celery tasks of the inference workers.
 
-One thin task: decode a :class:`~classlens.types.CropBatch` payload, run the pure
+One thin task: decode a :class:`~kernel.types.CropBatch` payload, run the pure
 :func:`~workers.inference.analyse_crops`, store the results idempotently. The models and
 the store engine are loaded lazily, once per worker process, by :class:`InferenceTask`.
 
 Errors split in two. Transient ones (the database or the broker unreachable or busy, a
 task past its soft time limit) are retried with exponential backoff up to
 ``task_max_retries``. Everything else is a poison message that no retry would fix: it is
-recorded as a :class:`~workers.failures.FailedBatch` with its reason, and the task
+recorded as a :class:`~kernel.store.FailedBatch` with its reason, and the task
 returns normally so the worker goes on with the next batch.
 """
 
@@ -29,17 +29,17 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from classlens.errors import ClassLensError, ConfigurationError
-from classlens.settings import (
+from kernel.errors import ClassLensError, ConfigurationError
+from kernel.settings import (
     ENGAGEMENT_MODEL_READING_EXPRESSIONS,
     ENGAGEMENT_MODEL_WITHOUT_EMOTION,
     Settings,
     load_settings,
 )
-from classlens.store import make_engine
-from classlens.types import CROP_SIZE, CropBatch
+from kernel.store import FailedBatch, make_engine
+from kernel.types import CROP_SIZE, CropBatch
 from model_export.cache import ModelCache, resolve_model
-from workers.failures import FailedBatch, ensure_failed_batch_table, record_failed_batch
+from workers.failures import ensure_failed_batch_table, record_failed_batch
 from workers.inference import InferenceModels, analyse_crops
 from workers.persistence import store_face_results
 from workers.runners import EmotionRunner, EngagementRunner

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import socket
 
-from classlens.errors import ConfigurationError
-from classlens.settings import Settings
+from kernel.errors import ConfigurationError
+from kernel.settings import Settings
 from workers.celery_app import make_celery_app
 
 #: Log levels Celery's worker accepts.

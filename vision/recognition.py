@@ -17,18 +17,23 @@ live in memory for one session only: nothing is stored and nothing is compared a
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
-from bot.geometry import arcface_crop
-from classlens.types import ByteArray, FloatArray, as_float32
+from kernel.types import ByteArray, FloatArray, as_float32
+from vision.geometry import arcface_crop
 
-if TYPE_CHECKING:
-    from model_export.cache import ResolvedModel
+FACE_API_INPUT_SIZE = 150
+"""Height and width of face-api's recognition input (``model_export.face_api_recognition.INPUT_SIZE``)."""
+FACE_API_EMBEDDING_SIZE = 128
+"""Length of face-api's face descriptor."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,7 @@ class ArcFaceEmbedder:
 
     def __init__(self, model_path: Path, *, imagenet_normalisation: bool, preference: str = "auto",
                  intra_op_threads: int = 0, scale: SimilarityScale = ARCFACE_SCALE) -> None:
-        from bot.detection import load_insightface_model
+        from vision.detection import load_insightface_model
 
         model = load_insightface_model(model_path, "recognition", preference=preference,
                                        intra_op_threads=intra_op_threads)
@@ -105,20 +110,17 @@ class FaceApiEmbedder:
 
     def __init__(self, model_path: Path, *, scale: SimilarityScale, preference: str = "auto",
                  intra_op_threads: int = 0) -> None:
-        from classlens.runtime import create_session
-        from model_export.face_api_recognition import INPUT_NAME
+        from kernel.runtime import create_session
 
         self._session = create_session(model_path, preference=preference, intra_op_threads=intra_op_threads,
                                        label="face-api recogniser")
-        self._input_name = INPUT_NAME
+        self._input_name = self._session.get_inputs()[0].name
         self.scale = scale
 
     def embed(self, image: ByteArray, keypoints: FloatArray) -> FloatArray:
         """Unit-length descriptors [K, 128] of the faces given by their keypoints [K, 5, 2]."""
-        from model_export.face_api_recognition import EMBEDDING_SIZE, face_api_descriptor_box, face_api_input
-
         if keypoints.shape[0] == 0:
-            return np.zeros((0, EMBEDDING_SIZE), np.float32)
+            return np.zeros((0, FACE_API_EMBEDDING_SIZE), np.float32)
         height, width = image.shape[:2]
         inputs = []
         for points in keypoints.astype(np.float64):
@@ -141,18 +143,97 @@ def unit_rows(features: FloatArray) -> FloatArray:
     return as_float32(features / norms)
 
 
-def load_embedder(model: ResolvedModel, *, preference: str = "auto", intra_op_threads: int = 0) -> Embedder:
-    """The embedder for a resolved recogniser: face-api's or an ArcFace-style model.
+def load_embedder(path: Path, facts: Mapping[str, str], *, preference: str = "auto",
+                  intra_op_threads: int = 0) -> Embedder:
+    """The embedder for a recogniser file: face-api's or an ArcFace-style model.
 
-    The manifest entry says which family a named model belongs to and how its similarities
-    read (``extra``: ``embedding``, ``input_mean``, ``different_person_cosine``,
-    ``same_person_cosine``); a file given by path is taken to be an ArcFace-style model.
+    ``facts`` are the manifest entry's ``extra``: which family the model belongs to and how
+    its similarities read (``embedding``, ``input_mean``, ``different_person_cosine``,
+    ``same_person_cosine``); without them (a file given by path) it is taken to be an
+    ArcFace-style model.
     """
-    extra = model.spec.extra if model.spec is not None else {}
+    extra = facts
     scale = ARCFACE_SCALE
     if "different_person_cosine" in extra:
         scale = SimilarityScale(float(extra["different_person_cosine"]), float(extra["same_person_cosine"]))
     if extra.get("embedding") == "face-api":
-        return FaceApiEmbedder(model.path, scale=scale, preference=preference, intra_op_threads=intra_op_threads)
-    return ArcFaceEmbedder(model.path, imagenet_normalisation=extra.get("input_mean") == "imagenet",
+        return FaceApiEmbedder(path, scale=scale, preference=preference, intra_op_threads=intra_op_threads)
+    return ArcFaceEmbedder(path, imagenet_normalisation=extra.get("input_mean") == "imagenet",
                            preference=preference, intra_op_threads=intra_op_threads, scale=scale)
+
+
+# ---------------------------------------------------------------------------------------
+# face-api's crop and input, as face-api makes them at run time
+# ---------------------------------------------------------------------------------------
+
+def _legacy_bilinear_taps(size_in: int, size_out: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp],
+                                                                 npt.NDArray[np.float64]]:
+    """Source rows (low, high) and weights of TF's resizeBilinear without aligned corners or half pixels."""
+    # tfjs-backend-cpu: src = (in / out) * dst in doubles, floor/ceil clamped to the image.
+    source = (size_in / size_out) * np.arange(size_out, dtype=np.float64)
+    low = np.maximum(np.floor(source), 0.0)
+    high = np.minimum(np.ceil(source), size_in - 1)
+    return low.astype(np.intp), high.astype(np.intp), source - low
+
+
+DLIB_ALIGN_REL_X: float = 0.5
+"""``relX`` of face-api's ``alignDlib``: horizontal position of the eyes/mouth centroid in the crop."""
+DLIB_ALIGN_REL_Y: float = 0.43
+"""``relY``: vertical position of the eyes/mouth centroid in the crop."""
+DLIB_ALIGN_REL_SCALE: float = 0.45
+"""``relScale``: the mean eye-to-mouth distance as a fraction of the crop's side."""
+
+
+def face_api_descriptor_box(left_eye: tuple[float, float], right_eye: tuple[float, float],
+                            mouth: tuple[float, float], image_width: int, image_height: int
+                            ) -> tuple[int, int, int, int]:
+    """``(x, y, width, height)`` of the image region face-api crops for a face's descriptor.
+
+    ``FaceLandmarks.alignDlib`` followed by ``extractFaceTensors``' ``clipAtImageBorders`` and
+    ``floor``. The points are pixel coordinates of the eye centres and the mouth centre (face-api
+    averages its 68 landmarks: 36–41, 42–47 and 48–67; a five-point detector's eye points and the
+    midpoint of its mouth corners approximate them). A width or height of 0 or less means face-api
+    would drop the face.
+    """
+    points = np.asarray([left_eye, right_eye, mouth], dtype=np.float64)
+    eye_to_mouth = float(np.mean(np.linalg.norm(points[2] - points[:2], axis=1)))
+    size = math.floor(eye_to_mouth / DLIB_ALIGN_REL_SCALE)
+    centre_x, centre_y = (float(value) for value in points.mean(axis=0))
+    x = math.floor(max(0.0, centre_x - DLIB_ALIGN_REL_X * size))
+    y = math.floor(max(0.0, centre_y - DLIB_ALIGN_REL_Y * size))
+    # alignDlib caps the side at image size + x (a no-op, kept as written); clipAtImageBorders
+    # then cuts the square at the right and bottom borders, so border faces become non-square.
+    width = min(min(size, image_width + x), image_width - x)
+    height = min(min(size, image_height + y), image_height - y)
+    return x, y, width, height
+
+
+def face_api_input(face_rgb: npt.NDArray[Any]) -> FloatArray:
+    """The ``[3, 150, 150]`` network input face-api builds from an ``[H, W, 3]`` RGB face tensor.
+
+    ``NetInput.toBatchTensor(150, true)`` for a tensor input: ``padToSquare`` with zeros, the
+    shorter side extended by ``round(diff / 2)`` after (bottom/right) and the rest before, then
+    (unless already 150×150) ``tf.image.resizeBilinear`` with ``alignCorners=false`` and
+    ``halfPixelCenters=false``, interpolated in double precision and stored as float32 as the
+    TFJS CPU backend does. (Browser canvases go through ``imageToSquare``/``drawImage`` instead,
+    whose resampling is the browser's.)
+    """
+    image = np.asarray(face_rgb, dtype=np.float32).astype(np.float64)
+    if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+        raise ValueError(f"expected an RGB face [H, W, 3], got {image.shape}")
+    height, width = int(image.shape[0]), int(image.shape[1])
+    if height != width:
+        difference = abs(height - width)
+        after = math.floor(difference * 0.5 + 0.5)  # JavaScript's Math.round rounds halves up
+        pad = (difference - after, after)
+        image = np.pad(image, ((0, 0), pad, (0, 0)) if height > width else (pad, (0, 0), (0, 0)))
+    if image.shape[0] != FACE_API_INPUT_SIZE:
+        low, high, frac = _legacy_bilinear_taps(image.shape[0], FACE_API_INPUT_SIZE)
+        col_frac = frac[None, :, None]
+        top_rows, bottom_rows = image[low], image[high]
+        # The kernel's own evaluation order: interpolate along columns, then along rows.
+        top = top_rows[:, low] + (top_rows[:, high] - top_rows[:, low]) * col_frac
+        bottom = bottom_rows[:, low] + (bottom_rows[:, high] - bottom_rows[:, low]) * col_frac
+        image = top + (bottom - top) * frac[:, None, None]
+    resized: FloatArray = np.ascontiguousarray(image.astype(np.float32).transpose(2, 0, 1))
+    return resized

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from bot.recognition import ARCFACE_SCALE, Embedder
-from classlens.types import ByteArray, FloatArray, FrameDetections, as_float32
+from kernel.types import ByteArray, FloatArray, FrameDetections, as_float32
+from vision.recognition import ARCFACE_SCALE, Embedder
 
 logger = logging.getLogger(__name__)
 

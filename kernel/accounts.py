@@ -18,8 +18,8 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlmodel import Session, col, select
 
-from classlens.errors import BadInputError
-from classlens.store import User, UserRole, utcnow
+from kernel.errors import BadInputError
+from kernel.store import User, UserRole, utcnow
 
 #: Shortest password `users add` accepts.
 MIN_PASSWORD_LENGTH = 10

@@ -3,7 +3,7 @@
 Every configuration detects with insightface: the default RetinaFace export (which
 insightface's ``SCRFD`` class loads), SCRFD files such as ``det_500m.onnx``, or the
 detector of an insightface model pack folder. insightface's results are converted at
-this boundary into :class:`~classlens.types.FrameDetections`.
+this boundary into :class:`~kernel.types.FrameDetections`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from classlens.errors import ModelSupplyError
-from classlens.runtime import log_providers, select_providers, session_options
-from classlens.types import FrameDetections, VideoFrame
+from kernel.errors import ModelSupplyError
+from kernel.runtime import log_providers, select_providers, session_options
+from kernel.types import FrameDetections, VideoFrame
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from sqlalchemy import ColumnElement, func
 from sqlmodel import Session, col, select
 
-from classlens.store import AuditEvent, User
+from kernel.store import AuditEvent, User
 
 #: Longest detail kept; longer text is cut (a detail is context, not a payload).
 MAX_DETAIL_CHARS = 500

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from classlens.errors import ConfigurationError
+from kernel.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import av
 import cv2
 import numpy as np
 
-from classlens.errors import BadInputError
-from classlens.types import ByteArray
+from kernel.errors import BadInputError
+from kernel.types import ByteArray
 
 
 def bundled_image(name: str) -> ByteArray:

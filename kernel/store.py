@@ -24,7 +24,7 @@ from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.types import SchemaType
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
-from classlens.errors import ConfigurationError
+from kernel.errors import ConfigurationError
 
 
 def utcnow() -> datetime:
@@ -193,6 +193,23 @@ class SegmentState(enum.StrEnum):
     failed = "failed"
 
 
+class FailedBatch(SQLModel, table=True):
+    """One crop batch that a worker gave up on, and why."""
+
+    # No foreign key to ``analysis``: a poison payload may name an analysis that does not
+    # exist (or none at all), and the record must still be written.
+    id: int | None = Field(default=None, primary_key=True, description="Row id.")
+    analysis_id: int | None = Field(
+        default=None, index=True,
+        description="The analysis the payload named, or None when it could not be read.",
+    )
+    reason: str = Field(description="Why the batch failed, in one line (the error a person needs to see).")
+    crops: int | None = Field(
+        default=None, description="How many crops the payload said it held, or None when unknown.",
+    )
+    created_at: datetime = Field(default_factory=utcnow, description="When the worker gave up (UTC).")
+
+
 class SegmentStatus(SQLModel, table=True):
     """One time segment of a recording that a worker decodes, detects, tracks and infers on its own."""
 
@@ -337,7 +354,6 @@ def make_engine(url: str) -> Engine:
 def init_store(url: str) -> Engine:
     """Open the store and create missing tables; a database that cannot be reached is a one-line error."""
     engine = make_engine(url)
-    import workers.failures  # noqa: F401  registers FailedBatch; imported here because it imports this module
 
     try:
         SQLModel.metadata.create_all(engine)
@@ -421,8 +437,6 @@ def delete_analysis_data(session: Session, analysis_id: int, *, keep_analysis: b
     for model in tables:
         session.execute(delete(model).where(model.analysis_id == analysis_id))
     if not keep_analysis:
-        from workers.failures import FailedBatch
-
         session.execute(delete(Meeting).where(col(Meeting.analysis_id) == analysis_id))
 
         session.execute(delete(FailedBatch).where(col(FailedBatch.analysis_id) == analysis_id))

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from classlens.errors import ConfigurationError
+from kernel.errors import ConfigurationError
 
 
 def _default_data_dir() -> Path:

@@ -2,7 +2,7 @@
 
 Each segment's tracker starts fresh, so a student present across a boundary has one
 track on each side. At every boundary, tracks of the earlier segment are matched with
-tracks of the later one the way :class:`~bot.tracking.StudentTracker` matches a live
+tracks of the later one the way :class:`~vision.tracking.StudentTracker` matches a live
 track with a new face: only within ``track_max_gap_seconds`` of the track's last
 sample, by the same overlap-and-distance score (its last box against the other's first
 box), one-to-one (Hungarian), earliest appearances first. A student hidden across a
@@ -28,15 +28,15 @@ from typing import Protocol
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from bot.tracking import MATCH_THRESHOLD, TrackSummary, geometry_scores
-from classlens.types import FloatArray
+from kernel.types import FloatArray
+from vision.tracking import MATCH_THRESHOLD, TrackSummary, geometry_scores
 
 #: Tolerance on the gap between two samples (timestamps are rounded to milliseconds).
 _GAP_TOLERANCE_SECONDS = 1e-3
 
 
 class SegmentTrackLike(Protocol):
-    """What stitching reads of a :class:`~classlens.store.SegmentTrack` row."""
+    """What stitching reads of a :class:`~kernel.store.SegmentTrack` row."""
 
     segment_index: int
     stream: str

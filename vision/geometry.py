@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 from insightface.utils import face_align
 
-from classlens.types import CROP_SIZE, ByteArray, FloatArray, as_float32
+from kernel.types import CROP_SIZE, ByteArray, FloatArray, as_float32
 
 #: How much of the crop the ArcFace template's face occupies: below 1 adds a margin.
 CROP_TEMPLATE_SCALE = 0.78

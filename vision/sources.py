@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 import av
 import av.error
 
-from classlens.errors import BadInputError
-from classlens.types import VideoFrame
+from kernel.errors import BadInputError
+from kernel.types import VideoFrame
 
 logger = logging.getLogger(__name__)
 
