@@ -26,6 +26,25 @@ EMOTION_LABELS: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "
 #: DAiSEE-style engagement levels 0–3.
 ENGAGEMENT_LEVELS: tuple[str, ...] = ("very low", "low", "high", "very high")
 
+#: The engagement models' feature columns, in order (the heuristic baseline reads them all;
+#: trained image models read the crop instead).
+ENGAGEMENT_FEATURES: tuple[str, ...] = (
+    "head_yaw_abs_deg",
+    "head_pitch_abs_deg",
+    "eyes_closed",
+    "gaze_away",
+    "angry",
+    "disgust",
+    "fear",
+    "happy",
+    "sad",
+    "surprise",
+    "neutral",
+)
+"""Input columns, in order. Head angles are absolute degrees; ``eyes_closed`` and
+``gaze_away`` are probabilities in [0, 1] (0 when unknown); the seven FER2013 emotion
+probabilities are all 0 when emotion inference is switched off."""
+
 #: Side length of the aligned face crops that travel to the workers.
 CROP_SIZE = 112
 

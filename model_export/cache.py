@@ -269,7 +269,7 @@ class ModelCache:
 def _verify_model(spec: ModelSpec, data: bytes) -> None:
     """Check converted bytes in the format the manifest says they are in."""
     if spec.file_format == "mediapipe-task":
-        from workers.landmarks import extract_face_landmarker
+        from model_export.face_landmarker import extract_face_landmarker
 
         # MediaPipe itself is only needed to run the bundle; its structure is checked here.
         extract_face_landmarker(data)

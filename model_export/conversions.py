@@ -48,7 +48,7 @@ def _build_engagement_baseline(raw: bytes) -> bytes:
 
 def _face_landmarker_task(raw: bytes) -> bytes:
     from model_export.archives import sha256_of_bytes
-    from workers.landmarks import FACE_LANDMARKER_SHA256, extract_face_landmarker
+    from model_export.face_landmarker import FACE_LANDMARKER_SHA256, extract_face_landmarker
 
     if sha256_of_bytes(raw) != FACE_LANDMARKER_SHA256:
         raise ModelSupplyError("face_landmarker.task does not have the pinned sha256")

@@ -35,25 +35,7 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-ENGAGEMENT_FEATURES: tuple[str, ...] = (
-    "head_yaw_abs_deg",
-    "head_pitch_abs_deg",
-    "eyes_closed",
-    "gaze_away",
-    "angry",
-    "disgust",
-    "fear",
-    "happy",
-    "sad",
-    "surprise",
-    "neutral",
-)
-"""Input columns, in order. Head angles are absolute degrees; ``eyes_closed`` and
-``gaze_away`` are probabilities in [0, 1] (0 when unknown); the seven FER2013 emotion
-probabilities are all 0 when emotion inference is switched off."""
-
-ENGAGEMENT_LEVELS: tuple[str, ...] = ("very low", "low", "high", "very high")
-"""Output columns: DAiSEE's engagement levels 0–3."""
+from kernel.types import ENGAGEMENT_FEATURES, ENGAGEMENT_LEVELS
 
 BASELINE_DESCRIPTION: str = (
     "This engagement model is a transparent heuristic baseline. It is NOT trained on DAiSEE "

@@ -11,9 +11,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from kernel.types import ENGAGEMENT_FEATURES
 from model_export.engagement_baseline import (
     BASELINE_DESCRIPTION,
-    ENGAGEMENT_FEATURES,
     ENGAGEMENT_LEVELS,
     build_engagement_baseline,
     engagement_baseline_reference,

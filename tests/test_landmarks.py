@@ -22,16 +22,16 @@ import pytest
 
 from kernel.errors import ModelSupplyError
 from kernel.types import ByteArray, FloatArray, VideoFrame
-from tests.conftest import IN_CI, MEDIA_DIR, REPO_ROOT, require
-from vision.detection import FaceDetector
-from vision.geometry import align_face
-from workers.landmarks import (
+from model_export.face_landmarker import (
     FACE_LANDMARKER_MEMBERS,
     FACE_LANDMARKER_SHA256,
-    LandmarkRunner,
     extract_face_landmarker,
     load_face_landmarker_task,
 )
+from tests.conftest import IN_CI, MEDIA_DIR, REPO_ROOT, require
+from vision.detection import FaceDetector
+from vision.geometry import align_face
+from workers.landmarks import LandmarkRunner
 
 
 def _mediapipe_problem() -> str | None:

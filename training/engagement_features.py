@@ -1,7 +1,7 @@
 """The per-frame features behind the default engagement model, and a model fitted to DAiSEE on them.
 
 The runtime's engagement model (:mod:`model_export.engagement_baseline`) reads one row of
-:data:`~model_export.engagement_baseline.ENGAGEMENT_FEATURES` per face: absolute head yaw
+:data:`~kernel.types.ENGAGEMENT_FEATURES` per face: absolute head yaw
 and pitch, eyes closed, gaze away, and the seven FER2013 emotion probabilities. Here the
 same rows are computed for DAiSEE clips by the same code the workers run: the runtime
 crop and head pose (:mod:`training.frames`), :func:`workers.inference.analyse_crops` with
@@ -32,8 +32,7 @@ from torch import nn
 
 from kernel.errors import BadInputError
 from kernel.settings import Settings
-from kernel.types import FloatArray
-from model_export.engagement_baseline import ENGAGEMENT_FEATURES
+from kernel.types import ENGAGEMENT_FEATURES, FloatArray
 from training.daisee import AFFECTIVE_STATES, LEVEL_COUNT
 from training.frames import ClipFaceExtractor, ClipFaces
 from workers.inference import InferenceModels, analyse_crops, engagement_features

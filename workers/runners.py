@@ -157,7 +157,7 @@ class EngagementRunner(OnnxRunner):
 
     def __init__(self, model_path: Path, *, preference: str = "auto", intra_op_threads: int = 0) -> None:
         super().__init__(model_path, preference=preference, intra_op_threads=intra_op_threads)
-        from model_export.engagement_baseline import ENGAGEMENT_FEATURES
+        from kernel.types import ENGAGEMENT_FEATURES
 
         self.feature_names = ENGAGEMENT_FEATURES
         metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
