@@ -52,8 +52,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-from classlens.analysis import PipelineComponents, analyze_recording  # noqa: E402
+from classlens.analysis import analyze_recording  # noqa: E402
 from kernel.settings import Settings, load_settings  # noqa: E402
+from pipeline.models import PipelineComponents  # noqa: E402
 from vision.sources import RecordedFileSource  # noqa: E402
 
 DEFAULT_MEDIA_DIR = REPO_ROOT.parent / "shared" / "media"

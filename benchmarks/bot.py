@@ -44,9 +44,9 @@ from analyze import machine_info  # noqa: E402  (benchmarks/analyze.py: the same
 
 from bot.consent import ConsentPolicy  # noqa: E402
 from bot.live import LiveSession, ReplayVideoTrack, create_live_analysis, decode_video_frames  # noqa: E402
-from classlens.analysis import PipelineComponents  # noqa: E402
 from kernel.settings import Settings, load_settings  # noqa: E402
 from kernel.store import init_store  # noqa: E402
+from pipeline.models import PipelineComponents  # noqa: E402
 
 DEFAULT_MEDIA_DIR = REPO_ROOT.parent / "shared" / "media"
 DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"

@@ -72,19 +72,21 @@ from benchmarks.analyze import (  # noqa: E402
     host_description,
     median_timing,
 )
-from classlens.analysis import PipelineComponents, crop_batch_for  # noqa: E402
 from kernel.settings import Settings, load_settings  # noqa: E402
 from kernel.store import Analysis, delete_analysis_data, init_store, session_scope  # noqa: E402
 from kernel.types import CropBatch  # noqa: E402
+from pipeline.capture import CapturePipeline  # noqa: E402
+from pipeline.models import (  # noqa: E402
+    PipelineComponents,
+    load_inference_models,
+)
 from tests.processes import stop_process_group  # noqa: E402  (shared with the Celery tests)
 from vision.sources import RecordedFileSource  # noqa: E402
 from vision.synthetic import demo_classroom_video  # noqa: E402
-from vision.tracking import StudentTracker  # noqa: E402
 from workers.celery_app import make_celery_app  # noqa: E402
 from workers.celery_dispatch import CeleryDispatcher  # noqa: E402
 from workers.inference import InferenceModels, analyse_crops  # noqa: E402
 from workers.persistence import store_face_results  # noqa: E402
-from workers.tasks import load_inference_models  # noqa: E402
 
 DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 SECTION_BEGIN = "<!-- benchmarks/workers.py: begin -->"
@@ -103,12 +105,12 @@ log = logging.getLogger("benchmarks.workers")
 
 def real_face_crops(components: PipelineComponents) -> CropBatch:
     """The aligned 112² crops of every tracked face of the demo classroom video, as the pipeline makes them."""
-    tracker = StudentTracker(max_gap_seconds=30.0, embedder=components.embedder)
+    pipeline = CapturePipeline(components.detector, components.embedder, analysis_id=0, max_gap_seconds=30.0)
     batches = []
     for frame in RecordedFileSource(demo_classroom_video(), 1.0):
-        detections = tracker.update(components.detector.detect(frame), frame.image)
-        if len(detections):
-            batches.append(crop_batch_for(0, frame, detections))
+        batch = pipeline.capture(frame).batch
+        if batch is not None:
+            batches.append(batch)
     if not batches:
         raise SystemExit("the demo classroom video gave no face crops: is the detector model in the cache?")
     return CropBatch.concatenate(batches)
@@ -839,7 +841,7 @@ Command (from the repository root):
 {words}
 
 How it is measured: the crops are the aligned 112² crops of every face the capture
-pipeline (detector, tracker, `crop_batch_for`) finds in the demo classroom video, reused
+pipeline (`CapturePipeline`: detector, tracker, crops) finds in the demo classroom video, reused
 round-robin under distinct (track, time) keys; the 64² and 224² rows resize them with
 OpenCV. The emotion runner resizes every crop to its model's 64² grey input, so the crop
 size changes the bytes that travel and the resize, not the model's work. In-process:

@@ -34,7 +34,6 @@ from sqlmodel import col, select
 from bot.consent import ConsentPolicy
 from bot.live import SharedComponents
 from bot.meeting import MeetingBot, MeetingOutcome, MeetingStatus, MeetingTarget
-from classlens.analysis import PipelineComponents
 from kernel.settings import Settings
 from kernel.store import (
     Analysis,
@@ -47,6 +46,7 @@ from kernel.store import (
     session_scope,
     utcnow,
 )
+from pipeline.models import PipelineComponents
 
 logger = logging.getLogger(__name__)
 

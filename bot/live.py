@@ -41,7 +41,6 @@ from aiortc.mediastreams import MediaStreamError
 from sqlalchemy import Engine
 
 from bot.consent import ConsentPolicy
-from classlens.analysis import PipelineComponents, _finalise_students, _mark_failed, crop_batch_for
 from kernel.settings import Settings
 from kernel.store import (
     Analysis,
@@ -54,8 +53,11 @@ from kernel.store import (
     utcnow,
 )
 from kernel.types import ByteArray, VideoFrame
-from vision.tracking import StudentTracker, TrackSummary
-from workers.dispatch import CropDispatcher, InProcessDispatcher, _Stop
+from pipeline.capture import CapturePipeline
+from pipeline.finalise import finalise_students, mark_failed
+from pipeline.models import PipelineComponents
+from vision.tracking import TrackSummary
+from workers.dispatch import CropDispatcher, InProcessDispatcher
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -203,18 +205,6 @@ class LiveOutcome:
     """Why the session failed, in one line."""
 
 
-class LiveInProcessDispatcher(InProcessDispatcher):
-    """The in-process dispatcher with a non-blocking flush, so a quiet class still gets results within seconds."""
-
-    def flush(self) -> None:
-        """Ask the inference thread to run its partial batch now; skipped when the queue is full (work flows)."""
-        if not self._closed:
-            try:
-                self._queue.put_nowait(_Stop())
-            except Exception:  # queue.Full: full batches are flowing anyway
-                return
-
-
 @runtime_checkable
 class _Flushable(Protocol):
     def flush(self) -> None: ...
@@ -233,14 +223,14 @@ class _Pending:
 
 
 class _Stream:
-    """What a session keeps per stream across a participant's reconnects: tracker and counters."""
+    """What a session keeps per stream across a participant's reconnects: capture pipeline and counters."""
 
     def __init__(self, key: str, display_name: str, index: int, settings: Settings,
-                 components: PipelineComponents) -> None:
+                 components: PipelineComponents, analysis_id: int) -> None:
         self.key = key
         self.display_name = display_name
-        self.tracker = StudentTracker(max_gap_seconds=settings.track_max_gap_seconds,
-                                      embedder=components.embedder, first_id=index * TRACK_ID_STRIDE + 1)
+        self.pipeline = CapturePipeline.configured(components.detector, components.embedder, settings,
+                                                   analysis_id=analysis_id, first_track_id=index * TRACK_ID_STRIDE + 1)
         self.stats = ParticipantStats(stream=key, display_name=display_name)
         self.next_slot = 0
         self.processor: asyncio.Task[None] | None = None
@@ -302,7 +292,7 @@ class LiveSession:
         self._finished_tasks: list[asyncio.Task[None]] = []
         self._excluded = 0
         self._gaps: list[dict[str, Any]] = []
-        self._samples: list[dict[str, Any]] = []
+        self._samples: list[FrameSample] = []
         self._samples_lock = threading.Lock()
         self._submit_lock = threading.Lock()
         self._flusher: asyncio.Task[None] | None = None
@@ -359,8 +349,8 @@ class LiveSession:
                 batch_size=settings.batch_size, timeout_seconds=settings.dispatch_timeout_seconds,
                 on_stored=self._latency.stored, max_batch_delay_seconds=1.0 / settings.sample_fps,
                 emotion_inference=settings.emotion_inference)
-        return LiveInProcessDispatcher(components.models, self.engine, batch_size=settings.batch_size,
-                                       on_stored=self._latency.stored)
+        return InProcessDispatcher(components.models, self.engine, batch_size=settings.batch_size,
+                                   on_stored=self._latency.stored)
 
     def class_time(self) -> float:
         """Seconds on the class clock (since :meth:`start`)."""
@@ -410,7 +400,7 @@ class LiveSession:
         if key not in self._streams:
             assert self._components is not None
             self._streams[key] = _Stream(key, display_name, len(self._streams) + 1, self.settings,
-                                         self._components)
+                                         self._components, self.analysis_id)
         return self._streams[key]
 
     def remove_participant(self, participant_id: str, reason: str) -> None:
@@ -527,21 +517,19 @@ class LiveSession:
                            "%d participants)", self.analysis_id, lag, stream.key, dropped, len(self._participants))
         image = frame_to_bgr(pending.frame)
         frame = VideoFrame(stream=stream.key, timestamp=pending.class_time, image=image)
-        detections = self._components.detector.detect(frame)
-        detections = stream.tracker.update(detections, image)
-        if len(detections):
-            batch = crop_batch_for(self.analysis_id, frame, detections)
+        captured = stream.pipeline.capture(frame)
+        batch = captured.batch
+        if batch is not None:
             with self._submit_lock:
                 self._latency.submitted(len(batch), pending.arrived)
                 self._dispatcher.submit(batch)
         stats = stream.stats
         stats.frames_sampled += 1
-        stats.faces_detected += len(detections)
-        stats.students_live = sum(1 for s in stream.tracker.summaries() if s.samples >= 2)
-        self._add_sample({"analysis_id": self.analysis_id, "stream": stream.key,
-                          "timestamp": pending.class_time, "faces": len(detections)})
+        stats.faces_detected += len(captured.detections)
+        stats.students_live = stream.pipeline.students_so_far()
+        self._add_sample(captured.sample)
 
-    def _add_sample(self, row: dict[str, Any]) -> None:
+    def _add_sample(self, row: FrameSample) -> None:
         with self._samples_lock:
             self._samples.append(row)
             if len(self._samples) < SAMPLE_ROWS_PER_WRITE:
@@ -549,9 +537,9 @@ class LiveSession:
             rows, self._samples = self._samples, []
         self._write_samples(rows)
 
-    def _write_samples(self, rows: list[dict[str, Any]]) -> None:
+    def _write_samples(self, rows: list[FrameSample]) -> None:
         with session_scope(self.engine) as session:
-            insert_ignoring_duplicates(session, FrameSample, rows)
+            insert_ignoring_duplicates(session, rows)
 
     async def _flush_periodically(self) -> None:
         """Push partial inference batches once per sampling interval, so results arrive in seconds."""
@@ -610,16 +598,17 @@ class LiveSession:
         with self._samples_lock:
             rows, self._samples = self._samples, []
         streams = list(self._streams.values())
-        summaries = [summary for stream in streams for summary in stream.tracker.summaries()]
+        summaries = [summary for stream in streams for summary in stream.pipeline.summaries()]
         with session_scope(self.engine) as session:
-            insert_ignoring_duplicates(session, FrameSample, rows)
-            students = _finalise_students(session, self.analysis_id, summaries, self.settings,
+            insert_ignoring_duplicates(session, rows)
+            students = finalise_students(session, self.analysis_id, summaries, self.settings,
                                           label_students=label_students)
-            insert_ignoring_duplicates(session, StreamStats, [
-                {"analysis_id": self.analysis_id, "stream": s.key, "display_name": s.display_name,
-                 "frames_received": s.stats.frames_received, "frames_sampled": s.stats.frames_sampled,
-                 "frames_dropped": s.stats.frames_dropped, "first_frame_at": s.stats.first_frame_at,
-                 "last_frame_at": s.stats.last_frame_at, "left_reason": s.stats.left_reason} for s in streams])
+            insert_ignoring_duplicates(session, [
+                StreamStats(analysis_id=self.analysis_id, stream=s.key, display_name=s.display_name,
+                            frames_received=s.stats.frames_received, frames_sampled=s.stats.frames_sampled,
+                            frames_dropped=s.stats.frames_dropped, first_frame_at=s.stats.first_frame_at,
+                            last_frame_at=s.stats.last_frame_at, left_reason=s.stats.left_reason)
+                for s in streams])
             for gap in self._gaps:
                 session.add(StreamGap(**gap))
             analysis = session.get(Analysis, self.analysis_id)
@@ -653,7 +642,7 @@ class LiveSession:
             self._outcome = await self._record_failure(reason.splitlines()[0] if reason else "failed")
 
     async def _record_failure(self, reason: str) -> LiveOutcome:
-        await asyncio.to_thread(_mark_failed, self.engine, self.analysis_id, reason)
+        await asyncio.to_thread(mark_failed, self.engine, self.analysis_id, reason)
         streams = list(self._streams.values())
         return LiveOutcome(self.analysis_id, AnalysisStatus.failed, 0, sum(s.stats.frames_sampled for s in streams),
                            sum(s.stats.frames_dropped for s in streams), 0, 0, failure_reason=reason)

@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from aiortc import RTCPeerConnection
 
     from bot.live import LiveOutcome, LiveSession
-    from classlens.analysis import PipelineComponents
+    from pipeline.models import PipelineComponents
     from reports.render import ReportPaths
     from workers.dispatch import CropDispatcher
 

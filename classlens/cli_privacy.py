@@ -27,12 +27,12 @@ def retention_run(
     db: DbOption = None,
 ) -> None:
     """Delete every session older than retention_days, with its rows and report folder."""
-    from classlens.cli import _user_errors
+    from classlens.cli_common import user_errors
     from classlens.privacy import run_retention
     from kernel.settings import load_settings
     from kernel.store import init_store
 
-    with _user_errors():
+    with user_errors():
         settings = load_settings(database_url=db)
         engine = init_store(settings.resolved_database_url)
         result = run_retention(engine, settings, dry_run=dry_run)
@@ -52,11 +52,11 @@ def retention_beat(
     loglevel: Annotated[str, typer.Option("--loglevel", "-l", help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run Celery beat: sends the retention job every retention_interval_hours to maintenance_queue."""
-    from classlens.cli import _user_errors
+    from classlens.cli_common import user_errors
     from kernel.errors import ConfigurationError
     from kernel.settings import load_settings
 
-    with _user_errors():
+    with user_errors():
         from workers.celery_app import make_celery_app
 
         settings = load_settings(broker_url=broker)
@@ -78,12 +78,12 @@ def forget(
     db: DbOption = None,
 ) -> None:
     """Delete one student's data from a session (every table) and re-render its reports without them."""
-    from classlens.cli import _user_errors
+    from classlens.cli_common import user_errors
     from classlens.privacy import forget_student
     from kernel.settings import load_settings
     from kernel.store import init_store
 
-    with _user_errors():
+    with user_errors():
         settings = load_settings(database_url=db)
         engine = init_store(settings.resolved_database_url)
         if not yes and not typer.confirm(f"Delete every record of {student!r} in session {session_id}?"):

@@ -53,15 +53,16 @@ def serve(
 def run_server(*, host: str | None, port: int | None, db: str | None, proxy_headers: bool,
                archive: bool, meetings: bool) -> None:
     """Build the app with the chosen parts and run it under uvicorn until interrupted."""
-    from classlens.cli import _settings, _user_errors
+    from classlens.cli_common import user_errors
+    from kernel.settings import load_settings
 
-    with _user_errors():
+    with user_errors():
         import uvicorn
 
         from classlens.server import create_app
         from classlens.webauth import cookie_secure
 
-        settings = _settings(serve_host=host, serve_port=port, database_url=db)
+        settings = load_settings(serve_host=host, serve_port=port, database_url=db)
         app = create_app(settings, archive=archive, meetings=meetings)
         _warn_without_users(app.state.engine)
         if archive and cookie_secure(settings) and not (settings.public_url or "").startswith("https://"):
@@ -106,13 +107,14 @@ def users_add(
     db: Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of the store.")] = None,
 ) -> None:
     """Add a teacher or admin who can sign in to the archive."""
-    from classlens.cli import _settings, _user_errors
+    from classlens.cli_common import user_errors
+    from kernel.settings import load_settings
 
-    with _user_errors():
+    with user_errors():
         from kernel.accounts import create_user
         from kernel.store import UserRole, init_store, session_scope
 
-        engine = init_store(_settings(database_url=db).resolved_database_url)
+        engine = init_store(load_settings(database_url=db).resolved_database_url)
         password = _read_password(password_stdin)
         with session_scope(engine) as session:
             user = create_user(session, email, password, role=UserRole(role.value), display_name=name)
@@ -122,13 +124,14 @@ def users_add(
 @users_app.command("list")
 def users_list(db: Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of the store.")] = None) -> None:
     """Show every user: email, name, role, whether an API token exists, last sign-in."""
-    from classlens.cli import _settings, _user_errors
+    from classlens.cli_common import user_errors
+    from kernel.settings import load_settings
 
-    with _user_errors():
+    with user_errors():
         from kernel.accounts import list_users
         from kernel.store import init_store, session_scope
 
-        engine = init_store(_settings(database_url=db).resolved_database_url)
+        engine = init_store(load_settings(database_url=db).resolved_database_url)
         with session_scope(engine) as session:
             users = list_users(session)
         table = Table()
@@ -146,13 +149,14 @@ def users_token(
     db: Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of the store.")] = None,
 ) -> None:
     """Create an API token for the invite API and WHIP; it is printed once and stored only as a hash."""
-    from classlens.cli import _settings, _user_errors
+    from classlens.cli_common import user_errors
+    from kernel.settings import load_settings
 
-    with _user_errors():
+    with user_errors():
         from kernel.accounts import AccountError, find_user, issue_api_token
         from kernel.store import init_store, session_scope
 
-        engine = init_store(_settings(database_url=db).resolved_database_url)
+        engine = init_store(load_settings(database_url=db).resolved_database_url)
         with session_scope(engine) as session:
             user = find_user(session, email)
             if user is None:

@@ -61,11 +61,11 @@ def train_emotion_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Train an emotion model (the product's seven classes); resumes an interrupted run in --out."""
-    from classlens.cli import _user_errors
+    from classlens.cli_common import user_errors
     from kernel.errors import BadInputError
     from kernel.settings import load_settings
 
-    with _user_errors():
+    with user_errors():
         if device not in ("cpu", "cuda", "auto") or faces not in ("detect", "as-is"):
             raise BadInputError("--device is cpu, cuda or auto; --faces is detect or as-is")
         from training.emotion_train import CLASS_WEIGHTINGS, train_emotion
@@ -120,11 +120,11 @@ def train_engagement_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Train an engagement model on DAiSEE (four states, levels 0-3); resumes an interrupted run in --out."""
-    from classlens.cli import _user_errors
+    from classlens.cli_common import user_errors
     from kernel.errors import BadInputError
     from kernel.settings import load_settings
 
-    with _user_errors():
+    with user_errors():
         if device not in ("cpu", "cuda", "auto"):
             raise BadInputError("--device is cpu, cuda or auto")
         if (daisee is None) == (not images):
@@ -190,10 +190,10 @@ def export_command(
     = None,
 ) -> None:
     """Export a run to ONNX in the model cache (or ship it with a model card), checking parity with PyTorch."""
-    from classlens.cli import _user_errors
+    from classlens.cli_common import user_errors
     from kernel.settings import load_settings
 
-    with _user_errors():
+    with user_errors():
         from training.export import export_run
 
         settings = load_settings()
@@ -240,11 +240,11 @@ def evaluate_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Evaluate an emotion model (default or trained) on a data set: accuracy, macro-F1, UAR, per class."""
-    from classlens.cli import _user_errors
+    from classlens.cli_common import user_errors
     from kernel.errors import BadInputError
     from kernel.settings import load_settings
 
-    with _user_errors():
+    with user_errors():
         if faces not in ("detect", "as-is"):
             raise BadInputError("--faces is detect or as-is")
         if (data / "DataSet").is_dir() and (data / "Labels").is_dir():
@@ -307,13 +307,13 @@ def models_use(
     name: Annotated[str, typer.Argument(help="Model name (packaged or exported) or ONNX path; 'default' resets.")],
 ) -> None:
     """Make the workers use a model for a role (kept in the model cache; the environment still wins)."""
-    from classlens.cli import _user_errors
+    from classlens.cli_common import user_errors
     from kernel.errors import BadInputError
     from kernel.settings import MODEL_SELECTION_FIELDS, MODEL_SELECTION_FILE, load_settings, read_model_selection
     from model_export.cache import ModelCache
     from training.run import write_atomic
 
-    with _user_errors():
+    with user_errors():
         if role not in MODEL_SELECTION_FIELDS:
             raise BadInputError(f"role must be one of {', '.join(MODEL_SELECTION_FIELDS)}, not {role!r}")
         settings = load_settings()

@@ -16,7 +16,7 @@ if [ "${SKIP_MODEL_PULL:-0}" != "1" ] && [ "${1:-}" = "classlens" ]; then
     # ensure(): a model already in the cache with its recorded hash is used as it is (no network);
     # a missing or damaged one is pulled, verified and converted.
     if ! python - >/tmp/classlens-models.log 2>&1 <<'PY'
-from classlens.analysis import model_cache_for
+from pipeline.models import model_cache_for
 from kernel.settings import load_settings
 from model_export.manifest import MANIFEST
 

@@ -415,16 +415,24 @@ def session_scope(engine: Engine) -> Iterator[Session]:
             raise
 
 
-def insert_ignoring_duplicates(session: Session, model: type[SQLModel], rows: Sequence[dict[str, Any]]) -> None:
-    """Insert rows, skipping any that collide with a unique key (idempotent writes)."""
+def insert_ignoring_duplicates(session: Session, rows: Sequence[SQLModel]) -> None:
+    """Insert rows of one table, skipping any that collide with a unique key (idempotent writes).
+
+    The rows are instances of the table's model; an unset primary key is left to the database.
+    """
     if not rows:
         return
+    model = type(rows[0])
+    if any(type(row) is not model for row in rows):
+        raise TypeError(f"insert_ignoring_duplicates: rows of several tables ({model.__name__} and others)")
     table = model.__table__  # type: ignore[attr-defined]
+    values = [{column.name: getattr(row, column.name) for column in table.columns
+               if not (column.primary_key and getattr(row, column.name) is None)} for row in rows]
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        statement: Any = postgresql.insert(table).values(list(rows)).on_conflict_do_nothing()
+        statement: Any = postgresql.insert(table).values(values).on_conflict_do_nothing()
     elif dialect == "sqlite":
-        statement = sqlite.insert(table).values(list(rows)).on_conflict_do_nothing()
+        statement = sqlite.insert(table).values(values).on_conflict_do_nothing()
     else:
         raise ConfigurationError(f"database dialect {dialect!r} is not supported; use SQLite or PostgreSQL")
     session.execute(statement)

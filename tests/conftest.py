@@ -127,8 +127,8 @@ def default_models(model_cache_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def components(default_models: Path) -> object:
     """The default pipeline components, loaded once for the whole run (they do not depend on the database)."""
-    from classlens.analysis import PipelineComponents
     from kernel.settings import Settings
+    from pipeline.models import PipelineComponents
 
     return PipelineComponents.load(Settings(model_cache_dir=default_models, execution_provider="cpu"))
 

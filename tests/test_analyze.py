@@ -12,9 +12,10 @@ import cv2
 import pytest
 from sqlmodel import select
 
-from classlens.analysis import AnalysisOutcome, PipelineComponents, analyze_recording
+from classlens.analysis import AnalysisOutcome, analyze_recording
 from kernel.settings import Settings, load_settings
 from kernel.store import Analysis, FaceObservation, FrameSample, Student, init_store, session_scope
+from pipeline.models import PipelineComponents
 from tests import media_factory
 from tests.conftest import DATA_DIR, MEDIA_DIR, require
 from vision.synthetic import demo_classroom_video, still_image_video
@@ -118,8 +119,8 @@ def test_no_faces_gives_a_correct_empty_report(isolated_env: Path, components: A
 
 
 def test_emotion_off_stores_no_emotion(isolated_env: Path, components: Any, default_models: Path) -> None:
-    from classlens.analysis import PipelineComponents
     from kernel.settings import Settings
+    from pipeline.models import PipelineComponents
 
     no_emotion = PipelineComponents.load(Settings(model_cache_dir=default_models, emotion_inference=False,
                                                   execution_provider="cpu"))
@@ -159,8 +160,8 @@ def test_landmark_cues_reach_the_store_and_the_report(isolated_env: Path, defaul
     from tests.conftest import require
 
     require(importlib.util.find_spec("mediapipe") is not None, "needs the landmarks extra (docs/models.md)")
-    from classlens.analysis import PipelineComponents
     from kernel.settings import Settings
+    from pipeline.models import PipelineComponents
 
     with_landmarks = PipelineComponents.load(Settings(model_cache_dir=default_models, execution_provider="cpu",
                                                       landmark_model="mediapipe-face-landmarker"))

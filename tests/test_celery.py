@@ -30,7 +30,6 @@ import redis
 from sqlalchemy import Engine, delete, func
 from sqlmodel import Session, col, select
 
-from classlens.analysis import PipelineComponents, crop_batch_for
 from kernel.settings import Settings
 from kernel.store import (
     Analysis,
@@ -42,6 +41,8 @@ from kernel.store import (
     session_scope,
 )
 from kernel.types import CropBatch
+from pipeline.capture import crop_batch_for
+from pipeline.models import PipelineComponents
 from tests.conftest import POSTGRES_URL, REPO_ROOT, require
 from tests.processes import stop_process_group
 from vision.sources import RecordedFileSource

@@ -246,6 +246,13 @@ def test_dockerfile_pins_its_base_runs_as_a_user_and_copies_what_exists(dockerfi
             assert (REPO_ROOT / source).exists(), f"{dockerfile.name}: COPY {source}: no such path"
             assert not _dockerignored(source), f"{dockerfile.name}: COPY {source} is excluded by .dockerignore"
     assert ("ENTRYPOINT", '["classlens-entrypoint"]') in instructions
+    # Every package the wheel is built from goes into the image.
+    import tomllib
+
+    included = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    copied = {rest.split()[0] for keyword, rest in instructions if keyword == "COPY" and "--from=" not in rest}
+    packages = {pattern.rstrip("*") for pattern in included["include"]}
+    assert packages <= copied, f"{dockerfile.name} does not COPY {sorted(packages - copied)}"
 
 
 def test_image_dependencies_are_pinned_for_every_runtime_requirement() -> None:

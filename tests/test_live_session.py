@@ -15,7 +15,6 @@ from sqlmodel import select
 
 from bot.consent import ConsentPolicy, normalise_name
 from bot.live import LiveSession, ReplayVideoTrack, create_live_analysis, decode_video_frames
-from classlens.analysis import PipelineComponents
 from kernel.settings import Settings
 from kernel.store import (
     Analysis,
@@ -30,6 +29,7 @@ from kernel.store import (
     session_scope,
 )
 from kernel.types import FrameDetections, VideoFrame
+from pipeline.models import PipelineComponents
 from tests.conftest import MEDIA_DIR
 from vision.detection import FaceDetector
 

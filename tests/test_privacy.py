@@ -35,7 +35,6 @@ from sqlalchemy.sql import sqltypes
 from sqlmodel import col, select
 from typer.testing import CliRunner
 
-import classlens.analysis
 from classlens.analysis import AnalysisOutcome, analyze_recording
 from classlens.cli import app as cli_app
 from classlens.privacy import forget_student, per_student_tables, run_retention
@@ -295,10 +294,10 @@ def test_emotion_inference_off_loads_no_emotion_model_and_stores_no_emotion(
         def __init__(self, *args: object, **kwargs: object) -> None:
             raise AssertionError("an emotion model was loaded although emotion inference is off")
 
+    import pipeline.models
     import workers.runners
-    import workers.tasks
 
-    monkeypatch.setattr(workers.tasks, "EmotionRunner", NoEmotionModel)
+    monkeypatch.setattr(pipeline.models, "EmotionRunner", NoEmotionModel)
     monkeypatch.setattr(workers.runners, "EmotionRunner", NoEmotionModel)
     monkeypatch.setenv("CLASSLENS_EMOTION_INFERENCE", "false")
     outcome = _analyze(MEDIA_DIR / "single_face.mp4", isolated_env / "report", sample_fps=4,
@@ -411,17 +410,19 @@ def _scanned_temporary_folder(root: Path, monkeypatch: pytest.MonkeyPatch) -> Pa
     return run_tmp
 
 
-def _capture_crops(monkeypatch: pytest.MonkeyPatch, module: Any, limit: int) -> list[np.ndarray[Any, Any]]:
-    """Keep copies of the first real crops that ``module.crop_batch_for`` makes during the run."""
+def _capture_crops(monkeypatch: pytest.MonkeyPatch, limit: int) -> list[np.ndarray[Any, Any]]:
+    """Keep copies of the first real crops that the capture pipeline makes during the run."""
+    import pipeline.capture
+
     captured: list[np.ndarray[Any, Any]] = []
-    real_crop_batch_for = module.crop_batch_for
+    real_crop_batch_for = pipeline.capture.crop_batch_for
 
     def capturing_crop_batch_for(analysis_id: int, frame: VideoFrame, detections: FrameDetections) -> CropBatch:
         batch = real_crop_batch_for(analysis_id, frame, detections)
         captured.extend(crop.copy() for crop in batch.crops[: max(0, limit - len(captured))])
         return batch
 
-    monkeypatch.setattr(module, "crop_batch_for", capturing_crop_batch_for)
+    monkeypatch.setattr(pipeline.capture, "crop_batch_for", capturing_crop_batch_for)
     return captured
 
 
@@ -429,7 +430,7 @@ def test_pixel_scan_finds_no_frame_or_crop_on_disk_or_in_the_database(
     isolated_env: Path, components: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run_tmp = _scanned_temporary_folder(isolated_env, monkeypatch)
-    captured = _capture_crops(monkeypatch, classlens.analysis, limit=60)
+    captured = _capture_crops(monkeypatch, limit=60)
     outcome = _analyze(MEDIA_DIR / "WolfgangLanger_Pexels.mp4", isolated_env / "data" / "reports" / "lecture",
                        components, sample_fps=1)
     assert outcome.faces_detected > 0 and len(captured) >= 10
@@ -483,12 +484,11 @@ async def test_live_session_keeps_no_pixels_and_forget_removes_a_participant_eve
 ) -> None:
     import asyncio
 
-    import bot.live
     from bot.consent import ConsentPolicy
     from bot.live import LiveSession, ReplayVideoTrack, create_live_analysis, decode_video_frames
 
     _scanned_temporary_folder(isolated_env, monkeypatch)
-    captured = _capture_crops(monkeypatch, bot.live, limit=60)
+    captured = _capture_crops(monkeypatch, limit=60)
     settings = load_settings(sample_fps=2.0, min_student_seconds=1.0, execution_provider="cpu", batch_size=8)
     engine = init_store(settings.resolved_database_url)
     analysis_id = create_live_analysis(engine, settings, source="janus://room/1234", title="Physics", owner_id=None,

@@ -22,9 +22,10 @@ import pytest
 from sqlalchemy import Engine
 from sqlmodel import col, select
 
-from classlens.analysis import PipelineComponents, analyze_recording
+from classlens.analysis import analyze_recording
 from kernel.settings import Settings
 from kernel.store import Analysis, ConsentMode, FaceObservation, Student, init_store, session_scope
+from pipeline.models import PipelineComponents
 from reports.aggregate import build_report_data, mean_with_interval
 from reports.render import ReportOptions, render_documents
 from tests.conftest import MEDIA_DIR

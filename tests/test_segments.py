@@ -26,7 +26,7 @@ import redis
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from classlens.analysis import AnalysisProgress, PipelineComponents, analyze_recording
+from classlens.analysis import AnalysisProgress, analyze_recording
 from kernel.settings import Settings
 from kernel.store import (
     Analysis,
@@ -41,6 +41,7 @@ from kernel.store import (
     session_scope,
 )
 from kernel.types import ByteArray
+from pipeline.models import PipelineComponents
 from tests import media_factory
 from tests.conftest import MEDIA_DIR, POSTGRES_URL
 from tests.test_celery import BROKER_URL, Worker, _celery_worker, _in_flight, broker  # noqa: F401  (a fixture)

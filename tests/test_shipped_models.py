@@ -124,7 +124,8 @@ def test_a_cards_data_fingerprint_is_the_fingerprint_of_the_data_in_shared(name:
     card = read_card(name)
     recipe = card.fingerprint_recipe
     if recipe["kind"] == "emotion":
-        from training.emotion_data import concatenate_sets, load_emotion_data
+        from training.emotion_data import concatenate_sets
+        from training.face_sets import load_emotion_data
 
         sets = [load_emotion_data(DATA_DIR / folder, 48, faces="as-is", fer2013_weight=recipe["fer2013_weight"])
                 for folder in recipe["folders"]]
@@ -154,7 +155,7 @@ def test_a_batch_with_emotion_off_is_scored_without_the_expression_reading_engag
         default_models: Path) -> None:
     """A producer's emotion switch reaches workers loaded with emotion on: their engagement model too."""
     from kernel.settings import Settings
-    from workers.tasks import load_inference_models
+    from pipeline.models import load_inference_models
 
     models = load_inference_models(Settings(model_cache_dir=default_models, execution_provider="cpu"))
     assert models.provenance["engagement"]["name"] == "classlens-engagement-v1"

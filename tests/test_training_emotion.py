@@ -147,7 +147,8 @@ def private_cache(tmp_path: Path, default_models: Path) -> Path:
 
 @pytest.mark.media
 def test_fer2013_reader_keeps_usage_splits_and_rejects_bad_rows(fer_csv: Path, tmp_path: Path) -> None:
-    from training.emotion_data import load_emotion_data, split_by_subject
+    from training.emotion_data import split_by_subject
+    from training.face_sets import load_emotion_data
     from training.run import TrainingError
 
     data = load_emotion_data(fer_csv, 64)
@@ -169,7 +170,8 @@ def test_fer2013_reader_keeps_usage_splits_and_rejects_bad_rows(fer_csv: Path, t
 def test_labels_csv_folder_detects_faces_like_the_runtime(labels_folder: Path, default_models: Path,
                                                           tmp_path: Path) -> None:
     from kernel.settings import Settings
-    from training.emotion_data import load_emotion_data, split_by_subject
+    from training.emotion_data import split_by_subject
+    from training.face_sets import load_emotion_data
 
     settings = Settings(model_cache_dir=default_models)
     data = load_emotion_data(labels_folder, 48, settings=settings, cache_dir=tmp_path)
@@ -209,12 +211,12 @@ def test_training_resumes_exports_and_runs_in_the_workers(
 
     from classlens.cli import app
     from kernel.settings import Settings, load_settings
+    from pipeline.models import load_inference_models
     from training.emotion_train import train_emotion
     from training.export import export_run
     from training.loop import TrainConfig
     from training.run import RunInfo
     from workers.runners import emotion_model_input
-    from workers.tasks import load_inference_models
 
     config = TrainConfig(epochs=2, batch_size=8, lr=3e-3, seed=7, device="cpu")
     whole = train_emotion(fer_csv, tmp_path / "whole", family=family, config=config, input_size=48,

@@ -180,8 +180,8 @@ def extractor(default_models: Path) -> Iterator[object]:
 
 def test_faces_match_the_runtime_and_are_cached_as_numbers_only(daisee_root: Path, extractor: object,
                                                                 tmp_path: Path) -> None:
-    from classlens.analysis import crop_batch_for
     from kernel.types import CROP_SIZE
+    from pipeline.capture import crop_batch_for
     from training.frames import ClipFaceExtractor, ClipFaces, largest_face
 
     assert isinstance(extractor, ClipFaceExtractor)
@@ -439,7 +439,7 @@ def test_transfer_starts_from_an_emotion_run(daisee_root: Path, default_models: 
 def _worker_models(default_models: Path, engagement_model: Path) -> object:
     """The workers' models with the exported engagement model configured, as a worker loads them."""
     from kernel.settings import Settings
-    from workers.tasks import load_inference_models
+    from pipeline.models import load_inference_models
 
     settings = Settings(model_cache_dir=default_models, execution_provider="cpu",
                         engagement_model=str(engagement_model))

@@ -13,7 +13,6 @@ from fastapi import Header, HTTPException
 from sqlmodel import select
 
 from bot.whip import WHIP_PATH, WhipIngest
-from classlens.analysis import PipelineComponents
 from kernel.settings import Settings
 from kernel.store import (
     Analysis,
@@ -25,6 +24,7 @@ from kernel.store import (
     init_store,
     session_scope,
 )
+from pipeline.models import PipelineComponents
 from tests.conftest import MEDIA_DIR
 
 TOKEN = "test-token-for-the-whip-endpoint"

@@ -426,37 +426,6 @@ def list_photo_samples(path: Path) -> tuple[list[PhotoSample], str]:
     return list_class_folders(path), "class folders"
 
 
-def load_emotion_data(
-    path: Path,
-    size: int,
-    *,
-    faces: FaceHandling = "detect",
-    settings: Settings | None = None,
-    cache_dir: Path | None = None,
-    progress: bool = False,
-    fer2013_weight: float = DEFAULT_FER2013_WEIGHT,
-) -> EmotionSet:
-    """Read any supported emotion data set.
-
-    A FER2013 CSV, a FER+ or CK+ folder (:mod:`training.face_sets`), a ``labels.csv``
-    folder of photos, or class folders. ``fer2013_weight`` is the weight of FER2013's own
-    label in FER+ soft targets.
-    """
-    from training.face_sets import is_ckplus_folder, is_ferplus_folder, read_ckplus, read_ferplus
-
-    if path.is_file() and path.suffix.lower() == ".csv":
-        return read_fer2013_csv(path, size)
-    if is_ferplus_folder(path):
-        return read_ferplus(path, size, fer2013_weight=fer2013_weight, progress=progress)
-    if is_ckplus_folder(path):
-        return read_ckplus(path, size)
-    if not path.is_dir():
-        raise TrainingError(f"{path}: expected a FER2013 CSV, a folder with labels.csv, or a folder per class")
-    samples, kind = list_photo_samples(path)
-    return read_photos(samples, size, faces=faces, settings=settings, cache_dir=cache_dir,
-                       description=f"{kind} {path}", progress=progress)
-
-
 def concatenate_sets(sets: Sequence[EmotionSet], *, val_fraction: float = 0.15, test_fraction: float = 0.15,
                      seed: int = 0) -> EmotionSet:
     """Several data sets as one, each sample keeping a split.

@@ -19,10 +19,10 @@ from training.emotion_data import (
     EmotionSet,
     FaceHandling,
     concatenate_sets,
-    load_emotion_data,
     split_by_subject,
 )
 from training.emotion_models import MODEL_FACTORY, FaceApiEmotionNet, build_emotion_model
+from training.face_sets import load_emotion_data
 from training.loop import EpochCallback, RunResult, TrainConfig, fit, predict, resolve_device, seed_everything
 from training.metrics import ClassificationMetrics, classify_metrics, subgroup_metrics
 from training.report import write_report

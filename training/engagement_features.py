@@ -90,7 +90,7 @@ class ClipFeatures:
 
 def load_feature_models(settings: Settings) -> InferenceModels:
     """The runtime's emotion and landmark runners as the workers load them (engagement: the configured one)."""
-    from workers.tasks import load_inference_models
+    from pipeline.models import load_inference_models
 
     return load_inference_models(settings)
 

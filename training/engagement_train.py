@@ -529,8 +529,8 @@ def evaluate_engagement(model: str, daisee: Path, settings: Settings, *, split: 
     Raises:
         ModelSupplyError: the workers cannot load ``model`` (e.g. a temporal model).
     """
+    from pipeline.models import load_inference_models
     from workers.inference import analyse_crops
-    from workers.tasks import load_inference_models
 
     models = load_inference_models(settings.model_copy(update={"engagement_model": model}))
     dataset = read_daisee(daisee)

@@ -118,7 +118,7 @@ def default_parity_inputs(info: RunInfo, run_dir: Path, *, count: int = PARITY_S
     if spec.kind != "image" or info.task != "emotion" or not data_path:
         raise TrainingError(
             f"{run_dir}: no parity_inputs.npy and no emotion data recorded; pass real inputs for the parity check")
-    from training.emotion_data import load_emotion_data
+    from training.face_sets import load_emotion_data
 
     # Runs record one data path, or several (FER+ with CK+): the first one gives the samples.
     first_path = data_path[0] if isinstance(data_path, list) else data_path

@@ -32,14 +32,27 @@ import csv
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 
 from kernel.types import EMOTION_LABELS
-from training.emotion_data import DEFAULT_FER2013_WEIGHT, EmotionSet, label_index, resize_square
+from training.emotion_data import (
+    DEFAULT_FER2013_WEIGHT,
+    EmotionSet,
+    FaceHandling,
+    label_index,
+    list_photo_samples,
+    read_fer2013_csv,
+    read_photos,
+    resize_square,
+)
 from training.run import TrainingError
+
+if TYPE_CHECKING:
+    from kernel.settings import Settings
 
 FERPLUS_EMOTION_VOTES: dict[str, str] = {
     "neutral": "neutral", "happiness": "happy", "surprise": "surprise", "sadness": "sad",
@@ -195,3 +208,32 @@ def read_ckplus(folder: Path, size: int) -> EmotionSet:
         inputs=np.stack(inputs)[:, np.newaxis], labels=np.array(labels, np.int64), subjects=subjects,
         sources=sources, dropped=dropped, description=f"CK+ {folder.name}",
     )
+
+
+def load_emotion_data(
+    path: Path,
+    size: int,
+    *,
+    faces: FaceHandling = "detect",
+    settings: Settings | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = False,
+    fer2013_weight: float = DEFAULT_FER2013_WEIGHT,
+) -> EmotionSet:
+    """Read any supported emotion data set.
+
+    A FER2013 CSV, a FER+ or CK+ folder (this module), a ``labels.csv``
+    folder of photos, or class folders. ``fer2013_weight`` is the weight of FER2013's own
+    label in FER+ soft targets.
+    """
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return read_fer2013_csv(path, size)
+    if is_ferplus_folder(path):
+        return read_ferplus(path, size, fer2013_weight=fer2013_weight, progress=progress)
+    if is_ckplus_folder(path):
+        return read_ckplus(path, size)
+    if not path.is_dir():
+        raise TrainingError(f"{path}: expected a FER2013 CSV, a folder with labels.csv, or a folder per class")
+    samples, kind = list_photo_samples(path)
+    return read_photos(samples, size, faces=faces, settings=settings, cache_dir=cache_dir,
+                       description=f"{kind} {path}", progress=progress)

@@ -4,7 +4,7 @@ A model must see at training time what it will see in production, so a clip goes
 through the runtime's own stages: :class:`~vision.sources.RecordedFileSource` samples it
 at 1 or 2 fps on the video's clock, :class:`~vision.detection.FaceDetector` (the configured
 detector, loaded by :func:`workers.segments.load_capture_models`) finds the faces, and
-:func:`classlens.analysis.crop_batch_for` aligns the crop and estimates head pose. As in
+:func:`pipeline.capture.crop_batch_for` aligns the crop and estimates head pose. As in
 the seeds, the largest face of a frame is the student.
 
 Only numbers are cached (never pixels): per sampled frame the timestamp, whether a face
@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from classlens.analysis import crop_batch_for
 from kernel.errors import BadInputError
 from kernel.settings import Settings
 from kernel.types import CropBatch, FloatArray, FrameDetections, VideoFrame
+from pipeline.capture import crop_batch_for
 from vision.detection import FaceDetector
 from vision.sources import RecordedFileSource
 
@@ -135,7 +135,7 @@ class ClipFaceExtractor:
     @classmethod
     def from_settings(cls, settings: Settings, *, sample_fps: float, cache_dir: Path | None) -> ClipFaceExtractor:
         """The extractor of the configured runtime detector (same model, input size, threshold, minimum face)."""
-        from workers.segments import load_capture_models
+        from pipeline.models import load_capture_models
 
         capture = load_capture_models(settings.model_copy(update={"recognizer": None}))
         detector_id = (f"{settings.detector}|input={settings.detector_input_size}|"

@@ -93,6 +93,18 @@ class InProcessDispatcher:
             except queue.Full:
                 self._raise_if_failed()
 
+    def flush(self) -> None:
+        """Ask the inference thread to run its partial batch now, without waiting.
+
+        Skipped when the queue is full: full batches are flowing anyway. A live session calls
+        it once per sampling interval, so a quiet class still gets results within seconds.
+        """
+        if not self._closed:
+            try:
+                self._queue.put_nowait(_Stop())
+            except queue.Full:
+                return
+
     def drain(self) -> None:
         """Flush partial batches and wait until everything submitted is stored."""
         self._raise_if_failed()

@@ -20,7 +20,7 @@ def _known(values: FloatArray | None, index: int) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def observation_rows(batch: CropBatch, results: FaceAnalysisBatch) -> list[dict[str, Any]]:
+def observation_rows(batch: CropBatch, results: FaceAnalysisBatch) -> list[FaceObservation]:
     """One store row per crop: numbers only, never pixels."""
     if len(batch) != len(results):
         raise ValueError(f"results for {len(results)} crops, batch has {len(batch)}")
@@ -50,7 +50,7 @@ def observation_rows(batch: CropBatch, results: FaceAnalysisBatch) -> list[dict[
         for column, label in enumerate(EMOTION_LABELS):
             probabilities = results.emotion_probabilities
             row[f"emotion_{label}"] = None if probabilities is None else float(probabilities[index, column])
-        rows.append(row)
+        rows.append(FaceObservation(**row))
     return rows
 
 
@@ -58,5 +58,5 @@ def store_face_results(engine: Engine, batch: CropBatch, results: FaceAnalysisBa
     """Insert the observations of a batch; a retried batch inserts nothing twice. Returns rows offered."""
     rows = observation_rows(batch, results)
     with session_scope(engine) as session:
-        insert_ignoring_duplicates(session, FaceObservation, rows)
+        insert_ignoring_duplicates(session, rows)
     return len(rows)

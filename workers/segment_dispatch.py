@@ -90,11 +90,11 @@ class SegmentDispatcher:
 
     def send(self) -> None:
         """Record every segment as queued, then publish one task per segment."""
-        rows = [{"analysis_id": self.analysis_id, "segment_index": s.index, "start_seconds": s.start_seconds,
-                 "end_seconds": s.end_seconds, "status": SegmentState.queued} for s in self.segments]
+        rows = [SegmentStatus(analysis_id=self.analysis_id, segment_index=s.index, start_seconds=s.start_seconds,
+                              end_seconds=s.end_seconds, status=SegmentState.queued) for s in self.segments]
         # The rows first: a fast worker updates its row, and the producer counts them.
         with session_scope(self.engine) as session:
-            insert_ignoring_duplicates(session, SegmentStatus, rows)
+            insert_ignoring_duplicates(session, rows)
         for segment in self.segments:
             try:
                 self._task.apply_async(

@@ -34,9 +34,8 @@ import numpy as np
 from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, select
+from sqlmodel import Session, SQLModel, col, select
 
-from classlens.analysis import crop_batch_for
 from kernel.errors import ConfigurationError
 from kernel.settings import Settings
 from kernel.store import (
@@ -51,11 +50,9 @@ from kernel.store import (
     utcnow,
 )
 from kernel.types import CropBatch, FrameDetections
-from model_export.cache import ModelCache, resolve_model
-from vision.detection import FaceDetector
-from vision.recognition import Embedder, load_embedder
+from pipeline.capture import CapturePipeline
+from pipeline.models import CaptureModels
 from vision.sources import RecordedFileSource, prefetched
-from vision.tracking import StudentTracker
 from workers.inference import InferenceModels, analyse_crops
 from workers.persistence import observation_rows
 
@@ -73,12 +70,6 @@ SEGMENT_TRACK_STRIDE = 1_000_000
 SEGMENT_SETTINGS: tuple[str, ...] = (
     "sample_fps", "detector", "recognizer", "detector_input_size", "detection_threshold", "min_face_pixels",
     "track_max_gap_seconds", "emotion_inference",
-)
-
-#: Capture-model settings: a worker keeps one loaded detector (and recognizer) per distinct value.
-_CAPTURE_SETTINGS: tuple[str, ...] = (
-    "detector", "recognizer", "detector_input_size", "detection_threshold", "min_face_pixels",
-    "execution_provider", "intra_op_threads", "model_cache_dir", "local_models_dir", "package_index_url",
 )
 
 #: How often a worker writes its segment's frame count (the producer's progress and liveness signal).
@@ -171,46 +162,6 @@ def segment_overrides(settings: Settings) -> dict[str, Any]:
 
 
 @dataclass
-class CaptureModels:
-    """The capture side a segment worker needs besides the inference models."""
-
-    detector: FaceDetector
-    """Face detector."""
-    embedder: Embedder | None
-    """Optional face-embedding model for re-identification within the segment."""
-    provenance: dict[str, dict[str, object]]
-    """Role → provenance of the models above, recorded with the analysis."""
-
-
-def capture_key(settings: Settings) -> tuple[object, ...]:
-    """What distinguishes one loaded set of capture models from another."""
-    return tuple(getattr(settings, name) for name in _CAPTURE_SETTINGS)
-
-
-def load_capture_models(settings: Settings) -> CaptureModels:
-    """Resolve (pulling into the cache if needed) and load the detector and the optional recognizer.
-
-    The same models, loaded the same way, as :meth:`classlens.analysis.PipelineComponents.load`.
-    """
-    cache = ModelCache(settings.model_cache_dir, local_models_dir=settings.local_models_dir,
-                       index_url=settings.package_index_url)
-    common: dict[str, Any] = {"preference": settings.execution_provider,
-                              "intra_op_threads": settings.intra_op_threads}
-    detector_model = resolve_model(cache, settings.detector)
-    detector = FaceDetector(detector_model.path, input_size=settings.detector_input_size,
-                            threshold=settings.detection_threshold, min_face_pixels=settings.min_face_pixels,
-                            **common)
-    provenance: dict[str, dict[str, object]] = {"detector": detector_model.provenance()}
-    embedder = None
-    if settings.recognizer:
-        recognizer_model = resolve_model(cache, settings.recognizer)
-        facts = recognizer_model.spec.extra if recognizer_model.spec is not None else {}
-        embedder = load_embedder(recognizer_model.path, facts, **common)
-        provenance["recognizer"] = recognizer_model.provenance()
-    return CaptureModels(detector, embedder, provenance)
-
-
-@dataclass
 class SegmentOutcome:
     """What a worker did with one segment."""
 
@@ -262,54 +213,51 @@ def analyse_segment(
         return SegmentOutcome(0, 0, 0, stored=False)
     source = RecordedFileSource(path, settings.sample_fps, start_seconds=segment.start_seconds,
                                 end_seconds=segment.end_seconds)
-    tracker = StudentTracker(max_gap_seconds=settings.track_max_gap_seconds, embedder=capture.embedder,
-                             first_id=segment.first_track_id)
+    pipeline = CapturePipeline.configured(capture.detector, capture.embedder, settings, analysis_id=analysis_id,
+                                          first_track_id=segment.first_track_id)
     ends = _TrackEnds()
-    samples: list[dict[str, Any]] = []
-    observations: list[dict[str, Any]] = []
+    samples: list[FrameSample] = []
+    observations: list[FaceObservation] = []
     pending: list[CropBatch] = []
     pending_count = frames = faces = 0
     reported = time.monotonic()
     decoded: Iterator[Any] = prefetched(source)
     try:
         for frame in decoded:
-            detections = tracker.update(capture.detector.detect(frame), frame.image)
-            if len(detections):
-                ends.update(detections)
-                pending.append(crop_batch_for(analysis_id, frame, detections))
-                pending_count += len(detections)
+            captured = pipeline.capture(frame)
+            if captured.batch is not None:
+                ends.update(captured.detections)
+                pending.append(captured.batch)
+                pending_count += len(captured.batch)
                 if pending_count >= settings.batch_size:
                     observations.extend(_infer(pending, models))
                     pending, pending_count = [], 0
-            samples.append({"analysis_id": analysis_id, "stream": frame.stream, "timestamp": frame.timestamp,
-                            "faces": len(detections)})
+            samples.append(captured.sample)
             frames += 1
-            faces += len(detections)
+            faces += len(captured.detections)
             if time.monotonic() - reported >= PROGRESS_INTERVAL_SECONDS:
                 reported = time.monotonic()
                 if not _progress(engine, analysis_id, segment, frames, faces):
                     logger.info("analysis %d: %s abandoned (the analysis stopped, or a twin delivery stored it)",
                                 analysis_id, segment.describe())
-                    return SegmentOutcome(frames, faces, len(tracker.summaries()), stored=False)
+                    return SegmentOutcome(frames, faces, len(pipeline.summaries()), stored=False)
     finally:
         close = getattr(decoded, "close", None)
         if close is not None:
             close()  # stops the decoder thread when we leave early
     if pending:
         observations.extend(_infer(pending, models))
-    tracks: list[dict[str, Any]] = []
-    for summary in tracker.summaries():
+    tracks: list[SegmentTrack] = []
+    for summary in pipeline.summaries():
         first, last = ends.first[summary.track_id], ends.last[summary.track_id]
-        tracks.append({
-            "analysis_id": analysis_id, "segment_index": segment.index, "stream": summary.stream,
-            "track_id": summary.track_id, "first_seen": summary.first_seen, "last_seen": summary.last_seen,
-            "samples": summary.samples, "score_total": summary.score_total,
-            "first_x1": float(first[0]), "first_y1": float(first[1]), "first_x2": float(first[2]),
-            "first_y2": float(first[3]),
-            "last_x1": float(last[0]), "last_y1": float(last[1]), "last_x2": float(last[2]),
-            "last_y2": float(last[3]),
-        })
-    if tracks and tracks[-1]["track_id"] >= (segment.index + 1) * SEGMENT_TRACK_STRIDE:
+        tracks.append(SegmentTrack(
+            analysis_id=analysis_id, segment_index=segment.index, stream=summary.stream,
+            track_id=summary.track_id, first_seen=summary.first_seen, last_seen=summary.last_seen,
+            samples=summary.samples, score_total=summary.score_total,
+            first_x1=float(first[0]), first_y1=float(first[1]), first_x2=float(first[2]), first_y2=float(first[3]),
+            last_x1=float(last[0]), last_y1=float(last[1]), last_x2=float(last[2]), last_y2=float(last[3]),
+        ))
+    if tracks and tracks[-1].track_id >= (segment.index + 1) * SEGMENT_TRACK_STRIDE:
         raise ValueError(f"{segment.describe()}: more tracks than its id range holds")
 
     def write(session: Session) -> bool:
@@ -319,9 +267,10 @@ def analyse_segment(
         })
         if not done:
             return False  # another delivery of this task stored the segment (or recorded its failure)
-        for model, rows in ((FrameSample, samples), (FaceObservation, observations), (SegmentTrack, tracks)):
+        rows: Sequence[SQLModel]
+        for rows in (samples, observations, tracks):
             for start in range(0, len(rows), _ROWS_PER_STATEMENT):
-                insert_ignoring_duplicates(session, model, rows[start:start + _ROWS_PER_STATEMENT])
+                insert_ignoring_duplicates(session, rows[start:start + _ROWS_PER_STATEMENT])
         return True
 
     stored = write_while_running(engine, analysis_id, write)
@@ -331,7 +280,7 @@ def analyse_segment(
     return SegmentOutcome(frames, faces, len(tracks), stored=stored)
 
 
-def _infer(batches: list[CropBatch], models: InferenceModels) -> list[dict[str, Any]]:
+def _infer(batches: list[CropBatch], models: InferenceModels) -> list[FaceObservation]:
     batch = batches[0] if len(batches) == 1 else CropBatch.concatenate(batches)
     return observation_rows(batch, analyse_crops(batch, models))
 

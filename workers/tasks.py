@@ -30,39 +30,23 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from kernel.errors import ClassLensError, ConfigurationError
-from kernel.settings import (
-    ENGAGEMENT_MODEL_READING_EXPRESSIONS,
-    ENGAGEMENT_MODEL_WITHOUT_EMOTION,
-    Settings,
-    load_settings,
-)
-from kernel.store import FailedBatch, make_engine
+from kernel.settings import Settings, load_settings
+from kernel.store import make_engine
 from kernel.types import CROP_SIZE, CropBatch
-from model_export.cache import ModelCache, resolve_model
+from pipeline.models import CaptureModels, capture_key, load_capture_models, load_inference_models
 from workers.failures import ensure_failed_batch_table, record_failed_batch
 from workers.inference import InferenceModels, analyse_crops
 from workers.persistence import store_face_results
-from workers.runners import EmotionRunner, EngagementRunner
-from workers.segments import (
-    CaptureModels,
-    Segment,
-    analyse_segment,
-    capture_key,
-    load_capture_models,
-    record_segment_failure,
-    segment_settings,
-)
+from workers.segments import Segment, analyse_segment, record_segment_failure, segment_settings
 
 __all__ = [
     "ANALYSE_CROP_BATCH_TASK",
     "ANALYSE_RECORDING_SEGMENT_TASK",
-    "FailedBatch",  # re-exported so that importing the tasks registers the table's metadata
     "InferenceTask",
     "SegmentTask",
     "WorkerResources",
     "analyse_crop_batch",
     "analyse_recording_segment",
-    "load_inference_models",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,39 +63,6 @@ SETTINGS_ATTRIBUTE = "classlens_settings"
 #: Longest wait before a retry; kept well below the visibility timeout, because a
 #: retry waiting for its countdown holds its message unacknowledged.
 MAX_RETRY_COUNTDOWN_SECONDS = 60.0
-
-
-def load_inference_models(settings: Settings) -> InferenceModels:
-    """Resolve (pulling into the cache if needed) and load the emotion, landmark and engagement models."""
-    cache = ModelCache(settings.model_cache_dir, local_models_dir=settings.local_models_dir,
-                       index_url=settings.package_index_url)
-    common: dict[str, Any] = {"preference": settings.execution_provider,
-                              "intra_op_threads": settings.intra_op_threads}
-    provenance: dict[str, dict[str, object]] = {}
-    emotion = None
-    if settings.emotion_inference:
-        emotion_model = resolve_model(cache, settings.emotion_model)
-        emotion = EmotionRunner(emotion_model.path, **common)
-        provenance["emotion"] = emotion_model.provenance()
-    landmarks = None
-    if settings.landmark_model:
-        from workers.landmarks import LandmarkRunner
-
-        landmark_model = resolve_model(cache, settings.landmark_model)
-        landmarks = LandmarkRunner(landmark_model.path)
-        provenance["landmarks"] = landmark_model.provenance()
-    engagement_model = resolve_model(cache, settings.engagement_model)
-    engagement = EngagementRunner(engagement_model.path, **common)
-    provenance["engagement"] = engagement_model.provenance()
-    fallback, fallback_provenance = None, None
-    if settings.engagement_model == ENGAGEMENT_MODEL_READING_EXPRESSIONS:
-        # Producers may switch emotion off for their batches; such batches must not be scored
-        # by a model that reads expressions either (InferenceModels.for_settings).
-        fallback_model = resolve_model(cache, ENGAGEMENT_MODEL_WITHOUT_EMOTION)
-        fallback = EngagementRunner(fallback_model.path, **common)
-        fallback_provenance = fallback_model.provenance()
-    return InferenceModels(engagement=engagement, emotion=emotion, landmarks=landmarks, provenance=provenance,
-                           engagement_without_emotion=fallback, provenance_without_emotion=fallback_provenance)
 
 
 def settings_of(app: Any) -> Settings:

@@ -1,0 +1,86 @@
+"""The capture pipeline: sampled frames in, tracked faces and crop batches out.
+
+Every way ClassLens meets video (a recorded file, one time segment of it on a worker, a
+participant's live stream, the training and benchmark harnesses) runs its frames through
+:class:`CapturePipeline`: detect every face, track it to a student id, cut the aligned
+crops and head pose that inference needs. The pipeline owns its tracker, so each stream
+of a session has one pipeline; track ids start at ``first_track_id`` so that several
+pipelines of one analysis (segments, live streams) never share an id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernel.settings import Settings
+from kernel.store import FrameSample
+from kernel.types import CROP_SIZE, CropBatch, FrameDetections, VideoFrame
+from vision.detection import FaceDetector
+from vision.geometry import align_face, head_poses
+from vision.recognition import Embedder
+from vision.tracking import StudentTracker, TrackSummary
+
+
+def crop_batch_for(analysis_id: int, frame: VideoFrame, detections: FrameDetections) -> CropBatch:
+    """Aligned crops, head pose and ids of every tracked face of one frame."""
+    count = len(detections)
+    crops = np.empty((count, CROP_SIZE, CROP_SIZE, 3), np.uint8)
+    for index in range(count):
+        crops[index] = align_face(frame.image, detections.keypoints[index])
+    return CropBatch(
+        analysis_id=analysis_id,
+        streams=(frame.stream,) * count,
+        track_ids=detections.track_ids,
+        timestamps=np.full(count, frame.timestamp, np.float64),
+        crops=crops,
+        boxes=detections.boxes,
+        detection_scores=detections.scores,
+        head_pose=head_poses(detections.keypoints, detections.frame_size),
+    )
+
+
+@dataclass(frozen=True)
+class CapturedFrame:
+    """What the pipeline made of one sampled frame."""
+
+    detections: FrameDetections
+    """Every face found, with its student track id."""
+    batch: CropBatch | None
+    """The faces' crops for inference; None when the frame held no face."""
+    sample: FrameSample
+    """The frame's row for the store: when it was sampled and how many faces it held."""
+
+
+class CapturePipeline:
+    """Detect → track → crop for the frames of one stream, in order; owns the stream's tracker."""
+
+    def __init__(self, detector: FaceDetector, embedder: Embedder | None, *, analysis_id: int,
+                 max_gap_seconds: float, first_track_id: int = 1) -> None:
+        self.detector = detector
+        self.analysis_id = analysis_id
+        self._tracker = StudentTracker(max_gap_seconds=max_gap_seconds, embedder=embedder, first_id=first_track_id)
+
+    @classmethod
+    def configured(cls, detector: FaceDetector, embedder: Embedder | None, settings: Settings, *,
+                   analysis_id: int, first_track_id: int = 1) -> CapturePipeline:
+        """A pipeline with the loaded capture models, tracking as the settings say."""
+        return cls(detector, embedder, analysis_id=analysis_id, max_gap_seconds=settings.track_max_gap_seconds,
+                   first_track_id=first_track_id)
+
+    def capture(self, frame: VideoFrame) -> CapturedFrame:
+        """Detect, track and crop one frame (frames of a stream must come in time order)."""
+        detections = self._tracker.update(self.detector.detect(frame), frame.image)
+        batch = crop_batch_for(self.analysis_id, frame, detections) if len(detections) else None
+        sample = FrameSample(analysis_id=self.analysis_id, stream=frame.stream, timestamp=frame.timestamp,
+                             faces=len(detections))
+        return CapturedFrame(detections, batch, sample)
+
+    def summaries(self) -> list[TrackSummary]:
+        """Every track seen so far, in order of creation."""
+        return self._tracker.summaries()
+
+    def students_so_far(self) -> int:
+        """Tracks seen in at least two samples: the students a progress display can count already."""
+        return sum(1 for summary in self._tracker.summaries() if summary.samples >= 2)

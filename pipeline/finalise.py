@@ -1,0 +1,62 @@
+"""The step every analysis ends with: students from track summaries, or a failure recorded.
+
+A recording, a segmented recording and a live session all finish here, so what counts as
+a student and what a failed analysis leaves behind are decided once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import Engine, delete, update
+from sqlmodel import Session, col
+
+from kernel.settings import Settings
+from kernel.store import Analysis, AnalysisStatus, FaceObservation, Student, delete_analysis_data, session_scope, utcnow
+from vision.tracking import TrackSummary, is_student
+
+
+def finalise_students(session: Session, analysis_id: int, summaries: list[TrackSummary], settings: Settings, *,
+                      label_students: Callable[[list[TrackSummary]], list[str]] | None = None) -> int:
+    """Create Student rows for tracks seen long enough; drop observations of the rest.
+
+    Students are labelled ``Student 1…n`` in order of first appearance unless
+    ``label_students`` names them (a meeting labels them by display name).
+    """
+    interval = 1.0 / settings.sample_fps
+    students = [s for s in summaries if is_student(s, min_seconds=settings.min_student_seconds,
+                                                    sample_interval=interval, min_score=settings.min_student_score)]
+    students.sort(key=lambda s: (s.first_seen, s.track_id))
+    labels = (label_students(students) if label_students is not None
+              else [f"Student {number}" for number in range(1, len(students) + 1)])
+    for summary, label in zip(students, labels, strict=True):
+        session.add(Student(analysis_id=analysis_id, stream=summary.stream, track_id=summary.track_id,
+                            label=label, first_seen=summary.first_seen,
+                            last_seen=summary.last_seen, samples_visible=summary.samples))
+    transient = [s.track_id for s in summaries if s not in students]
+    if transient:
+        session.execute(delete(FaceObservation).where(
+            FaceObservation.analysis_id == analysis_id,  # type: ignore[arg-type]
+            FaceObservation.track_id.in_(transient),  # type: ignore[attr-defined]
+        ))
+    return len(students)
+
+
+def mark_failed(engine: Engine, analysis_id: int, reason: str) -> None:
+    """Remove everything half-written and record why the analysis failed.
+
+    The analysis row is marked before anything is deleted, in the same transaction: that
+    takes SQLite's write lock or PostgreSQL's row lock first, so a segment worker about to
+    store (it checks the status in its own transaction) either committed before and its
+    rows are deleted here, or sees ``failed`` and writes nothing.
+    """
+    with session_scope(engine) as session:
+        session.execute(update(Analysis).where(col(Analysis.id) == analysis_id).values(
+            status=AnalysisStatus.failed, failure_reason=reason, finished_at=utcnow(), report_path=None))
+        delete_analysis_data(session, analysis_id)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The one line recorded on a failed analysis."""
+    reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
+    return reason.splitlines()[0]
