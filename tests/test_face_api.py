@@ -157,3 +157,31 @@ def test_the_runtime_crop_and_the_converted_network_agree_on_sizes() -> None:
 
     assert recognition.FACE_API_INPUT_SIZE == face_api_recognition.INPUT_SIZE
     assert recognition.FACE_API_EMBEDDING_SIZE == face_api_recognition.EMBEDDING_SIZE
+
+
+def _tfjs_resize_bilinear(image: np.ndarray, size: int) -> np.ndarray:
+    """tfjs-backend-cpu's resizeBilinear (no aligned corners, no half pixels), in double precision."""
+    source = (image.shape[0] / size) * np.arange(size, dtype=np.float64)
+    low = np.maximum(np.floor(source), 0.0).astype(np.intp)
+    high = np.minimum(np.ceil(source), image.shape[0] - 1).astype(np.intp)
+    frac = source - low
+    top_rows, bottom_rows = image[low], image[high]
+    top = top_rows[:, low] + (top_rows[:, high] - top_rows[:, low]) * frac[None, :, None]
+    bottom = bottom_rows[:, low] + (bottom_rows[:, high] - bottom_rows[:, low]) * frac[None, :, None]
+    return top + (bottom - top) * frac[:, None, None]
+
+
+@pytest.mark.parametrize("shape", [(130, 128), (61, 60), (41, 40), (300, 290), (150, 150), (9, 200)])
+def test_face_api_input_pads_and_resizes_as_tfjs_does(shape: tuple[int, int]) -> None:
+    from vision.recognition import face_api_input
+
+    face = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3)).astype(np.uint8)
+    height, width = shape
+    difference = abs(height - width)
+    after = int(np.floor(difference * 0.5 + 0.5))
+    pad = (difference - after, after)
+    square = np.pad(face.astype(np.float64), ((0, 0), pad, (0, 0)) if height > width else (pad, (0, 0), (0, 0)))
+    expected = square if square.shape[0] == 150 else _tfjs_resize_bilinear(square, 150)
+    produced = face_api_input(face)
+    assert produced.shape == (3, 150, 150) and produced.dtype == np.float32
+    assert np.abs(produced - expected.transpose(2, 0, 1)).max() < 0.002
