@@ -91,6 +91,9 @@ def _warn_without_users(engine: object) -> None:
 def _read_password(password_stdin: bool) -> str:
     if password_stdin:
         return sys.stdin.readline().rstrip("\r\n")
+    from kernel.accounts import PASSWORD_RULE
+
+    _console.print(f"Password: {PASSWORD_RULE}.", highlight=False)
     password: str = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
     return password
 

@@ -66,10 +66,50 @@ def normalize_email(email: str) -> str:
     return cleaned
 
 
+#: Words at the root of the passwords that attackers try first (the most common entries of
+#: leaked-password lists, and this product's own name). A password that is one of them, or
+#: one of them followed by digits and punctuation ("password12", "Welcome2024!"), is refused.
+COMMON_PASSWORD_ROOTS: frozenset[str] = frozenset({
+    "password", "passw0rd", "p@ssword", "p@ssw0rd", "qwerty", "qwertyuiop", "qwertz", "azerty", "asdfgh",
+    "asdfghjkl", "zxcvbnm", "abc", "abcdef", "abcdefg", "abcdefgh", "abcdefghij", "iloveyou", "letmein",
+    "welcome", "admin", "administrator", "root", "login", "master", "monkey", "dragon", "football", "baseball",
+    "soccer", "sunshine", "princess", "shadow", "superman", "batman", "trustno", "starwars", "pokemon",
+    "whatever", "freedom", "secret", "changeme", "default", "guest", "test", "tester", "testing", "hello",
+    "helloworld", "charlie", "michael", "jennifer", "jordan", "hunter", "ranger", "matrix", "computer",
+    "internet", "access", "summer", "winter", "spring", "autumn", "teacher", "student", "school", "classroom",
+    "classlens", "zoom", "meeting", "lovely", "flower", "cookie", "chocolate", "killer", "mustang", "ninja",
+})
+"""Lower-case roots of the most common passwords."""
+
+PASSWORD_RULE = (
+    f"at least {MIN_PASSWORD_LENGTH} characters, not blank, not one character repeated, not a run "
+    "like 1234567890, and not a common password such as 'password12'"
+)
+"""The password rule in words, shown before a password is asked for."""
+
+_RUNS = ("01234567890", "09876543210", "abcdefghijklmnopqrstuvwxyz", "qwertyuiopasdfghjklzxcvbnm")
+
+
 def check_password_strength(password: str) -> None:
-    """Refuse passwords shorter than :data:`MIN_PASSWORD_LENGTH` characters."""
+    """Refuse passwords that attackers guess first (NIST SP 800-63B's blocklist advice).
+
+    Too short (:data:`MIN_PASSWORD_LENGTH`), blank or whitespace only, one character
+    repeated, a run of a keyboard or counting sequence, or a common password
+    (:data:`COMMON_PASSWORD_ROOTS`, also with digits and punctuation after it). The message
+    says which rule failed; the password itself is never echoed.
+    """
     if len(password) < MIN_PASSWORD_LENGTH:
         raise AccountError(f"the password must have at least {MIN_PASSWORD_LENGTH} characters")
+    if not password.strip():
+        raise AccountError("the password must not be blank")
+    if len(set(password)) == 1:
+        raise AccountError("the password must not be one character repeated")
+    folded = password.lower()
+    if any(folded in run for run in _RUNS):
+        raise AccountError("the password must not be a run of keys or digits (like 1234567890)")
+    root = re.sub(r"[\d\W_]+$", "", folded)
+    if root in COMMON_PASSWORD_ROOTS or re.sub(r"[\W_]+", "", folded) in COMMON_PASSWORD_ROOTS:
+        raise AccountError("the password is too common (attackers try it first); choose another")
 
 
 def find_user(session: Session, email: str) -> User | None:

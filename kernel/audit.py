@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from sqlalchemy import ColumnElement, func
 from sqlmodel import Session, col, select
 
+from kernel.spreadsheets import spreadsheet_safe
 from kernel.store import AuditEvent, User
 
 #: Longest detail kept; longer text is cut (a detail is context, not a payload).
@@ -115,12 +116,8 @@ def events_csv(events: Sequence[AuditEvent]) -> str:
     writer.writerow(CSV_COLUMNS)
     for event in events:
         writer.writerow([
-            _utc_text(event.at), "" if event.actor_id is None else event.actor_id, _csv_safe(event.actor_email),
-            _csv_safe(event.action), event.target_kind, _csv_safe(event.target_id), _csv_safe(event.detail),
+            _utc_text(event.at), "" if event.actor_id is None else event.actor_id,
+            spreadsheet_safe(event.actor_email), spreadsheet_safe(event.action), spreadsheet_safe(event.target_kind),
+            spreadsheet_safe(event.target_id), spreadsheet_safe(event.detail),
         ])
     return buffer.getvalue()
-
-
-def _csv_safe(text: str) -> str:
-    # A cell starting with = + - @ is a formula in spreadsheet programs; admins open this file in one.
-    return "'" + text if text[:1] in ("=", "+", "-", "@") else text

@@ -18,6 +18,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from kernel.spreadsheets import spreadsheet_safe
 from kernel.types import EMOTION_LABELS
 from reports.aggregate import ReportData, StudentTimeline, TimelineSample
 from reports.formatting import format_timestamp, level_name
@@ -120,11 +121,18 @@ def timeline_rows(data: ReportData) -> list[Row]:
 
 
 def _csv_cell(value: Cell) -> str:
-    """CSV text of a value: empty for unknown, 1/0 for flags (spreadsheet friendly)."""
+    """CSV text of a value: empty for unknown, 1/0 for flags, text made safe for spreadsheets.
+
+    Text cells (student labels, stream names: chosen by participants in a meeting) never
+    start a formula (:func:`kernel.spreadsheets.spreadsheet_safe`); numbers are written as
+    they are, so a negative head angle stays a number.
+    """
     if value is None:
         return ""
     if isinstance(value, bool):
         return "1" if value else "0"
+    if isinstance(value, str):
+        return spreadsheet_safe(value)
     return str(value)
 
 

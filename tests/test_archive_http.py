@@ -514,6 +514,11 @@ def test_users_cli_adds_users_and_tokens(world: ArchiveWorld, monkeypatch: pytes
     short = runner.invoke(cli, ["users", "add", "dan@school.example", "--password-stdin", "--db", url],
                           input="short\n")
     assert short.exit_code == 2 and "at least" in short.output
+    for weak, reason in (("          ", "blank"), ("aaaaaaaaaa", "repeated"), ("password12", "too common"),
+                         ("Welcome2024!", "too common"), ("1234567890", "run of keys")):
+        refused = runner.invoke(cli, ["users", "add", "dan@school.example", "--role", "admin", "--password-stdin",
+                                      "--db", url], input=f"{weak}\n")
+        assert refused.exit_code == 2 and reason in refused.output, (weak, refused.output)
     token = runner.invoke(cli, ["users", "token", "cleo@school.example", "--db", url])
     assert token.exit_code == 0
     issued = re.search(r"clk_[A-Za-z0-9_-]+", token.output)

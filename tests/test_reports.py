@@ -657,3 +657,21 @@ def test_mean_interval_widens_for_autocorrelated_samples() -> None:
     assert n_block < 5
     assert se_alt is not None and se_block is not None and se_block > 2 * se_alt
     assert mean_with_interval([1.5])[1:] == (None, None, None, 1.0)
+
+
+def test_names_that_look_like_formulas_stay_text_in_the_csv(engine: Engine, tmp_path: Path) -> None:
+    from sqlalchemy import update
+
+    analysis_id = make_analysis(engine)
+    hostile = {STEADY: '=HYPERLINK("http://evil.example","click")', HALF_ABSENT: "\t=1+1"}
+    with session_scope(engine) as session:
+        for label, name in hostile.items():
+            session.execute(update(Student).where(Student.analysis_id == analysis_id,  # type: ignore[arg-type]
+                                                  Student.label == label).values(label=name))  # type: ignore[arg-type]
+    paths = render_reports(engine, analysis_id, tmp_path / "report")
+    rows = list(csv.DictReader(io.StringIO(_read(paths.csv))))
+    labels = {row["student_label"] for row in rows}
+    assert {"'" + name for name in hostile.values()} <= labels
+    assert not any(label.startswith(("=", "+", "-", "@", "\t", "\r")) for label in labels)
+    # Numbers are not text: a negative head angle is still written as a number.
+    assert any(row["head_pitch"] == "-3.0" for row in rows)
