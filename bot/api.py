@@ -154,8 +154,11 @@ class MeetingRegistry:
 
     async def invite(self, owner: User, invite: MeetingInvite, *, wait_seconds: float | None = None) -> Meeting:
         """Create the session and the meeting, start the bot, and wait until it joined or failed."""
+        from bot.janus_address import check_janus_url
         from bot.live import create_live_analysis
 
+        # Refused before anything is created: no session, no meeting row, no connection.
+        checked = await asyncio.to_thread(check_janus_url, invite.janus_url, self.settings.janus_allowed_urls)
         display_name = invite.display_name or self.settings.bot_display_name
         consent = ConsentPolicy(invite.consent_mode, tuple(invite.consent_names))
         source = f"{invite.janus_url} room {invite.room}"
@@ -180,8 +183,9 @@ class MeetingRegistry:
         meeting = await asyncio.to_thread(_create)
         assert meeting.id is not None and meeting.analysis_id is not None
         components = await self._components.get()
-        target = MeetingTarget(janus_url=invite.janus_url, room=invite.room, pin=invite.pin,
-                               display_name=display_name)
+        target = MeetingTarget(janus_url=checked.url, room=invite.room, pin=invite.pin,
+                               display_name=display_name, pinned_address=checked.pinned_address,
+                               detailed_errors=False)
         running = _RunningMeeting(meeting.id)
         running.bot = MeetingBot(self.settings, self.engine, meeting.analysis_id, target, components=components,
                                  on_status=running.update)
@@ -288,7 +292,12 @@ def meetings_router(current_user: Callable[..., User]) -> APIRouter:
     @router.post("", status_code=status.HTTP_201_CREATED, response_model=MeetingView)
     async def invite_bot(invite: MeetingInvite, user: UserDep, registry: RegistryDep) -> MeetingView:
         """Send the bot into a meeting. A join that fails answers 422 with the reason (the meeting is kept)."""
-        meeting = await registry.invite(user, invite)
+        from bot.janus_address import JanusUrlRefusedError
+
+        try:
+            meeting = await registry.invite(user, invite)
+        except JanusUrlRefusedError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, {"message": str(exc)}) from None
         view = MeetingView.of(meeting)
         if meeting.state is MeetingState.failed:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,

@@ -28,6 +28,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -48,6 +49,17 @@ VIDEOROOM_NO_SUCH_FEED = 428
 #: Janus core error codes (janus.h) that mean the session or handle is gone, e.g. after a restart.
 JANUS_SESSION_NOT_FOUND = 458
 JANUS_HANDLE_NOT_FOUND = 459
+
+
+def _pinned_request(url: str, pinned_address: str | None) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """Base URL, headers and httpx extensions for requests to ``url`` sent to ``pinned_address``."""
+    if pinned_address is None:
+        return url, {}, {}
+    parts = urlsplit(url)
+    host = f"[{pinned_address}]" if ":" in pinned_address else pinned_address
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    extensions: dict[str, Any] = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
+    return urlunsplit(parts._replace(netloc=netloc)), {"Host": parts.netloc.rsplit("@", 1)[-1]}, extensions
 
 
 class JanusError(ClassLensError):
@@ -257,8 +269,11 @@ class JanusRoomClient:
     """
 
     def __init__(self, url: str, *, request_timeout: float = 10.0, keepalive_seconds: float = 25.0,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None, pinned_address: str | None = None) -> None:
         self.url = url.rstrip("/")
+        # With a pinned address, requests go to that IP (the one the invite API checked), with
+        # the URL's host name in the Host header and, for https, in TLS's SNI and certificate check.
+        self._request_url, self._headers, self._extensions = _pinned_request(self.url, pinned_address)
         self.request_timeout = request_timeout
         self.keepalive_seconds = keepalive_seconds
         # The long poll holds a request open up to 30 s on Janus' side; give it room beyond that.
@@ -286,7 +301,8 @@ class JanusRoomClient:
         transaction = secrets.token_hex(8)
         body = {**body, "transaction": transaction}
         try:
-            reply = await self._http.post(f"{self.url}{path}", json=body)
+            reply = await self._http.post(f"{self._request_url}{path}", json=body, headers=self._headers,
+                                          extensions=self._extensions)
         except httpx.HTTPError as exc:
             error: type[JanusError] = JanusConnectionLostError if self.session_id else JanusUnreachableError
             raise error(f"{what}: cannot reach Janus at {self.url} ({type(exc).__name__}: {exc})") from None
@@ -367,7 +383,8 @@ class JanusRoomClient:
         self._pending[transaction] = future
         try:
             try:
-                reply = await self._http.post(f"{self.url}/{self.session_id}/{handle_id}",
+                reply = await self._http.post(f"{self._request_url}/{self.session_id}/{handle_id}",
+                                              headers=self._headers, extensions=self._extensions,
                                               json={**request, "transaction": transaction})
                 payload = reply.json()
             except (httpx.HTTPError, ValueError) as exc:
@@ -415,7 +432,8 @@ class JanusRoomClient:
         failures = 0
         while not self._closed:
             try:
-                reply = await self._http.get(f"{self.url}/{self.session_id}", params={"maxev": 10}, timeout=timeout)
+                reply = await self._http.get(f"{self._request_url}/{self.session_id}", params={"maxev": 10},
+                                             timeout=timeout, headers=self._headers, extensions=self._extensions)
                 payload = reply.json()
             except (httpx.HTTPError, ValueError) as exc:
                 # One retry: a single dropped long poll is not a lost session, two in a row are.

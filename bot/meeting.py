@@ -84,6 +84,11 @@ class MeetingTarget:
     room: int
     pin: str | None
     display_name: str
+    pinned_address: str | None = None
+    """The checked IP address to connect to (the invite API pins it); None resolves the URL's host."""
+    detailed_errors: bool = True
+    """Whether join errors may say how the server answered (the operator's CLI), or only that it
+    could not be joined (the invite API: a teacher must not learn what the server can reach)."""
 
     def __repr__(self) -> str:
         # The PIN is a credential: keep it out of logs and tracebacks.
@@ -266,7 +271,9 @@ class MeetingBot:
         try:
             self._connection = await self._join()
         except JanusError as exc:
-            return await self._fail(describe_join_error(exc))
+            if not self.target.detailed_errors:
+                logger.warning("meeting %d: joining %s failed: %s", self.analysis_id, self.target.janus_url, exc)
+            return await self._fail(describe_join_error(exc, detailed=self.target.detailed_errors))
         except asyncio.CancelledError:
             await self._fail("cancelled while joining")
             raise
@@ -406,7 +413,8 @@ class MeetingBot:
 
         settings = self.settings
         client = JanusRoomClient(self.target.janus_url, request_timeout=settings.bot_request_timeout_seconds,
-                                 keepalive_seconds=settings.bot_keepalive_seconds)
+                                 keepalive_seconds=settings.bot_keepalive_seconds,
+                                 pinned_address=self.target.pinned_address)
         connection = _Connection(client)
         try:
             await client.connect()
@@ -585,8 +593,16 @@ def _one_line(exc: BaseException) -> str:
     return (str(exc) or type(exc).__name__).splitlines()[0]
 
 
-def describe_join_error(exc: JanusError) -> str:
-    """A user-facing hint for an error of the first join (used by the CLI and the API)."""
+def describe_join_error(exc: JanusError, *, detailed: bool = True) -> str:
+    """A user-facing hint for an error of the first join (used by the CLI and the API).
+
+    Not ``detailed`` (the invite API), a server that could not be reached, or that did not
+    answer like Janus, gets one message whatever happened: telling a closed port from an
+    HTTP error would make the API a scanner of the server's network.
+    """
+    if not detailed and isinstance(exc, JanusUnreachableError | JanusConnectionLostError):
+        return ("could not join: no Janus API answered at this URL. Check the URL (it ends in /janus) "
+                "and that the server is running.")
     if isinstance(exc, JanusUnreachableError):
         return f"{exc}. Check the URL (it ends in /janus) and that the server is running."
     if isinstance(exc, JanusRoomNotFoundError):

@@ -203,6 +203,14 @@ class Settings(BaseSettings):
     )
 
     # Meeting bot (bot/meeting.py, `classlens bot join`, the invite API)
+    janus_allowed_urls: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Janus API URLs the invite API may send the bot to (a JSON list). Empty: any public http(s) "
+            "address; loopback, private, link-local and other non-public addresses are refused after DNS "
+            "resolution, and the bot connects to the address that was checked. `classlens bot join` is not limited."
+        ),
+    )
     bot_display_name: str = Field(
         default="ClassLens (analysing engagement)",
         min_length=1,

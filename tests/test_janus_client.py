@@ -47,6 +47,16 @@ async def test_unreachable_server_is_a_typed_error(janus_server: JanusServer) ->
     await client.aclose()
 
 
+async def test_a_pinned_address_is_used_instead_of_resolving_the_host(janus_server: JanusServer) -> None:  # noqa: F811
+    # The invite API checks the address a host name resolves to, then pins it: requests go to
+    # that IP (the name here resolves nowhere), with the name in the Host header.
+    port = janus_server.url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1]
+    async with JanusRoomClient(f"http://janus.classlens.invalid:{port}/janus",
+                               pinned_address=janus_server.host) as client:
+        assert client.session_id is not None
+        assert (await client.attach()) is not None
+
+
 async def test_missing_room_and_wrong_pin_are_typed_errors(janus_server: JanusServer) -> None:  # noqa: F811
     async with JanusRoomClient(janus_server.url) as client:
         admin = await client.attach()

@@ -32,7 +32,7 @@ from kernel.store import (
     students_for,
 )
 from tests.conftest import MEDIA_DIR
-from tests.janus_server import JanusServer, LoopingVideoTrack, janus_server  # noqa: F401  (fixture)
+from tests.janus_server import JanusServer, LoopingVideoTrack, free_tcp_port, janus_server  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.janus, pytest.mark.media]
 
@@ -215,7 +215,6 @@ async def test_bad_meeting_input_fails_the_session_with_the_reason(
         janus_server: JanusServer, components: Any, isolated_env: Path,  # noqa: F811
         where: str, pin: str, expected: str) -> None:
     from bot.consent import ConsentPolicy
-    from tests.janus_server import free_tcp_port
 
     room = 4323
     if where != "no-room":
@@ -251,7 +250,9 @@ async def test_invite_api_joins_reports_state_and_leaves(janus_server: JanusServ
 
     room = 4324
     await _create_room(janus_server.url, room)
-    settings = _settings(isolated_env)
+    closed = f"http://{janus_server.host}:{free_tcp_port(janus_server.host)}/janus"
+    # The test's Janus listens on a private address: an admin must allow it (and here a closed port).
+    settings = _settings(isolated_env, janus_allowed_urls=[janus_server.url, closed])
     engine = init_store(settings.resolved_database_url)
     with session_scope(engine) as session:
         for email, token in (("teacher@example.edu", "t-token"), ("other@example.edu", "o-token")):
@@ -301,6 +302,15 @@ async def test_invite_api_joins_reports_state_and_leaves(janus_server: JanusServ
             assert left.json()["state"] == "ended" and left.json()["ended_at"] is not None
             assert "stopped by teacher@example.edu" in left.json()["state_detail"]
 
+            # Not on the allowlist (Redis on the server itself): refused before anything is created.
+            redis = await api.post("/api/meetings", json={**invite, "janus_url": "http://127.0.0.1:6379/"},
+                                   headers=teacher)
+            assert redis.status_code == 422 and "janus_allowed_urls" in redis.json()["detail"]["message"]
+            # A closed port answers like any server that is not Janus: one message, no upstream detail.
+            refused = await api.post("/api/meetings", json={**invite, "janus_url": closed}, headers=teacher)
+            assert refused.status_code == 422
+            assert refused.json()["detail"]["message"].startswith("could not join: no Janus API answered")
+            assert "ConnectError" not in refused.text and "HTTP" not in refused.json()["detail"]["message"]
             wrong = await api.post("/api/meetings", json={**invite, "pin": "wrong"}, headers=teacher)
             assert wrong.status_code == 422
             assert "wrong or missing PIN" in wrong.json()["detail"]["message"]
