@@ -43,6 +43,7 @@ from kernel.store import (
     MeetingState,
     User,
     UserRole,
+    is_row_id,
     session_scope,
     utcnow,
 )
@@ -236,7 +237,7 @@ class MeetingRegistry:
             with session_scope(self.engine) as session:
                 return session.get(Meeting, meeting_id)
 
-        meeting = await asyncio.to_thread(_read)
+        meeting = await asyncio.to_thread(_read) if is_row_id(meeting_id) else None
         if meeting is None:
             raise KeyError(meeting_id)
         return meeting

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -120,9 +121,21 @@ def create_app(settings: Settings, *, archive: bool = True, meetings: bool = Tru
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError) -> Response:
         if _is_api(request):
-            return JSONResponse({"detail": exc.errors()}, status_code=422)
+            # jsonable_encoder: a validator's error carries the exception object in its context.
+            return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
         # A page address with a non-numeric id is simply an address that does not exist.
         return error_page(request, 404, _MESSAGES[404])
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, exc: Exception) -> Response:
+        # Starlette answers unhandled errors outside every middleware: set the headers here too.
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        message = "Something went wrong on the server; the error is in its log. Try again later."
+        response: Response = (JSONResponse({"detail": message}, status_code=500) if _is_api(request)
+                              else error_page(request, 500, message))
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:

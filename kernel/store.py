@@ -326,6 +326,15 @@ class Meeting(SQLModel, table=True):
     ended_at: datetime | None = None
 
 
+MAX_ROW_ID = 2**31 - 1
+"""Largest id the store's integer keys hold (PostgreSQL's INTEGER); a larger id names no row."""
+
+
+def is_row_id(value: int) -> bool:
+    """Whether a number from outside (a URL, a payload) can be the id of a stored row."""
+    return 1 <= value <= MAX_ROW_ID
+
+
 def make_engine(url: str) -> Engine:
     """Create an engine for a SQLAlchemy URL, creating the SQLite file's folder when needed."""
     try:

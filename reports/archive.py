@@ -52,6 +52,7 @@ from kernel.store import (
     User,
     UserRole,
     delete_analysis_data,
+    is_row_id,
     session_scope,
 )
 from reports.aggregate import build_report_data
@@ -202,7 +203,7 @@ def list_sessions(session: Session, user: User, where: SessionFilter) -> tuple[l
     first, last = _parse_day(where.date_from), _parse_day(where.date_to)
     if first is not None:
         statement = statement.where(col(Analysis.created_at) >= _start_of(first))
-    if last is not None:
+    if last is not None and last < date.max:  # up to the last day of the calendar means no upper bound
         statement = statement.where(col(Analysis.created_at) < _start_of(last + timedelta(days=1)))
     statement = statement.order_by(col(Analysis.created_at).desc(), col(Analysis.id).desc())
     rows = list(session.exec(statement.limit(MAX_LISTED_SESSIONS + 1)))
@@ -223,7 +224,8 @@ def _filter_choices(session: Session, user: User) -> tuple[list[str], list[User]
 
 def visible_analysis(session: Session, user: User, analysis_id: int) -> Analysis:
     """The session with this id if ``user`` may see it; otherwise 404, whether it exists or not."""
-    analysis = session.get(Analysis, analysis_id)
+    # An id beyond what the store's keys hold names no session (and would overflow the query).
+    analysis = session.get(Analysis, analysis_id) if is_row_id(analysis_id) else None
     if analysis is None or (user.role != UserRole.admin and analysis.owner_id != user.id):
         raise HTTPException(status_code=404, detail="Not Found")
     return analysis

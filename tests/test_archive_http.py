@@ -492,6 +492,44 @@ def test_security_headers(clients: dict[str, TestClient]) -> None:
 
 
 @pytest.mark.media
+def test_out_of_range_ids_and_dates_are_not_server_errors(world: ArchiveWorld, app: FastAPI,
+                                                          clients: dict[str, TestClient]) -> None:
+    owner = clients["owner"]
+    for huge in (2**31, 2**63, 2**64 + 5):
+        for path in (f"/sessions/{huge}/", f"/sessions/{huge}/timelines.csv", f"/sessions/{huge}/delete"):
+            assert owner.get(path).status_code == 404, path
+    assert owner.get("/sessions?to=9999-12-31").status_code == 200
+    assert owner.get("/sessions?from=0001-01-01&to=9999-12-31").status_code == 200
+    with session_scope(world.engine) as session:
+        ada = session.exec(select(User).where(User.email == world.teacher_a)).one()
+        token = issue_api_token(session, ada)
+    api = TestClient(app, headers={"Authorization": f"Bearer {token}"})
+    assert api.get(f"/api/sessions/{2**63}").status_code == 404
+    assert api.get(f"/api/meetings/{2**63}").status_code == 404
+    assert api.delete(f"/api/meetings/{2**31}").status_code == 404
+    for url in ("ftp://meet.example.edu/janus", "http://127.0.0.1:6379/", "http://u:p@10.0.0.5/janus"):
+        assert api.post("/api/meetings", json={"janus_url": url, "room": 1}).status_code == 422, url
+
+
+@pytest.mark.media
+def test_a_server_error_page_carries_the_security_headers(world: ArchiveWorld) -> None:
+    app = world.app()
+
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/broken", broken)
+    app.add_api_route("/api/broken", broken)
+    client = TestClient(app, raise_server_exceptions=False)
+    for path in ("/broken", "/api/broken"):
+        response = client.get(path)
+        assert response.status_code == 500
+        assert "a bug" not in response.text
+        assert "script-src 'none'" in response.headers["content-security-policy"]
+        assert response.headers["x-frame-options"] == "DENY"
+
+
+@pytest.mark.media
 def test_secret_key_is_generated_once_and_private(world: ArchiveWorld) -> None:
     path = world.settings.data_dir / SECRET_KEY_FILE
     assert stat.S_IMODE(path.stat().st_mode) == 0o600

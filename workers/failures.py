@@ -15,15 +15,13 @@ from sqlalchemy import Engine, inspect
 from sqlalchemy.exc import DatabaseError
 from sqlmodel import Session, col, select
 
-from kernel.store import FailedBatch, session_scope
+from kernel.store import MAX_ROW_ID, FailedBatch, session_scope
 
 logger = logging.getLogger(__name__)
 
 #: Longest failure reason kept; a reason is one line for a person, not a traceback.
 MAX_REASON_CHARS = 1000
 
-#: Largest id PostgreSQL's INTEGER holds; a poison payload may claim anything.
-_MAX_INT32 = 2**31 - 1
 
 
 def ensure_failed_batch_table(engine: Engine) -> None:
@@ -41,7 +39,7 @@ def ensure_failed_batch_table(engine: Engine) -> None:
 
 def _bounded(value: int | None) -> int | None:
     """Keep an id or count that fits the column; anything else is unknown."""
-    if value is None or not 0 <= value <= _MAX_INT32:
+    if value is None or not 0 <= value <= MAX_ROW_ID:
         return None
     return value
 
