@@ -48,6 +48,12 @@ SUPPORTED_VIDEO_CODECS = ("VP8", "H264")
 #: Where the router is mounted.
 WHIP_PATH = "/api/whip"
 
+MAX_OFFER_BYTES = 64 * 1024
+"""Largest SDP offer taken: a browser's offer for a few tracks is a few KiB."""
+MAX_MEDIA_SECTIONS = 32
+"""Most m-lines an offer may have; parsing and negotiating thousands stalls the event loop every
+live class shares, so such an offer is refused before anything is parsed or created."""
+
 SessionFinishedHook = Callable[["LiveOutcome"], Awaitable[None]]
 
 
@@ -92,6 +98,28 @@ def check_offer(sdp: str) -> VideoOffer:
         raise OfferError(422, f"the SDP offer has no video in a supported codec ({', '.join(SUPPORTED_VIDEO_CODECS)}); "
                               f"offered: {', '.join(offered) or 'none'}")
     return VideoOffer(mids=[m.rtp.muxId or str(index) for index, m in enumerate(video)], codecs=codecs)
+
+
+def media_section_count(sdp: str) -> int:
+    """How many m-lines an SDP text has, counted without parsing it."""
+    text = sdp.replace("\r\n", "\n")
+    return text.count("\nm=") + (1 if text.startswith("m=") else 0)
+
+
+async def _read_capped(request: Any, limit: int) -> bytes:
+    """The request body, or HTTP 413 as soon as it is known to exceed ``limit`` bytes."""
+    from fastapi import HTTPException
+
+    too_large = HTTPException(413, f"the SDP offer is larger than {limit // 1024} KiB")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
 
 
 def participant_names(offer: VideoOffer, given: list[str]) -> dict[str, str]:
@@ -178,7 +206,11 @@ class WhipIngest:
             content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if content_type != "application/sdp":
                 raise HTTPException(415, f"expected Content-Type: application/sdp, got {content_type or 'none'}")
-            offer = (await request.body()).decode("utf-8", errors="replace")
+            offer = (await _read_capped(request, MAX_OFFER_BYTES)).decode("utf-8", errors="replace")
+            sections = media_section_count(offer)
+            if sections > MAX_MEDIA_SECTIONS:
+                raise HTTPException(422, f"the SDP offer has {sections} media sections; at most "
+                                         f"{MAX_MEDIA_SECTIONS} are taken (one per camera)")
             try:
                 connection = await self.publish(offer, user, participant or [], session_id=session, title=title,
                                                 course=course, consent=consent, consent_names=consent_name or [])

@@ -185,6 +185,19 @@ async def test_bad_offers_get_a_clear_error_and_the_session_records_why(
         negotiation = await client.post(WHIP_PATH, content=broken_ice, params={"participant": "Ada"}, headers=sdp)
         assert negotiation.status_code == 400 and negotiation.json()["detail"].startswith("malformed SDP offer")
 
+        # Offers too large, or with thousands of m-lines, are refused before anything is parsed or created.
+        with session_scope(ingest.engine) as session:
+            sessions_before = len(list(session.exec(select(Analysis))))
+        crowded = offer.rstrip("\r\n") + "".join(f"\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:x{index}"
+                                                  for index in range(40)) + "\r\n"
+        too_many = await client.post(WHIP_PATH, content=crowded, params={"participant": "Ada"}, headers=sdp)
+        assert too_many.status_code == 422 and "at most 32" in too_many.json()["detail"]
+        huge = await client.post(WHIP_PATH, content=offer + "a=x-padding:" + "x" * 70_000 + "\r\n",
+                                 params={"participant": "Ada"}, headers=sdp)
+        assert huge.status_code == 413
+        with session_scope(ingest.engine) as session:
+            assert len(list(session.exec(select(Analysis)))) == sessions_before
+
         anonymous = await client.post(WHIP_PATH, content=offer, params={"participant": "Ada"},
                                       headers={**sdp, "Authorization": "Bearer wrong"})
         assert anonymous.status_code == 401
