@@ -34,6 +34,7 @@ from sqlmodel import col, select
 from bot.consent import ConsentPolicy
 from bot.live import SharedComponents
 from bot.meeting import MeetingBot, MeetingOutcome, MeetingStatus, MeetingTarget
+from kernel.errors import BadInputError
 from kernel.settings import Settings
 from kernel.store import (
     Analysis,
@@ -55,12 +56,40 @@ logger = logging.getLogger(__name__)
 ACTIVE_STATES = (MeetingState.joining, MeetingState.live, MeetingState.reconnecting, MeetingState.ending)
 
 
+#: Longest participant display name taken on a consent list (meeting platforms cap names well below it).
+MAX_DISPLAY_NAME_CHARS = 200
+
+
+class InviteRefusedError(BadInputError):
+    """The invite asks for something this user may not have (another person's email as host)."""
+
+
+def allowed_host_email(requested: str | None, owner: User, allowed: list[str]) -> str:
+    """Where the after-class email goes: the owner's own address, or one ``invite_allowed_host_emails`` allows.
+
+    An entry of ``allowed`` is a whole address or an ``@domain`` suffix; case is ignored.
+    Anything else raises :class:`InviteRefusedError`, so that the invite API cannot be used
+    to mail class reports to an outside address.
+    """
+    if requested is None or not requested.strip():
+        return owner.email
+    address = requested.strip().lower()
+    if address == owner.email.lower():
+        return address
+    for entry in (item.strip().lower() for item in allowed):
+        if entry and (address == entry or (entry.startswith("@") and address.endswith(entry))):
+            return address
+    raise InviteRefusedError("host_email may only be your own address or one the admin allowed "
+                             "(setting invite_allowed_host_emails)")
+
+
 class MeetingInvite(BaseModel):
     """What a host sends to invite the bot."""
 
     model_config = {"extra": "forbid"}
 
-    janus_url: str = Field(description="URL of the Janus HTTP API, e.g. https://meet.example.edu/janus.")
+    janus_url: str = Field(max_length=2048,
+                           description="URL of the Janus HTTP API, e.g. https://meet.example.edu/janus.")
     room: int = Field(ge=1, description="The VideoRoom room number.")
     pin: str | None = Field(default=None, max_length=200, description="The room's PIN, if it has one; never stored.")
     display_name: str | None = Field(default=None, min_length=1, max_length=100,
@@ -68,10 +97,11 @@ class MeetingInvite(BaseModel):
     title: str = Field(default="", max_length=200, description="Name of the class shown in reports.")
     course: str = Field(default="", max_length=200, description="Course the session belongs to.")
     host_email: str | None = Field(default=None, max_length=320,
-                                   description="Where the after-class email goes (default: the teacher's email).")
+                                   description="Where the after-class email goes (default: the teacher's email; "
+                                   "another address only if invite_allowed_host_emails allows it).")
     consent_mode: ConsentMode = Field(default=ConsentMode.everyone, description="Who may be analysed.")
-    consent_names: list[str] = Field(default_factory=list, max_length=1000,
-                                     description="Display names on the opt-out or opt-in list.")
+    consent_names: list[Annotated[str, Field(max_length=MAX_DISPLAY_NAME_CHARS)]] = Field(
+        default_factory=list, max_length=1000, description="Display names on the opt-out or opt-in list.")
 
     @field_validator("janus_url")
     @classmethod
@@ -159,6 +189,7 @@ class MeetingRegistry:
         from bot.live import create_live_analysis
 
         # Refused before anything is created: no session, no meeting row, no connection.
+        host_email = allowed_host_email(invite.host_email, owner, self.settings.invite_allowed_host_emails)
         checked = await asyncio.to_thread(check_janus_url, invite.janus_url, self.settings.janus_allowed_urls)
         display_name = invite.display_name or self.settings.bot_display_name
         consent = ConsentPolicy(invite.consent_mode, tuple(invite.consent_names))
@@ -167,7 +198,7 @@ class MeetingRegistry:
         def _create() -> Meeting:
             analysis_id = create_live_analysis(
                 self.engine, self.settings, source=source, title=invite.title or f"meeting in room {invite.room}",
-                owner_id=owner.id, course=invite.course, host_email=invite.host_email or owner.email,
+                owner_id=owner.id, course=invite.course, host_email=host_email,
                 consent=consent)
             with session_scope(self.engine) as session:
                 meeting = Meeting(analysis_id=analysis_id, owner_id=owner.id, janus_url=invite.janus_url,
@@ -297,7 +328,7 @@ def meetings_router(current_user: Callable[..., User]) -> APIRouter:
 
         try:
             meeting = await registry.invite(user, invite)
-        except JanusUrlRefusedError as exc:
+        except (JanusUrlRefusedError, InviteRefusedError) as exc:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, {"message": str(exc)}) from None
         view = MeetingView.of(meeting)
         if meeting.state is MeetingState.failed:

@@ -172,6 +172,11 @@ class LiveStats:
         return sum(p.frames_dropped for p in self.participants.values())
 
     @property
+    def frames_received(self) -> int:
+        """Frames that arrived over every participant (0: the session never received media)."""
+        return sum(p.frames_received for p in self.participants.values())
+
+    @property
     def frames_sampled(self) -> int:
         """Frames analysed over every participant."""
         return sum(p.frames_sampled for p in self.participants.values())

@@ -14,15 +14,22 @@ Endpoints (mounted by ``classlens serve``; the web app injects its authenticatio
 - ``POST /api/whip/sessions/<id>/end`` hangs up every connection and finalises at once.
 - ``GET /api/whip/sessions/<id>`` shows the live counters.
 
-Errors: ``415`` for another content type, ``400`` for a malformed offer or missing
-participant names, ``422`` when the offer has no video in a supported codec (VP8, H264),
-``404`` for an unknown session or resource (or one that has ended), ``503`` when the
-models cannot be loaded. A bad offer that would have started a new session leaves that
-session recorded as failed with the reason. Participants the session's consent list excludes are never subscribed to:
+Errors: ``415`` for another content type, ``413`` for an offer over 64 KiB, ``400`` for
+a malformed offer or missing participant names, ``422`` when the offer has no video in a
+supported codec (VP8, H264) or more than 32 m-lines, ``404`` for an unknown session or
+resource (or one that has ended), ``429`` when the server or the user already holds as
+many connections as allowed (``whip_max_connections``,
+``whip_max_connections_per_user``; offers still being negotiated count), ``503`` when
+the models cannot be loaded. Every check runs before anything is created, so a refused
+offer leaves nothing behind. A peer that has not connected
+``whip_connect_timeout_seconds`` after its answer is hung up, and a session that never
+received a frame of video is removed when it ends: only sessions that saw media reach
+the archive. Participants the session's consent list excludes are never subscribed to:
 their m-line is answered ``inactive``, so no video of theirs is even sent.
 """
 
 import asyncio
+import collections
 import contextlib
 import logging
 import secrets
@@ -53,6 +60,8 @@ MAX_OFFER_BYTES = 64 * 1024
 MAX_MEDIA_SECTIONS = 32
 """Most m-lines an offer may have; parsing and negotiating thousands stalls the event loop every
 live class shares, so such an offer is refused before anything is parsed or created."""
+MAX_NAME_CHARS = 200
+"""Longest ``participant`` or ``consent_name`` value taken (meeting platforms cap names far below it)."""
 
 SessionFinishedHook = Callable[["LiveOutcome"], Awaitable[None]]
 
@@ -147,6 +156,7 @@ class _Connection:
     resource_id: str
     analysis_id: int
     peer: "RTCPeerConnection"
+    user_id: int | None
     participant_ids: list[str] = field(default_factory=list)
 
 
@@ -176,6 +186,32 @@ class WhipIngest:
         self._sessions: dict[int, _LiveEntry] = {}
         self._connections: dict[str, _Connection] = {}
         self._lock = asyncio.Lock()
+        # Offers being negotiated, per user: they count against the caps like established connections.
+        self._in_flight: collections.Counter[int | None] = collections.Counter()
+        self._watchdogs: set[asyncio.Task[None]] = set()
+
+    def _claim_slot(self, user: User) -> None:
+        """Count one more connection for ``user``, or refuse with 429 when a cap is reached.
+
+        Runs without awaiting between the check and the count, so concurrent offers on the
+        event loop cannot all pass a check made before any of them was counted.
+        """
+        from fastapi import HTTPException
+
+        held = len(self._connections) + sum(self._in_flight.values())
+        if held >= self.settings.whip_max_connections:
+            raise HTTPException(429, f"this server already takes {self.settings.whip_max_connections} WHIP "
+                                     "connections; try again when one has ended", headers={"Retry-After": "10"})
+        mine = sum(1 for c in self._connections.values() if c.user_id == user.id) + self._in_flight[user.id]
+        if mine >= self.settings.whip_max_connections_per_user:
+            raise HTTPException(429, f"you already hold {self.settings.whip_max_connections_per_user} WHIP "
+                                     "connections; hang one up first", headers={"Retry-After": "10"})
+        self._in_flight[user.id] += 1
+
+    def _release_slot(self, user: User) -> None:
+        self._in_flight[user.id] -= 1
+        if self._in_flight[user.id] <= 0:
+            del self._in_flight[user.id]
 
     async def components(self) -> "PipelineComponents":
         """The pipeline's models, loaded once (in a thread) on first use."""
@@ -206,16 +242,23 @@ class WhipIngest:
             content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if content_type != "application/sdp":
                 raise HTTPException(415, f"expected Content-Type: application/sdp, got {content_type or 'none'}")
-            offer = (await _read_capped(request, MAX_OFFER_BYTES)).decode("utf-8", errors="replace")
-            sections = media_section_count(offer)
-            if sections > MAX_MEDIA_SECTIONS:
-                raise HTTPException(422, f"the SDP offer has {sections} media sections; at most "
-                                         f"{MAX_MEDIA_SECTIONS} are taken (one per camera)")
+            names = [*(participant or []), *(consent_name or [])]
+            if any(len(name) > MAX_NAME_CHARS for name in names) or len(title) > 200 or len(course) > 200:
+                raise HTTPException(422, f"display names take at most {MAX_NAME_CHARS} characters, "
+                                         "title and course 200")
+            self._claim_slot(user)
             try:
+                offer = (await _read_capped(request, MAX_OFFER_BYTES)).decode("utf-8", errors="replace")
+                sections = media_section_count(offer)
+                if sections > MAX_MEDIA_SECTIONS:
+                    raise HTTPException(422, f"the SDP offer has {sections} media sections; at most "
+                                             f"{MAX_MEDIA_SECTIONS} are taken (one per camera)")
                 connection = await self.publish(offer, user, participant or [], session_id=session, title=title,
                                                 course=course, consent=consent, consent_names=consent_name or [])
             except OfferError as exc:
                 raise HTTPException(exc.status, str(exc)) from None
+            finally:
+                self._release_slot(user)  # an established connection is counted in self._connections
             assert connection.peer.localDescription is not None
             return Response(connection.peer.localDescription.sdp, status_code=201, media_type="application/sdp",
                             headers={"Location": f"{WHIP_PATH}/{connection.resource_id}",
@@ -277,36 +320,34 @@ class WhipIngest:
         from bot.consent import ConsentPolicy
         from bot.live import LiveSession, create_live_analysis
 
+        existing: _LiveEntry | None = None
         if session_id is not None:
-            entry = self._sessions.get(session_id)
-            if entry is None or not _may_use(user, entry.owner_id):
+            existing = self._sessions.get(session_id)
+            if existing is None or not _may_use(user, existing.owner_id):
                 raise OfferError(404, f"no live session {session_id} of yours is running here")
-            video = check_offer(offer)
-            mapping = participant_names(video, names)
+        # Checked before anything is created: a bad offer leaves no session behind.
+        video = check_offer(offer)
+        mapping = participant_names(video, names)
+        if existing is not None:
+            entry = existing
         else:
             policy = ConsentPolicy(consent, tuple(consent_names or ()))
             analysis_id = await asyncio.to_thread(
                 create_live_analysis, self.engine, self.settings, source="whip", title=title or "WHIP session",
                 owner_id=user.id, course=course, host_email=user.email or None, consent=policy)
             try:
-                video = check_offer(offer)
-                mapping = participant_names(video, names)
-            except OfferError as exc:
-                # The session records why it never started.
-                await asyncio.to_thread(_record_failed, self.engine, analysis_id, str(exc))
-                raise
-            try:
                 live = LiveSession(self.settings, self.engine, analysis_id, components=await self.components())
-                await live.start()  # records its own failure
+                await live.start()
             except Exception as exc:
                 reason = f"the bot cannot analyse now: {_one_line(exc)}"
-                await asyncio.to_thread(_record_failed, self.engine, analysis_id, reason)
+                logger.error("session %d: %s", analysis_id, reason)
+                await asyncio.to_thread(_discard_session, self.engine, analysis_id)  # it never received media
                 raise OfferError(503, reason) from None
             entry = _LiveEntry(live, user.id)
             self._sessions[analysis_id] = entry
         configuration = RTCConfiguration(iceServers=[RTCIceServer(url) for url in self._ice_servers])
         peer = RTCPeerConnection(configuration)
-        connection = _Connection(secrets.token_urlsafe(12), entry.session.analysis_id, peer)
+        connection = _Connection(secrets.token_urlsafe(12), entry.session.analysis_id, peer, user.id)
         try:
             await peer.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
             for transceiver in peer.getTransceivers():
@@ -335,9 +376,21 @@ class WhipIngest:
             if peer.connectionState in ("failed", "closed"):
                 await self.hang_up(connection.resource_id, f"the connection {peer.connectionState}")
 
+        watchdog = asyncio.create_task(self._hang_up_unless_connected(connection),
+                                       name=f"whip-{connection.resource_id}-connect")
+        self._watchdogs.add(watchdog)
+        watchdog.add_done_callback(self._watchdogs.discard)
         logger.info("session %d: WHIP resource %s with %d participant(s)", connection.analysis_id,
                     connection.resource_id, len(connection.participant_ids))
         return connection
+
+    async def _hang_up_unless_connected(self, connection: _Connection) -> None:
+        """Hang up a peer that has not connected ``whip_connect_timeout_seconds`` after its answer."""
+        await asyncio.sleep(self.settings.whip_connect_timeout_seconds)
+        if connection.resource_id in self._connections and connection.peer.connectionState != "connected":
+            logger.info("session %d: WHIP resource %s never connected; hung up", connection.analysis_id,
+                        connection.resource_id)
+            await self.hang_up(connection.resource_id, "the peer never connected")
 
     async def hang_up(self, resource_id: str, reason: str) -> "LiveOutcome | None":
         """Close a connection; returns the session's outcome when it was the last one."""
@@ -373,6 +426,12 @@ class WhipIngest:
         if failure is not None:
             await entry.session.fail(failure)
         outcome = await entry.session.aclose()
+        if entry.session.stats.frames_received == 0:
+            # Offers that never brought a frame of video (peers that never connected, failed
+            # negotiations) leave nothing in the archive.
+            logger.info("session %d received no media; removed", outcome.analysis_id)
+            await asyncio.to_thread(_discard_session, self.engine, outcome.analysis_id)
+            return outcome
         if outcome.status is AnalysisStatus.done:
             try:
                 await self._on_finished(outcome)
@@ -388,6 +447,8 @@ class WhipIngest:
 
     async def aclose(self) -> None:
         """Hang up everything and finalise every running session (server shutdown)."""
+        for watchdog in list(self._watchdogs):
+            watchdog.cancel()
         for analysis_id in list(self._sessions):
             await self.end_session(analysis_id)
 
@@ -409,10 +470,11 @@ def _may_use(user: User, owner_id: int | None) -> bool:
     return user.role == UserRole.admin or owner_id == user.id
 
 
-def _record_failed(engine: "Engine", analysis_id: int, reason: str) -> None:
-    from pipeline.finalise import mark_failed
+def _discard_session(engine: "Engine", analysis_id: int) -> None:
+    from kernel.store import delete_analysis_data, session_scope
 
-    mark_failed(engine, analysis_id, reason.splitlines()[0])
+    with session_scope(engine) as session:
+        delete_analysis_data(session, analysis_id, keep_analysis=False)
 
 
 def _one_line(exc: BaseException) -> str:

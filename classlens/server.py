@@ -9,6 +9,7 @@ login rate limits (:mod:`classlens.webauth`), and mounts the archive
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -17,16 +18,19 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from classlens.webauth import (
     API_PREFIX,
-    LoginRateLimiter,
     LoginRequiredError,
+    PasswordCheckGate,
     SessionCookies,
     api_user,
     cookie_secure,
     load_secret_key,
+    login_limiter,
     login_redirect_target,
+    whip_api_user,
 )
 from kernel.settings import Settings
 from kernel.store import init_store
@@ -47,6 +51,12 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 
+#: Largest request body taken anywhere (JSON, forms); WHIP's SDP offers have a tighter cap of their own.
+MAX_BODY_BYTES = 256 * 1024
+
+#: ``Strict-Transport-Security`` sent when ``public_url`` is https: one year, so browsers never try plain http.
+HSTS_VALUE = "max-age=31536000"
+
 _MESSAGES = {
     404: "There is nothing here, or it is not yours to see. Go back to your sessions.",
     403: "This form has expired or did not come from ClassLens. Reload the page and try again.",
@@ -59,11 +69,36 @@ def _is_api(request: Request) -> bool:
     return request.url.path.startswith(API_PREFIX)
 
 
-async def _security_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    response = await call_next(request)
-    for name, value in SECURITY_HEADERS.items():
-        response.headers.setdefault(name, value)
-    return response
+def security_headers(settings: Settings) -> dict[str, str]:
+    """The headers every answer carries: :data:`SECURITY_HEADERS`, plus HSTS when the archive is served over https."""
+    headers = dict(SECURITY_HEADERS)
+    if (settings.public_url or "").startswith("https://"):
+        headers["Strict-Transport-Security"] = HSTS_VALUE
+    return headers
+
+
+class RedactStudentNames(logging.Filter):
+    """Access-log filter: the values of WHIP's ``participant`` and ``consent_name`` parameters become ``…``.
+
+    They are students' display names, which have no place in a web server's log.
+    """
+
+    _NAMES = re.compile(r"((?:^|[?&])(?:participant|consent_name)=)[^&\s]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the request line of uvicorn's access record; never drops a record."""
+        if isinstance(record.args, tuple) and len(record.args) >= 3:
+            path = record.args[2]
+            if isinstance(path, str):
+                record.args = (*record.args[:2], self._NAMES.sub(r"\1…", path), *record.args[3:])
+        return True
+
+
+def redact_access_log() -> None:
+    """Install :class:`RedactStudentNames` on uvicorn's access logger (once per process)."""
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(existing, RedactStudentNames) for existing in access.filters):
+        access.addFilter(RedactStudentNames())
 
 
 def create_app(settings: Settings, *, archive: bool = True, meetings: bool = True) -> FastAPI:
@@ -103,10 +138,22 @@ def create_app(settings: Settings, *, archive: bool = True, meetings: bool = Tru
     app.state.settings = settings
     app.state.meeting_registry = registry
 
+    headers = security_headers(settings)
+
+    async def add_security_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        response = await call_next(request)
+        for name, value in headers.items():
+            response.headers.setdefault(name, value)
+        return response
+
     # Middleware runs outermost-last-added: cookies are read before any route and written after it.
     app.middleware("http")(SessionCookies(
         load_secret_key(settings), max_age_seconds=settings.session_max_age_seconds, secure=cookie_secure(settings)))
-    app.middleware("http")(_security_headers)
+    app.middleware("http")(add_security_headers)
+    # Outermost: a declared Content-Length over the cap is refused at once, a chunked body once
+    # it passes the cap while being read; so no request makes the server hold more than the cap.
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=MAX_BODY_BYTES)
+    redact_access_log()
 
     @app.exception_handler(LoginRequiredError)
     async def _to_login(request: Request, exc: LoginRequiredError) -> RedirectResponse:
@@ -133,7 +180,7 @@ def create_app(settings: Settings, *, archive: bool = True, meetings: bool = Tru
         message = "Something went wrong on the server; the error is in its log. Try again later."
         response: Response = (JSONResponse({"detail": message}, status_code=500) if _is_api(request)
                               else error_page(request, 500, message))
-        for name, value in SECURITY_HEADERS.items():
+        for name, value in headers.items():
             response.headers.setdefault(name, value)
         return response
 
@@ -142,9 +189,9 @@ def create_app(settings: Settings, *, archive: bool = True, meetings: bool = Tru
         return {"status": "ok"}
 
     if archive:
-        app.include_router(archive_router(LoginRateLimiter(settings.login_attempts_per_minute)))
+        app.include_router(archive_router(login_limiter(settings), PasswordCheckGate.from_settings(settings)))
     if meetings:
         # The meeting bot's endpoints, authenticated by API token.
         app.include_router(meetings_router(api_user))
-        app.include_router(whip_router(api_user, settings=settings, components=components, engine=engine))
+        app.include_router(whip_router(whip_api_user, settings=settings, components=components, engine=engine))
     return app

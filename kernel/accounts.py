@@ -13,13 +13,15 @@ import functools
 import hashlib
 import re
 import secrets
+from datetime import datetime
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from kernel.errors import BadInputError
-from kernel.store import User, UserRole, utcnow
+from kernel.store import Analysis, Meeting, TokenScope, User, UserRole, utcnow
 
 #: Shortest password `users add` accepts.
 MIN_PASSWORD_LENGTH = 10
@@ -132,17 +134,18 @@ def create_user(
 
 
 def authenticate(session: Session, email: str, password: str) -> User | None:
-    """The user whose email and password match, or None.
+    """The enabled user whose email and password match, or None.
 
     Records the login time and upgrades a hash made with outdated parameters. An
     unknown email costs one argon2 verification too, so timing does not reveal which
-    emails have accounts.
+    emails have accounts; a disabled user's password is verified as well, and the answer
+    is the same None as for a wrong one.
     """
     user = find_user(session, email)
     if user is None:
         verify_password(_dummy_hash(), password)
         return None
-    if not verify_password(user.password_hash, password):
+    if not verify_password(user.password_hash, password) or user.disabled:
         return None
     if password_hasher().check_needs_rehash(user.password_hash):
         user.password_hash = hash_password(password)
@@ -151,24 +154,104 @@ def authenticate(session: Session, email: str, password: str) -> User | None:
     return user
 
 
+def end_browser_sessions(user: User) -> None:
+    """End every browser session of ``user`` (their cookies carry an older epoch from now on)."""
+    user.session_epoch += 1
+
+
+def set_password(session: Session, user: User, password: str) -> None:
+    """Give ``user`` a new password (checked for strength) and end all their browser sessions."""
+    check_password_strength(password)
+    user.password_hash = hash_password(password)
+    end_browser_sessions(user)
+    session.add(user)
+
+
+def set_disabled(session: Session, user: User, disabled: bool) -> None:
+    """Disable (no sign-in, token refused, sessions ended) or re-enable ``user``."""
+    user.disabled = disabled
+    if disabled:
+        end_browser_sessions(user)
+    session.add(user)
+
+
+def remove_user(session: Session, user: User) -> int:
+    """Delete ``user``; returns how many sessions they owned, which stay in the archive without an owner.
+
+    Their sessions and meetings are kept (an admin still sees them); the audit log keeps
+    the user's id and email on every event they caused.
+    """
+    owned = len(session.exec(select(Analysis.id).where(Analysis.owner_id == user.id)).all())
+    session.execute(update(Analysis).where(col(Analysis.owner_id) == user.id).values(owner_id=None))
+    session.execute(update(Meeting).where(col(Meeting.owner_id) == user.id).values(owner_id=None))
+    session.delete(user)
+    session.flush()
+    return owned
+
+
 def token_digest(token: str) -> str:
     """The stored form of an API token: hex SHA-256."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def issue_api_token(session: Session, user: User) -> str:
-    """Give ``user`` a new API token (replacing any earlier one) and return it; it is not stored in clear."""
+def issue_api_token(session: Session, user: User, *, scope: TokenScope = TokenScope.full,
+                    expires_at: datetime | None = None) -> str:
+    """Give ``user`` a new API token (replacing any earlier one) and return it; it is not stored in clear.
+
+    ``scope`` limits what the token may do (:class:`~kernel.store.TokenScope`);
+    ``expires_at`` (timezone-aware) ends it, None keeps it until replaced or revoked.
+    """
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     user.api_token_hash = token_digest(token)
+    user.api_token_scope = scope
+    user.api_token_expires_at = expires_at
     session.add(user)
     return token
 
 
-def user_for_token(session: Session, token: str) -> User | None:
-    """The user an API token belongs to, or None for an unknown or empty token."""
+def revoke_api_token(session: Session, user: User) -> bool:
+    """Remove ``user``'s API token; returns whether there was one."""
+    had_token = user.api_token_hash is not None
+    user.api_token_hash = None
+    user.api_token_expires_at = None
+    user.api_token_scope = TokenScope.full
+    session.add(user)
+    return had_token
+
+
+def token_expired(user: User, now: datetime | None = None) -> bool:
+    """Whether ``user``'s API token has passed its expiry."""
+    expires = user.api_token_expires_at
+    if expires is None:
+        return False
+    if expires.tzinfo is None:  # SQLite hands back naive datetimes; the store writes UTC
+        expires = expires.replace(tzinfo=(now or utcnow()).tzinfo)
+    return (now or utcnow()) >= expires
+
+
+def user_for_token(session: Session, token: str, scope: TokenScope = TokenScope.full) -> User | None:
+    """The enabled user an unexpired API token allowing ``scope`` belongs to, or None.
+
+    A full-scope token allows everything; a WHIP token only :attr:`TokenScope.whip`.
+    """
     if not token.startswith(TOKEN_PREFIX):
         return None
-    return session.exec(select(User).where(User.api_token_hash == token_digest(token))).first()
+    user = session.exec(select(User).where(User.api_token_hash == token_digest(token))).first()
+    if user is None or user.disabled or token_expired(user):
+        return None
+    if user.api_token_scope not in (TokenScope.full, scope):
+        return None
+    return user
+
+
+def token_summary(user: User, now: datetime | None = None) -> str:
+    """The user's API token in a few words: 'none', 'full', 'whip until 2026-12-31 12:00', 'expired'."""
+    if user.api_token_hash is None:
+        return "none"
+    if token_expired(user, now):
+        return "expired"
+    until = f" until {user.api_token_expires_at:%Y-%m-%d %H:%M} UTC" if user.api_token_expires_at else ""
+    return f"{user.api_token_scope.value}{until}"
 
 
 def list_users(session: Session) -> list[User]:

@@ -211,6 +211,26 @@ class Settings(BaseSettings):
             "resolution, and the bot connects to the address that was checked. `classlens bot join` is not limited."
         ),
     )
+    invite_allowed_host_emails: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Addresses (or '@domain' suffixes) other than the inviting teacher's own that the invite API "
+            "accepts as host_email, where after-class email goes (a JSON list). Empty: only the teacher's own."
+        ),
+    )
+    whip_max_connections: int = Field(
+        default=32, ge=1,
+        description="WHIP connections this server takes at once, offers still being negotiated included; more get 429.",
+    )
+    whip_max_connections_per_user: int = Field(
+        default=8, ge=1,
+        description="WHIP connections one user (one token) may hold at once, in flight included; more get 429.",
+    )
+    whip_connect_timeout_seconds: float = Field(
+        default=20.0, gt=0,
+        description="A WHIP peer that has not connected this long after its answer is hung up; a session that "
+        "never received media leaves nothing in the archive.",
+    )
     bot_display_name: str = Field(
         default="ClassLens (analysing engagement)",
         min_length=1,
@@ -340,8 +360,22 @@ class Settings(BaseSettings):
     session_max_age_seconds: int = Field(
         default=8 * 3600, ge=60, description="How long a login lasts without activity before the user signs in again."
     )
+    session_absolute_lifetime_seconds: int = Field(
+        default=12 * 3600, ge=60,
+        description="How long a login lasts at most, however active; then the user signs in again.",
+    )
     login_attempts_per_minute: int = Field(
-        default=5, ge=1, description="Failed logins allowed per address and email within a minute; more get HTTP 429."
+        default=5, ge=1,
+        description=(
+            "Login attempts allowed per address and email within a minute (each is counted before its password "
+            "is checked; a successful one is given back); more get HTTP 429. With a redis:// broker_url the "
+            "counts live in Redis and hold across server processes; otherwise each process counts on its own."
+        ),
+    )
+    password_checks_at_once: int | None = Field(
+        default=None, ge=1,
+        description="Password verifications (argon2, 64 MiB each) run at once; more logins wait briefly, then get "
+        "HTTP 503. Unset: one per CPU core.",
     )
     public_url: str | None = Field(
         default=None,

@@ -67,6 +67,15 @@ class UserRole(enum.StrEnum):
     admin = "admin"
 
 
+class TokenScope(enum.StrEnum):
+    """What an API token may do."""
+
+    full = "full"
+    """Everything the user may do through the API: invite the bot, WHIP, read sessions."""
+    whip = "whip"
+    """Only push video through WHIP (``/api/whip``): the token a meeting front end holds."""
+
+
 class User(SQLModel, table=True):
     """A teacher or admin of the archive web app."""
 
@@ -76,6 +85,13 @@ class User(SQLModel, table=True):
     password_hash: str = Field(description="Argon2id hash of the password; never the password.")
     role: UserRole = Field(default=UserRole.teacher)
     api_token_hash: str | None = Field(default=None, description="SHA-256 of the user's API token, if one was issued.")
+    api_token_expires_at: datetime | None = Field(
+        default=None, description="When the API token stops working; None: it works until replaced or revoked.")
+    api_token_scope: TokenScope = Field(default=TokenScope.full, description="What the API token may do.")
+    disabled: bool = Field(default=False, description="A disabled user cannot sign in and their token is refused.")
+    session_epoch: int = Field(
+        default=0, description="Bumped at sign-out, password change and disable: browser sessions of an "
+        "older epoch are over.")
     created_at: datetime = Field(default_factory=utcnow)
     last_login_at: datetime | None = None
 

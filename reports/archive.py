@@ -31,8 +31,10 @@ from sqlmodel import Session, col, select
 
 from classlens.webauth import (
     CSRF_FIELD,
-    LoginRateLimiter,
+    LoginLimiter,
     LoginRequiredError,
+    PasswordCheckGate,
+    PasswordChecksBusyError,
     admin_page_user,
     api_user,
     client_address,
@@ -44,7 +46,7 @@ from classlens.webauth import (
     sign_in,
     sign_out,
 )
-from kernel.accounts import authenticate, list_users
+from kernel.accounts import authenticate, find_user, list_users, token_summary
 from kernel.audit import AuditFilter, count_events, event_actions, events_csv, query_events, record_event
 from kernel.store import (
     Analysis,
@@ -226,7 +228,12 @@ def visible_analysis(session: Session, user: User, analysis_id: int) -> Analysis
     """The session with this id if ``user`` may see it; otherwise 404, whether it exists or not."""
     # An id beyond what the store's keys hold names no session (and would overflow the query).
     analysis = session.get(Analysis, analysis_id) if is_row_id(analysis_id) else None
-    if analysis is None or (user.role != UserRole.admin and analysis.owner_id != user.id):
+    if analysis is not None and user.role != UserRole.admin and analysis.owner_id != user.id:
+        # Someone else's session: the same 404 as a missing one, but an admin can see who tried.
+        record_event(session, user, "refused", "session", analysis_id, "not the user's session")
+        session.commit()
+        analysis = None
+    if analysis is None:
         raise HTTPException(status_code=404, detail="Not Found")
     return analysis
 
@@ -250,6 +257,16 @@ def delete_session(session: Session, actor: User, analysis: Analysis) -> Path | 
     return folder if folder is not None and _is_report_of(folder, analysis.id) else None
 
 
+def _login_refused(request: Request, status_code: int, wait: float, next_path: str, email: str,
+                   message: str) -> Response:
+    """The login form again with ``message`` (``{seconds}`` filled in) and a Retry-After header."""
+    seconds = max(1, int(wait + 0.999))
+    response = _page(request, "login.html", None, status_code=status_code, next_path=safe_next_path(next_path),
+                     email=email, error=message.format(seconds=seconds))
+    response.headers["Retry-After"] = str(seconds)
+    return response
+
+
 def _session_json(row: SessionRow) -> dict[str, Any]:
     a = row.analysis
     return {
@@ -264,8 +281,12 @@ def _session_json(row: SessionRow) -> dict[str, Any]:
 # Routes
 
 
-def archive_router(rate_limiter: LoginRateLimiter) -> APIRouter:
-    """The archive's pages and its small read-only API, with login limited by ``rate_limiter``."""
+def archive_router(rate_limiter: LoginLimiter, password_gate: PasswordCheckGate) -> APIRouter:
+    """The archive's pages and its small read-only API.
+
+    Login attempts are counted by ``rate_limiter`` before any password is checked, and
+    ``password_gate`` bounds how many checks run at once.
+    """
     router = APIRouter()
 
     @router.get("/", include_in_schema=False)
@@ -288,30 +309,34 @@ def archive_router(rate_limiter: LoginRateLimiter) -> APIRouter:
               next: Annotated[str, Form()] = "/sessions") -> Response:
         """Check the password, limited per address and email; start the session."""
         address = client_address(request)
-        wait = rate_limiter.retry_after(address, email)
-        if wait > 0:
-            seconds = max(1, int(wait + 0.999))
-            response = _page(request, "login.html", None, status_code=429, next_path=safe_next_path(next),
-                             email=email, error=f"Too many attempts. Wait {seconds} seconds, then try again.")
-            response.headers["Retry-After"] = str(seconds)
-            return response
-        with session_scope(engine_of(request)) as session:
-            user = authenticate(session, email, password)
-            if user is None:
-                record_event(session, None, "login_failed", "user", "", f"email {email.strip().lower()[:120]}")
-            else:
-                record_event(session, user, "login", "user", user.id or "", "")
+        reservation = rate_limiter.reserve(address, email)
+        if not reservation.granted:
+            return _login_refused(request, 429, reservation.retry_after, next, email,
+                                  "Too many attempts. Wait {seconds} seconds, then try again.")
+        try:
+            with password_gate.slot(), session_scope(engine_of(request)) as session:
+                user = authenticate(session, email, password)
+                if user is None:
+                    # Only an address that has an account is recorded: people type passwords into the email field.
+                    known = find_user(session, email)
+                    detail = f"email {known.email}" if known is not None else "an email with no account"
+                    record_event(session, None, "login_failed", "user", (known.id or "") if known else "", detail)
+                else:
+                    record_event(session, user, "login", "user", user.id or "", "")
+        except PasswordChecksBusyError:
+            rate_limiter.give_back(reservation)  # nothing was checked: the attempt does not count
+            return _login_refused(request, 503, 1.0, next, email,
+                                  "The server is busy signing other people in. Try again in {seconds} seconds.")
         if user is None:
-            rate_limiter.record_failure(address, email)
             return _page(request, "login.html", None, status_code=401, next_path=safe_next_path(next),
                          email=email, error="That email and password do not match an account.")
-        rate_limiter.reset(address, email)
+        rate_limiter.give_back(reservation)
         sign_in(request, user)
         return RedirectResponse(safe_next_path(next), status_code=303)
 
     @router.post("/logout", dependencies=[Csrf])
     def logout(request: Request) -> RedirectResponse:
-        """End the session."""
+        """End the session, and every other browser session of the user (copied cookies included)."""
         sign_out(request)
         return RedirectResponse("/login", status_code=303)
 
@@ -411,12 +436,13 @@ def archive_router(rate_limiter: LoginRateLimiter) -> APIRouter:
 
     @router.get("/admin/users", response_class=HTMLResponse)
     def users_page(request: Request, user: AdminUser) -> HTMLResponse:
-        """Who has an account (accounts are managed with `classlens users`)."""
+        """Who has an account, their state, API token and last sign-in (managed with `classlens users`)."""
         with session_scope(engine_of(request)) as session:
             users = list_users(session)
             counts = session.exec(select(col(Analysis.owner_id), func.count()).group_by(col(Analysis.owner_id)))
             owned = {owner_id: int(count) for owner_id, count in counts}
-        return _page(request, "users.html", user, users=users, owned=owned)
+        tokens = {listed.id: token_summary(listed) for listed in users}
+        return _page(request, "users.html", user, users=users, owned=owned, tokens=tokens)
 
     @router.get("/api/sessions")
     def api_sessions(request: Request, user: ApiUser) -> JSONResponse:

@@ -11,20 +11,17 @@ from __future__ import annotations
 import csv
 import io
 import os
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from sqlmodel import select
 
 from classlens.analysis import analyze_recording
 from kernel.store import Analysis, User, session_scope
 from tests.conftest import CHROMIUM_BINARY, REPO_ROOT
+from tests.processes import serve_in_thread
 from tests.test_archive_http import PASSWORD, ArchiveWorld, build_archive_world
 from vision.synthetic import demo_classroom_video
 
@@ -56,23 +53,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, components: Any, default_mod
 @pytest.fixture(scope="module")
 def base_url(world: ArchiveWorld) -> Iterator[str]:
     """The app on uvicorn, on a port the OS picked, in a background thread."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(world.app(), log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        listener.close()
+    with serve_in_thread(world.app()) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

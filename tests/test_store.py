@@ -12,6 +12,8 @@ from kernel.store import (
     ConsentMode,
     EmailStatus,
     FaceObservation,
+    TokenScope,
+    User,
     add_missing_columns,
     init_store,
     session_scope,
@@ -83,11 +85,14 @@ def _check_upgrade_adds_columns(url: str) -> None:
     engine = init_store(url)
     with session_scope(engine) as session:
         session.add(Analysis(source="made before the upgrade", title="old"))
+        session.add(User(email="old@school.example", password_hash="x"))
     with engine.begin() as connection:
         # (owner_id stays: SQLite cannot drop a column that carries a foreign key.)
         connection.execute(text("DROP INDEX ix_analysis_course"))
         for column in ("course", "consent_mode", "email_status", "host_email"):
             connection.execute(text(f'ALTER TABLE analysis DROP COLUMN "{column}"'))
+        for column in ("disabled", "session_epoch", "api_token_scope", "api_token_expires_at"):
+            connection.execute(text(f'ALTER TABLE "user" DROP COLUMN "{column}"'))
     engine.dispose()
 
     engine = init_store(url)
@@ -95,6 +100,9 @@ def _check_upgrade_adds_columns(url: str) -> None:
         (old,) = session.exec(select(Analysis).where(Analysis.title == "old")).all()
         assert old.course == "" and old.consent_mode is ConsentMode.everyone
         assert old.email_status is EmailStatus.not_sent and old.host_email is None
+        user = session.exec(select(User).where(User.email == "old@school.example")).one()
+        assert user.disabled is False and user.session_epoch == 0
+        assert user.api_token_scope is TokenScope.full and user.api_token_expires_at is None
         session.add(Analysis(source="made after the upgrade", course="PHY1", consent_mode=ConsentMode.opt_in))
     with session_scope(engine) as session:
         (new,) = session.exec(select(Analysis).where(Analysis.course == "PHY1")).all()
