@@ -19,7 +19,8 @@ a malformed offer or missing participant names, ``422`` when the offer has no vi
 supported codec (VP8, H264) or more than 32 m-lines, ``404`` for an unknown session or
 resource (or one that has ended), ``429`` when the server or the user already holds as
 many connections as allowed (``whip_max_connections``,
-``whip_max_connections_per_user``; offers still being negotiated count), ``503`` when
+``whip_max_connections_per_user``; offers still being negotiated count), ``422`` also when
+the session would pass ``whip_max_participants_per_session``, ``503`` when
 the models cannot be loaded. Every check runs before anything is created, so a refused
 offer leaves nothing behind. A peer that has not connected
 ``whip_connect_timeout_seconds`` after its answer is hung up, and a session that never
@@ -328,6 +329,11 @@ class WhipIngest:
         # Checked before anything is created: a bad offer leaves no session behind.
         video = check_offer(offer)
         mapping = participant_names(video, names)
+        joined = sum(len(c.participant_ids) for c in self._connections.values() if c.analysis_id == session_id)
+        cap = self.settings.whip_max_participants_per_session
+        if joined + len(video.mids) > cap:
+            raise OfferError(422, f"a session takes at most {cap} participants; this offer would bring it to "
+                                  f"{joined + len(video.mids)}")
         if existing is not None:
             entry = existing
         else:

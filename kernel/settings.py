@@ -226,6 +226,11 @@ class Settings(BaseSettings):
         default=8, ge=1,
         description="WHIP connections one user (one token) may hold at once, in flight included; more get 429.",
     )
+    whip_max_participants_per_session: int = Field(
+        default=100, ge=1,
+        description="Video tracks (participants) one WHIP session takes over all its connections; an offer that "
+        "would pass it gets 422.",
+    )
     whip_connect_timeout_seconds: float = Field(
         default=20.0, gt=0,
         description="A WHIP peer that has not connected this long after its answer is hung up; a session that "

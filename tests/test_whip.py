@@ -282,6 +282,13 @@ async def test_whip_connections_are_capped_per_user_counting_offers_in_flight(
             ingest.settings = ingest.settings.model_copy(update={"whip_max_connections": 1})
             full = await _post_offer(client, peers[1][0])
             assert full.status_code == 429 and "this server already takes 1" in full.json()["detail"]
+            # A session takes a bounded number of participants over all its connections.
+            ingest.settings = ingest.settings.model_copy(update={"whip_max_connections": 10,
+                                                                 "whip_max_participants_per_session": 1})
+            crowded = await client.post(WHIP_PATH, content=peers[1][0].localDescription.sdp,
+                                        params={"participant": "Bea", "session": again.headers["x-classlens-session"]},
+                                        headers={"Content-Type": "application/sdp"})
+            assert crowded.status_code == 422 and "at most 1 participants" in crowded.json()["detail"]
         finally:
             for peer, players in peers:
                 await _close(peer, players)
