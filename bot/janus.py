@@ -45,6 +45,8 @@ VIDEOROOM_PLUGIN = "janus.plugin.videoroom"
 VIDEOROOM_NO_SUCH_ROOM = 426
 VIDEOROOM_PUBLISHERS_FULL = 432
 VIDEOROOM_UNAUTHORIZED = 433
+#: VideoRoom's "missing element" error: a join without the ``pin`` of a room that has one.
+VIDEOROOM_MISSING_ELEMENT = 429
 VIDEOROOM_NO_SUCH_FEED = 428
 #: Janus core error codes (janus.h) that mean the session or handle is gone, e.g. after a restart.
 JANUS_SESSION_NOT_FOUND = 458
@@ -244,7 +246,7 @@ def _plugin_error(data: dict[str, Any], what: str) -> JanusError:
     reason = str(data.get("error") or "unknown error")
     if code == VIDEOROOM_NO_SUCH_ROOM:
         return JanusRoomNotFoundError(f"{what}: the room does not exist ({reason})", code)
-    if code == VIDEOROOM_UNAUTHORIZED:
+    if code == VIDEOROOM_UNAUTHORIZED or (code == VIDEOROOM_MISSING_ELEMENT and "pin" in reason.lower()):
         return JanusUnauthorizedError(f"{what}: wrong or missing PIN ({reason})", code)
     if code == VIDEOROOM_PUBLISHERS_FULL:
         return JanusRoomFullError(f"{what}: the room is full ({reason})", code)
@@ -531,6 +533,11 @@ class VideoRoomHandle:
         if secret:
             body["secret"] = secret
         await self.request(body, f"destroying room {room}")
+
+    async def publisher_ids(self, room: int) -> set[int]:
+        """Feed ids of the room's participants that are publishing now (``listparticipants``)."""
+        data = await self.request({"request": "listparticipants", "room": room}, f"listing room {room}")
+        return {int(entry["id"]) for entry in data.get("participants") or () if entry.get("publisher")}
 
     async def room_exists(self, room: int) -> bool:
         """Whether the room exists."""

@@ -252,6 +252,8 @@ class _Participant:
         self.queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self.reader: asyncio.Task[None] | None = None
         self.processor: asyncio.Task[None] | None = None
+        self.last_frame: float | None = None
+        """time.monotonic() of this connection's latest frame; the stream's own time outlives a reconnect."""
 
 
 class _LatencyTracker:
@@ -417,21 +419,40 @@ class LiveSession:
         stats.active, stats.left_reason = False, reason.splitlines()[0] if reason else "left"
         if participant.reader is not None:
             participant.reader.cancel()
+        # Closed here too: a reader cancelled before it ever ran never reaches its ``finally``,
+        # and its processor would wait on the queue for good (a second None is harmless).
+        participant.queue.put_nowait(None)
         for task in (participant.reader, participant.processor):
             if task is not None:
                 self._finished_tasks.append(task)
 
-    def record_gap(self, start_time: float, end_time: float, reason: str) -> None:
-        """Record class time (seconds) in which no participant could be analysed, e.g. while reconnecting."""
-        self._gaps.append({"analysis_id": self.analysis_id, "stream": None, "start_time": float(start_time),
+    def set_left_reason(self, display_name: str, reason: str) -> None:
+        """Correct why a participant who is no longer connected left (a later, better-informed event)."""
+        stream = self._streams.get(display_name.strip())
+        if stream is not None and not stream.stats.active:
+            stream.stats.left_reason = reason.splitlines()[0]
+
+    def record_gap(self, start_time: float, end_time: float, reason: str, *, participant_id: str | None = None) -> None:
+        """Record class time (seconds) in which nobody, or one participant, could be analysed.
+
+        Without ``participant_id`` the gap is the whole session's (the bot reconnecting);
+        with it, only that participant's stream (their video stalled and was recovered).
+        """
+        participant = self._participants.get(participant_id) if participant_id is not None else None
+        stream = participant.stream.key if participant is not None else None
+        self._gaps.append({"analysis_id": self.analysis_id, "stream": stream, "start_time": float(start_time),
                            "end_time": float(end_time), "reason": reason.splitlines()[0] if reason else "gap"})
 
     def seconds_since_last_frame(self, participant_id: str) -> float | None:
-        """Seconds since the participant's last frame arrived; None before the first or for an unknown id."""
+        """Seconds since this connection of the participant delivered a frame; None before its first, or unknown.
+
+        Counted per connection, not per stream: after a rejoin the stream's last frame is
+        from before the drop, and would make a rejoiner look silent at once.
+        """
         participant = self._participants.get(participant_id)
-        if participant is None or participant.stream.stats.last_frame_at is None or self._started_at is None:
+        if participant is None or participant.last_frame is None:
             return None
-        return self.class_time() - participant.stream.stats.last_frame_at
+        return time.monotonic() - participant.last_frame
 
     @property
     def stats(self) -> LiveStats:
@@ -464,6 +485,7 @@ class LiveSession:
                 if not isinstance(frame, av.VideoFrame):
                     continue  # a video track yields video frames; anything else cannot be analysed
                 now = self.class_time()
+                participant.last_frame = time.monotonic()
                 stats.frames_received += 1
                 if stats.first_frame_at is None:
                     stats.first_frame_at = now
@@ -560,6 +582,11 @@ class LiveSession:
 
     # --- the end ----------------------------------------------------------------------------
 
+    @property
+    def outcome(self) -> LiveOutcome | None:
+        """How the session ended, once :meth:`aclose` or :meth:`fail` has recorded it."""
+        return self._outcome
+
     async def aclose(self) -> LiveOutcome:
         """End the session: stop reading, analyse what is queued, wait until every crop is stored, finalise.
 
@@ -570,6 +597,7 @@ class LiveSession:
         async with self._closing:
             if self._outcome is not None:
                 return self._outcome
+            duration = self._class_duration()
             for participant_id in list(self._participants):
                 self.remove_participant(participant_id, "the session ended")
             await self._stop_tasks()
@@ -578,7 +606,6 @@ class LiveSession:
                     raise self._error
                 if self._started_at is None:
                     raise RuntimeError("the live session never started")
-                duration = self.class_time()
                 self._outcome = await asyncio.to_thread(self._finalise, duration)
             except BaseException as exc:
                 reason = _one_line(exc)
@@ -589,6 +616,21 @@ class LiveSession:
             finally:
                 self._shutdown()
             return self._outcome
+
+    def _class_duration(self) -> float:
+        """How long the class was in session, in seconds of class time.
+
+        Until now while someone is still sending video, else until the last frame anyone
+        sent: a bot waiting in an empty room, or reconnecting at the end, is not class time.
+        """
+        if self._started_at is None:
+            return 0.0
+        now = self.class_time()
+        if any(p.last_frame is not None and time.monotonic() - p.last_frame < 5.0
+               for p in self._participants.values()):
+            return now
+        last = [s.stats.last_frame_at for s in self._streams.values() if s.stats.last_frame_at is not None]
+        return max(last) if last else now
 
     async def _stop_tasks(self) -> None:
         if self._flusher is not None:

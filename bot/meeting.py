@@ -10,8 +10,12 @@ such room, wrong PIN) or the analysis cannot start. The bot
   session's consent policy allows (excluded participants are never subscribed to), and
   hands each feed to the :class:`~bot.live.LiveSession` under the participant's display
   name; later joiners are added with ``update``;
-- notices leaves by the room's events and by a frame timeout (a leaving publisher's
-  track just stops);
+- notices leaves by the room's events; a participant whose video stops while they are
+  still in the room is kept: their receiver is restarted (buffer dropped, keyframe
+  asked for) after ``bot_stall_seconds``, every feed is subscribed again after
+  ``bot_frame_timeout_seconds``, the silence is recorded as a gap of their stream, and
+  they are dropped only when the room's participant list no longer shows them after
+  ``bot_absent_seconds``;
 - after a transport error or a Janus restart rejoins and resubscribes, recording the
   gap on the class clock;
 - ends when the host stops it, the room is destroyed, nobody has published for
@@ -31,7 +35,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 
@@ -57,6 +61,7 @@ from bot.janus import (
     publish_tracks,
     rtc_configuration,
 )
+from bot.rtp_recovery import restart_video_receiver
 from kernel.settings import Settings
 from kernel.store import Analysis, AnalysisStatus, ConsentMode, MeetingState, session_scope
 
@@ -157,6 +162,22 @@ def consent_note(policy: ConsentPolicy) -> str:
     return "Ask your teacher if you do not want to be analysed."
 
 
+@dataclass
+class _FeedWatch:
+    """How one analysed feed is doing: when it was subscribed, and when the bot last tried to revive it."""
+
+    participant_id: str
+    """The participant id handed to the live session."""
+    receiver: Any
+    """The aiortc receiver its video arrives on."""
+    subscribed_at: float
+    """time.monotonic() of the (re)subscription: silence before the first frame counts from here."""
+    last_restart: float = 0.0
+    """time.monotonic() of the latest receiver restart."""
+    last_roll_call: float = 0.0
+    """time.monotonic() the room's participant list was last asked about this feed."""
+
+
 class _Connection:
     """Everything one join of the room holds: the Janus session, our published card, the subscription."""
 
@@ -211,9 +232,16 @@ class MeetingBot:
         self._publishers: dict[int, RemotePublisher] = {}
         # feed id → participant id handed to the live session (analysed feeds only).
         self._analysed: dict[int, str] = {}
-        # participant id → monotonic time it was added (frame timeout before the first frame).
-        self._added_at: dict[str, float] = {}
+        # feed id → its watch (analysed feeds only).
+        self._watch: dict[int, _FeedWatch] = {}
+        # feed id → class time its video went silent (kept through resubscriptions, for the gap).
+        self._silent_since: dict[int, float] = {}
+        # feed id → display name of feeds that stopped being analysed, to correct their leave reason.
+        self._departed: dict[int, str] = {}
+        self._last_resubscribe = 0.0
         self._excluded: set[int] = set()
+        self.outcome: MeetingOutcome | None = None
+        """How the bot's time in the meeting ended, once it has (also when :meth:`run` was cancelled)."""
         self._gaps = 0
         self._joined_at = 0.0
         self._last_publishing = 0.0
@@ -242,6 +270,11 @@ class MeetingBot:
                 self._on_status(self.status)
             except Exception:
                 logger.exception("meeting %d: the status callback failed", self.analysis_id)
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether :meth:`stop` was called."""
+        return self._stop_event.is_set()
 
     def stop(self, reason: str = "stopped by the host") -> None:
         """Ask the bot to leave the meeting and finalise the session (returns at once)."""
@@ -311,14 +344,46 @@ class MeetingBot:
         if self._live is not None and live_started:
             await self._live.fail(reason)
         self._set_state(MeetingState.failed, reason)
-        return MeetingOutcome(self.analysis_id, MeetingState.failed, reason, None, None)
+        self.outcome = MeetingOutcome(self.analysis_id, MeetingState.failed, reason, None, None)
+        return self.outcome
 
     async def _finish(self, reason: str) -> MeetingOutcome:
-        """Leave, finalise the live session, run the report step."""
+        """Leave, finalise the live session, run the report step.
+
+        Cancelled on the way (a second Ctrl-C), it still leaves the session finalised:
+        failed with the reason, unless the live session got to write its results first.
+        """
+        try:
+            return await self._leave_and_finalise(reason)
+        except asyncio.CancelledError:
+            if self.outcome is None:
+                assert self._live is not None
+                live_outcome = self._live.outcome
+                if live_outcome is not None and live_outcome.status is AnalysisStatus.done:
+                    # The numbers are stored; only the report step was cut short (`classlens report` redoes it).
+                    ended = f"{reason}; interrupted before the reports were written"
+                    self._set_state(MeetingState.ended, ended)
+                    self.outcome = MeetingOutcome(self.analysis_id, MeetingState.ended, ended, live_outcome, None)
+                else:
+                    failure = f"interrupted while finalising the session ({reason})"
+                    await self._live.fail(failure)
+                    self._set_state(MeetingState.failed, failure)
+                    self.outcome = MeetingOutcome(self.analysis_id, MeetingState.failed, failure, live_outcome,
+                                                  None)
+            raise
+
+    async def _leave_and_finalise(self, reason: str) -> MeetingOutcome:
         self._set_state(MeetingState.ending, reason)
+        # Before the connection closes: its tracks would end first and record the wrong reason.
+        for feed in list(self._analysed):
+            self._stop_analysing(feed, "the session ended")
         if self._connection is not None:
-            await self._connection.close()
-            self._connection = None
+            connection, self._connection = self._connection, None
+            # Bounded: a meeting server that stopped answering must not keep the reports waiting.
+            try:
+                await asyncio.wait_for(connection.close(), 2 * self.settings.bot_request_timeout_seconds)
+            except TimeoutError:
+                logger.warning("meeting %d: leaving the room timed out; closing anyway", self.analysis_id)
         assert self._live is not None
         outcome = await self._live.aclose()
         report_dir: str | None = None
@@ -332,10 +397,12 @@ class MeetingBot:
                 reason = f"{reason}; the report step failed: {_one_line(exc)}"
             self._analysed.clear()
             self._set_state(MeetingState.ended, reason)
-            return MeetingOutcome(self.analysis_id, MeetingState.ended, reason, outcome, report_dir)
+            self.outcome = MeetingOutcome(self.analysis_id, MeetingState.ended, reason, outcome, report_dir)
+            return self.outcome
         failure = outcome.failure_reason or "the session could not be finalised"
         self._set_state(MeetingState.failed, failure)
-        return MeetingOutcome(self.analysis_id, MeetingState.failed, failure, outcome, None)
+        self.outcome = MeetingOutcome(self.analysis_id, MeetingState.failed, failure, outcome, None)
+        return self.outcome
 
     async def _live_loop(self) -> str:
         """Handle room events and timeouts until an end condition; returns why the bot leaves."""
@@ -357,7 +424,9 @@ class MeetingBot:
                 ended = await self._handle(event)
                 if ended is not None:
                     return ended
-            await self._check_frame_timeouts()
+            ended = await self._check_silent_feeds()
+            if ended is not None:
+                return ended
             if now - last_report >= 1.0:
                 last_report = now
                 if self._state is MeetingState.live:
@@ -496,26 +565,37 @@ class MeetingBot:
             participant_id = f"feed-{feed}"
             if self._live.add_participant(participant_id, display, transceiver.receiver.track):
                 self._analysed[feed] = participant_id
-                self._added_at[participant_id] = time.monotonic()
+                self._watch[feed] = _FeedWatch(participant_id, transceiver.receiver, time.monotonic())
+                self._departed.pop(feed, None)
                 logger.info("meeting %d: analysing %r (feed %d)", self.analysis_id, display, feed)
             else:
                 self._excluded.add(feed)
         for feed in [f for f in self._analysed if f not in carried]:
-            self._stop_analysing(feed, "no longer in the subscription")
+            # Janus drops the streams of a feed that unpublished; its "unpublished" event may come later.
+            self._stop_analysing(feed, "left the meeting (their video ended)")
 
     def _stop_analysing(self, feed: int, reason: str) -> None:
         participant_id = self._analysed.pop(feed, None)
+        self._watch.pop(feed, None)
         if participant_id is not None and self._live is not None:
             self._live.remove_participant(participant_id, reason)
-            self._added_at.pop(participant_id, None)
+            publisher = self._publishers.get(feed)
+            if publisher is not None:
+                self._departed[feed] = publisher.display
 
     async def _publisher_gone(self, connection: _Connection, feed: int, reason: str) -> None:
         """A publisher unpublished or left: stop analysing it and drop it from the subscription."""
         self._publishers.pop(feed, None)
         self._excluded.discard(feed)
+        self._silent_since.pop(feed, None)
+        departed = self._departed.pop(feed, None)
         if feed not in self._analysed:
+            if departed is not None and self._live is not None:
+                # Its streams were dropped first (Janus renegotiated before announcing the leave).
+                self._live.set_left_reason(departed, f"left the meeting ({reason})")
             return
         self._stop_analysing(feed, f"left the meeting ({reason})")
+        self._departed.pop(feed, None)
         # Janus drops the streams of a feed that left on its own and renegotiates if needed;
         # an explicit unsubscribe of a feed it already dropped answers "no such feed", which is fine.
         if connection.subscriber is not None:
@@ -525,19 +605,88 @@ class MeetingBot:
                     if offer is not None:
                         await self._answer_locked(connection, offer)
 
-    async def _check_frame_timeouts(self) -> None:
-        """A subscribed feed that sent no frame for ``bot_frame_timeout_seconds`` counts as gone."""
-        if self._live is None or self._connection is None:
-            return
-        limit = self.settings.bot_frame_timeout_seconds
-        for feed, participant_id in list(self._analysed.items()):
-            silent = self._live.seconds_since_last_frame(participant_id)
-            if silent is None:
-                silent = time.monotonic() - self._added_at.get(participant_id, time.monotonic())
-            if silent >= limit:
-                logger.info("meeting %d: no frame from feed %d for %.0f s; treating it as gone",
-                            self.analysis_id, feed, silent)
-                await self._publisher_gone(self._connection, feed, f"no video for {limit:g} s")
+    async def _check_silent_feeds(self) -> str | None:
+        """Revive feeds whose video stopped while their publisher is still in the room; returns a reason to leave.
+
+        Restart the receiver after ``bot_stall_seconds``; subscribe to everything again
+        after ``bot_frame_timeout_seconds``; drop the feed only when, after
+        ``bot_absent_seconds``, the room's participant list no longer shows it. When video
+        comes back, the silence is recorded as a gap of that participant's stream.
+        """
+        live, connection = self._live, self._connection
+        if live is None or connection is None:
+            return None
+        settings = self.settings
+        now = time.monotonic()
+        resubscribe = False
+        for feed, watch in list(self._watch.items()):
+            since_frame = live.seconds_since_last_frame(watch.participant_id)
+            if since_frame is not None and since_frame < settings.bot_stall_seconds:
+                started = self._silent_since.pop(feed, None)
+                if started is not None:
+                    end = live.class_time() - since_frame
+                    live.record_gap(started, end, "no video: the feed stalled and was restarted",
+                                    participant_id=watch.participant_id)
+                    logger.info("meeting %d: feed %d is back after %.1f s without video", self.analysis_id, feed,
+                                end - started)
+                continue
+            silent = since_frame if since_frame is not None else now - watch.subscribed_at
+            if silent < settings.bot_stall_seconds:
+                continue  # just subscribed: the first frame is on its way
+            if feed not in self._silent_since:
+                self._silent_since[feed] = live.class_time() - silent
+                logger.warning("meeting %d: no video from feed %d for %.0f s; restarting its receiver",
+                               self.analysis_id, feed, silent)
+            if now - watch.last_restart >= settings.bot_stall_seconds:
+                watch.last_restart = now
+                await restart_video_receiver(watch.receiver)
+            if silent >= settings.bot_frame_timeout_seconds:
+                resubscribe = True
+            absent = live.class_time() - self._silent_since[feed]
+            roll_call_due = now - watch.last_roll_call >= settings.bot_frame_timeout_seconds
+            if absent >= settings.bot_absent_seconds and roll_call_due:
+                watch.last_roll_call = now
+                if not await self._still_publishing(connection, feed):
+                    await self._publisher_gone(connection, feed, "no longer in the room's participant list")
+        if resubscribe and now - self._last_resubscribe >= settings.bot_frame_timeout_seconds:
+            self._last_resubscribe = now
+            try:
+                await self._resubscribe(connection)
+            except JanusConnectionLostError as exc:
+                return await self._reconnect(str(exc))
+            except JanusRoomNotFoundError:
+                return "the meeting room was destroyed"
+        return None
+
+    async def _still_publishing(self, connection: _Connection, feed: int) -> bool:
+        """Whether the room's participant list shows ``feed`` publishing; True when the list cannot be had."""
+        if connection.card is None:
+            return True
+        try:
+            return feed in await connection.card.handle.publisher_ids(self.target.room)
+        except JanusError as exc:
+            logger.warning("meeting %d: cannot list the room's participants: %s", self.analysis_id, exc)
+            return True
+
+    async def _resubscribe(self, connection: _Connection) -> None:
+        """Drop the subscriber handle and its peer connection, then subscribe to every allowed publisher again.
+
+        The participants' streams continue under their display names; only the transport
+        is new, so whatever state a receiver was stuck in is gone.
+        """
+        logger.warning("meeting %d: subscribing to every feed again", self.analysis_id)
+        async with connection.renegotiation:
+            subscriber, peer = connection.subscriber, connection.subscriber_peer
+            connection.subscriber = connection.subscriber_peer = None
+            for feed in list(self._analysed):
+                self._stop_analysing(feed, "resubscribing after its video stalled")
+                self._departed.pop(feed, None)
+            if subscriber is not None:
+                await subscriber.leave()
+            if peer is not None:
+                with contextlib.suppress(Exception):
+                    await peer.close()
+        await self._subscribe_to(connection, tuple(self._publishers.values()))
 
     # --- reconnection ------------------------------------------------------------------------
 
@@ -550,6 +699,8 @@ class MeetingBot:
             self._stop_analysing(feed, "the connection to the meeting server was lost")
         self._publishers.clear()
         self._excluded.clear()
+        self._departed.clear()
+        self._silent_since.clear()
         if self._connection is not None:
             await self._connection.close()
             self._connection = None

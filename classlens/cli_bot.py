@@ -51,11 +51,23 @@ async def _run_bot(settings: Any, target: Any, consent: Any, title: str, course:
 
         bot = MeetingBot(settings, engine, analysis_id, target, on_status=show)
         loop = asyncio.get_running_loop()
-        # Ctrl-C asks the bot to leave; it then finalises the session before the command returns.
+        run = asyncio.ensure_future(bot.run())
+
+        def interrupted() -> None:
+            # The first Ctrl-C (or SIGTERM) asks the bot to leave and finalise; a second one cancels
+            # what it is waiting for, and it finalises with what it has.
+            if bot.stop_requested:
+                run.cancel()
+            bot.stop("interrupted from the command line")
+
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, bot.stop, "interrupted from the command line")
+            loop.add_signal_handler(signum, interrupted)
         try:
-            return await bot.run()
+            return await run
+        except asyncio.CancelledError:
+            if bot.outcome is None:
+                raise
+            return bot.outcome  # cancelled by a second Ctrl-C, and finalised on the way out
         finally:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(signum)

@@ -252,12 +252,29 @@ class Settings(BaseSettings):
         gt=0.0,
         description="The bot leaves and finalises the session after this much time in the meeting, whatever happens.",
     )
+    bot_stall_seconds: float = Field(
+        default=3.0,
+        gt=0.0,
+        description=(
+            "A subscribed participant whose video sent no frame for this long is restarted: the bot drops what "
+            "its receiver buffered and asks the sender for a keyframe (after the bot itself stalled, lost packets "
+            "are never repaired)."
+        ),
+    )
     bot_frame_timeout_seconds: float = Field(
         default=15.0,
         gt=0.0,
         description=(
-            "A subscribed participant whose video sent no frame for this long is treated as gone "
-            "(a leaving publisher's track just stops); they are analysed again if they publish again."
+            "When a participant still sends no frame this long after a restart, the bot subscribes to every feed "
+            "again (at most once per this interval). A silent participant who is still in the room is kept."
+        ),
+    )
+    bot_absent_seconds: float = Field(
+        default=120.0,
+        gt=0.0,
+        description=(
+            "A participant without video for this long is dropped if the room's participant list no longer shows "
+            "them publishing (Janus normally says at once when someone leaves)."
         ),
     )
     bot_keepalive_seconds: float = Field(

@@ -255,3 +255,12 @@ def janus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JanusServ
         yield server
     finally:
         server.stop()
+
+
+async def start_cli_bot(janus_url: str, room: int, env: dict[str, str], *options: str) -> asyncio.subprocess.Process:
+    """``classlens bot join`` as its own process (as a host runs it), quiet, with stdout and stderr piped."""
+    import sys
+
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "classlens", "bot", "join", "--janus", janus_url, "--room", str(room), "--quiet",
+        *options, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

@@ -32,7 +32,7 @@ from kernel.store import (
     students_for,
 )
 from tests.conftest import MEDIA_DIR
-from tests.janus_server import JanusServer, LoopingVideoTrack, free_tcp_port, janus_server  # noqa: F401  (fixture)
+from tests.janus_server import JanusServer, LoopingVideoTrack, free_tcp_port, janus_server, start_cli_bot  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.janus, pytest.mark.media]
 
@@ -144,12 +144,17 @@ async def test_bot_follows_a_class_through_joins_leaves_and_a_janus_restart(
             await participant.drop()
         await _wait_for(lambda: bot.status.state is MeetingState.reconnecting, 30, "the bot noticing the restart", bot)
         await _create_room(server.url, room)
+        # People take a while to come back: longer than the frame timeout, so that a rejoiner is not
+        # judged by the last frame of their previous connection.
+        await asyncio.sleep(8)
         for participant in (alice, optout, carol):
             await participant.join()
         await _wait_for(lambda: bot.status.state is MeetingState.live and bot.status.gaps == 1, 40, "the bot back", bot)
         await _wait_for(lambda: set(bot.status.participants) == {"Alice", "Carol"}, 20, "resubscribed", bot)
         sampled_before = bot.status.frames_sampled
         await _wait_for(lambda: bot.status.frames_sampled >= sampled_before + 4, 30, "frames after the restart", bot)
+        await asyncio.sleep(8)  # longer than the frame timeout: the rejoiners are still analysed
+        assert set(bot.status.participants) == {"Alice", "Carol"}, bot.status
 
         await _destroy_room(server.url, room)  # the end of class
         outcome = await asyncio.wait_for(task, 120)
@@ -176,44 +181,58 @@ async def test_bot_follows_a_class_through_joins_leaves_and_a_janus_restart(
     assert outcome.report_dir is not None and (Path(outcome.report_dir) / "index.html").is_file()
 
 
-async def test_a_frozen_feed_times_out_and_an_empty_room_ends_the_class(
+async def test_a_frozen_camera_is_kept_while_its_owner_is_in_the_room(
         janus_server: JanusServer, components: Any, isolated_env: Path) -> None:  # noqa: F811
     from bot.consent import ConsentPolicy
     from kernel.store import StreamStats
 
     room = 4322
     await _create_room(janus_server.url, room)
-    settings = _settings(isolated_env, bot_idle_timeout_seconds=3.0, bot_frame_timeout_seconds=3.0)
+    settings = _settings(isolated_env, bot_idle_timeout_seconds=3.0, bot_stall_seconds=1.0,
+                         bot_frame_timeout_seconds=3.0, bot_absent_seconds=5.0)
     engine, analysis_id = _new_session(settings, ConsentPolicy.everyone())
     client = JanusRoomClient(janus_server.url)
     await client.connect()
-    # Dave's camera freezes after about 4 s, but his connection stays up: only the frame timeout notices.
+    # Dave's camera freezes after about 4 s, but he stays in the room: the bot restarts his receiver,
+    # subscribes again, asks the room who is there, and keeps him; it never counts him as gone.
     dave = await publish_tracks(client, room, "Dave",
                                 [LoopingVideoTrack(MEDIA_DIR / "single_face.mp4", freeze_after=32).track],
                                 pin=ROOM_PIN)
     bot = MeetingBot(settings, engine, analysis_id, MeetingTarget(janus_server.url, room, ROOM_PIN, "ClassLens"),
                      components=components)
+    task = asyncio.create_task(bot.run())
     try:
-        outcome = await asyncio.wait_for(bot.run(), 90)
+        await _wait_for(lambda: bot.status.participants == ("Dave",), 60, "Dave analysed", bot)
+        await _wait_for(lambda: bot.status.frames_sampled >= 2, 30, "Dave's first frames", bot)
+        await asyncio.sleep(15)  # frozen for about 12 s: restarts, a resubscription and roll calls
+        assert bot.status.participants == ("Dave",)
+        assert bot.status.state is MeetingState.live
     finally:
-        await dave.close()
+        await dave.close()  # now he leaves: Janus says so, and the empty room ends the class
         await client.aclose()
+        outcome = await asyncio.wait_for(task, 90)
         await _destroy_room(janus_server.url, room)
     assert outcome.state is MeetingState.ended
     assert outcome.detail == "nobody published video for 3 s"
     with session_scope(engine) as session:
         stats = session.exec(select(StreamStats).where(StreamStats.analysis_id == analysis_id)).one()
-    assert stats.display_name == "Dave" and stats.left_reason is not None and "no video for 3 s" in stats.left_reason
+        analysis = session.get(Analysis, analysis_id)
+    assert stats.display_name == "Dave" and stats.left_reason is not None
+    assert stats.left_reason.startswith("left the meeting"), stats.left_reason
+    # The class lasted until Dave's last frame, not through the bot's idle wait in the empty room.
+    assert analysis is not None and stats.last_frame_at is not None
+    assert analysis.duration_seconds == pytest.approx(stats.last_frame_at, abs=0.01)
 
 
 @pytest.mark.parametrize(("where", "pin", "expected"), [
     ("unreachable", ROOM_PIN, "cannot reach Janus"),
     ("no-room", ROOM_PIN, "the room does not exist"),
     ("wrong-pin", "wrong", "wrong or missing PIN"),
+    ("missing-pin", None, "wrong or missing PIN"),  # Janus answers 429 "missing element (pin)"
 ])
 async def test_bad_meeting_input_fails_the_session_with_the_reason(
         janus_server: JanusServer, components: Any, isolated_env: Path,  # noqa: F811
-        where: str, pin: str, expected: str) -> None:
+        where: str, pin: str | None, expected: str) -> None:
     from bot.consent import ConsentPolicy
 
     room = 4323
@@ -343,16 +362,17 @@ def test_cli_join_leaves_cleanly_on_ctrl_c(janus_server: JanusServer, isolated_e
                            timeout=120)
     assert wrong.returncode == 2 and "the room does not exist" in wrong.stderr, wrong.stderr
 
-    async def run_class() -> subprocess.CompletedProcess[str]:
+    async def run_class(interrupts: int = 1, run_env: dict[str, str] = env) -> subprocess.CompletedProcess[str]:
         alice = Participant(janus_server.url, room, "Alice", "single_face.mp4")
         await alice.join()
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "classlens", "bot", "join", "--janus", janus_server.url, "--room", str(room),
-            "--quiet", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        process = await start_cli_bot(janus_server.url, room, run_env)
         try:
             await asyncio.sleep(15)  # model loading, joining, a few sampled seconds of Alice
-            process.send_signal(signal.SIGINT)
-            out, err = await asyncio.wait_for(process.communicate(), 120)
+            for _ in range(interrupts):
+                process.send_signal(signal.SIGINT)
+                await asyncio.sleep(0.2)
+            # A second Ctrl-C must end the command within seconds, whatever the bot was waiting for.
+            out, err = await asyncio.wait_for(process.communicate(), 120 if interrupts == 1 else 20)
         finally:
             if process.returncode is None:
                 process.kill()
@@ -361,8 +381,71 @@ def test_cli_join_leaves_cleanly_on_ctrl_c(janus_server: JanusServer, isolated_e
         return subprocess.CompletedProcess([], process.returncode or 0, out.decode(), err.decode())
 
     result = asyncio.run(run_class())
-    asyncio.run(_destroy_room(janus_server.url, room))
     assert result.returncode == 0, result.stderr
     assert "interrupted from the command line" in result.stderr
     report = Path(result.stdout.strip().splitlines()[-1])
     assert report.name == "index.html" and report.is_file()
+
+    # Ctrl-C twice: the session is finalised all the same (never left "running").
+    data_dir = isolated_env / "twice"
+    twice = asyncio.run(run_class(2, {**env, "CLASSLENS_DATA_DIR": str(data_dir)}))
+    asyncio.run(_destroy_room(janus_server.url, room))
+    assert "interrupted" in twice.stderr, twice.stderr
+    with session_scope(init_store(f"sqlite:///{data_dir / 'classlens.sqlite3'}")) as session:
+        analysis = session.exec(select(Analysis)).one()
+        assert analysis.status in (AnalysisStatus.done, AnalysisStatus.failed), analysis.status
+        meeting_ended = twice.returncode == 0
+        assert meeting_ended == (analysis.status is AnalysisStatus.done), (twice.returncode, twice.stderr)
+
+
+def test_a_bot_stalled_for_five_seconds_recovers_every_student(janus_server: JanusServer,  # noqa: F811
+                                                               isolated_env: Path, default_models: Path) -> None:
+    """`kill -STOP` of the bot for 5 s: packets are lost beyond the SFU's retransmission window; nobody is lost."""
+    import os
+    import signal
+
+    from kernel.store import StreamStats
+
+    room = 4326
+    asyncio.run(_create_room(janus_server.url, room))
+    data_dir = isolated_env / "stall"
+    env = {**os.environ, "CLASSLENS_EXECUTION_PROVIDER": "cpu", "JANUS_ROOM_PIN": ROOM_PIN,
+           "CLASSLENS_DATA_DIR": str(data_dir), "CLASSLENS_BOT_FRAME_TIMEOUT_SECONDS": "6",
+           "CLASSLENS_MIN_STUDENT_SECONDS": "1"}
+
+    async def run_class() -> tuple[int, str]:
+        students = [Participant(janus_server.url, room, name, video)
+                    for name, video in (("Alice", "single_face.mp4"), ("Bob", "WolfgangLanger_Pexels.mp4"))]
+        for student in students:
+            await student.join()
+        process = await start_cli_bot(janus_server.url, room, env)
+        try:
+            await asyncio.sleep(15)  # model loading, joining, a few sampled seconds of each
+            process.send_signal(signal.SIGSTOP)
+            await asyncio.sleep(5)
+            process.send_signal(signal.SIGCONT)
+            await asyncio.sleep(25)  # longer than the frame timeout: a lost student would be gone by now
+            process.send_signal(signal.SIGINT)
+            _out, err = await asyncio.wait_for(process.communicate(), 120)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            for student in students:
+                await student.leave()
+        return process.returncode or 0, err.decode()
+
+    returncode, stderr = asyncio.run(run_class())
+    asyncio.run(_destroy_room(janus_server.url, room))
+    assert returncode == 0, stderr
+    engine = init_store(f"sqlite:///{data_dir / 'classlens.sqlite3'}")
+    with session_scope(engine) as session:
+        analysis = session.exec(select(Analysis)).one()
+        streams = {s.display_name: s for s in session.exec(select(StreamStats))}
+        labels = {student.label for student in students_for(session, int(analysis.id or 0))}
+    assert analysis.status is AnalysisStatus.done
+    assert set(streams) == {"Alice", "Bob"} and labels == {"Alice", "Bob"}
+    for name, stats in streams.items():
+        # Still analysed when the class ended, with video well after the stall.
+        assert stats.left_reason == "the session ended", (name, stats.left_reason)
+        assert stats.last_frame_at is not None and stats.last_frame_at > analysis.duration_seconds - 3, name
