@@ -30,6 +30,7 @@ from kernel.store import (
     AnalysisStatus,
     ConsentMode,
     FaceObservation,
+    StreamStats,
     Student,
     frame_samples_for,
     observations_for,
@@ -64,6 +65,9 @@ LOW_VISIBILITY_SHARE = 0.5
 LOW_CONFIDENCE = 0.5
 #: Most earlier sessions of a course shown in a student's trend (the most recent ones).
 MAX_TREND_SESSIONS = 10
+#: A meeting participant whose video was missing for at most this long (seconds) was still
+#: in the room: a stalled feed or a sampling moment that fell between two grid times.
+PRESENCE_BRIDGE_SECONDS = 10.0
 
 #: What each consent mode meant for who was analysed, as the reports say it.
 CONSENT_DESCRIPTIONS: Mapping[ConsentMode, str] = {
@@ -233,6 +237,11 @@ class TimelineSample:
     """Class time in seconds (the grid time of the moment)."""
     visible: bool
     """Whether the student's face was detected at this moment; all else is None when not."""
+    in_room: bool = True
+    """Whether the student's video was sampled at this moment. False before a meeting
+    participant joined, after they left, and while their video did not arrive: such a
+    moment is absence, not "not visible", and counts in no share. Always True for a
+    recording, which has no room to leave."""
     engagement_score: float | None = None
     """Expected engagement level, 0–3."""
     engagement_level: int | None = None
@@ -342,7 +351,22 @@ class AttentionCues:
     gaze_away_share: float | None
     """Share of visible samples with gaze-away probability > 0.5; None when never known."""
     not_visible_share: float
-    """Share of the sampled time in which the face was not detected."""
+    """Share of the sampled time in the room in which the face was not detected."""
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceSpan:
+    """A stretch of class time in which a student was in the room (their video arrived)."""
+
+    start: float
+    """Class time of the first sampled moment of the stretch, seconds."""
+    end: float
+    """One sampling period after its last sampled moment, seconds."""
+
+    @property
+    def label(self) -> str:
+        """The stretch as ``m:ss–m:ss``."""
+        return format_interval(self.start, self.end)
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,13 +376,19 @@ class StudentSummary:
     student: StudentInfo
     """Whose summary it is."""
     samples_total: int
-    """Sampled moments of the class."""
+    """Sampled moments of the class while the student was in the room."""
     samples_visible: int
     """Sampled moments in which the face was detected."""
     visible_share: float
     """``samples_visible / samples_total`` (0 when nothing was sampled)."""
     seconds_visible: float
     """Class time the face was visible: visible samples times the sampling period."""
+    seconds_in_room: float
+    """Class time the student was in the room: in-room samples times the sampling period."""
+    presence: tuple[PresenceSpan, ...]
+    """When the student was in the room (joined → left), in time order."""
+    left_reason: str | None
+    """Why a meeting participant's video ended (left, the session ended, …); None for recordings."""
     mean_engagement: float | None
     """Mean expected engagement level over visible samples; None when never visible."""
     engagement_se: float | None
@@ -409,8 +439,10 @@ class ClassPoint:
     """Upper end of that interval."""
     students_visible: int
     """How many students' faces were detected."""
-    share_visible: float
-    """``students_visible`` over the number of students."""
+    students_in_room: int
+    """How many students were in the room (their video was sampled at this moment)."""
+    share_visible: float | None
+    """``students_visible`` over ``students_in_room``; None when nobody was in the room."""
     share_disengaged: float | None
     """Share of the visible students at level ≤ 1; None when nobody was visible."""
     disengaged: bool
@@ -447,6 +479,8 @@ class HeatmapRow:
     """Whose row it is."""
     values: tuple[float | None, ...]
     """Expected engagement level per grid time, or None."""
+    in_room: tuple[bool, ...]
+    """Per grid time, whether the student was in the room (False: absent, not "not visible")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -468,7 +502,7 @@ class ClassOverview:
     mean_engagement: float | None
     """Mean over time of the class mean engagement (moments with someone visible)."""
     mean_share_visible: float
-    """Mean over time of the share of students visible."""
+    """Mean over time of the share of the students in the room who were visible."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -702,12 +736,15 @@ def build_timelines(
     grid_index: Mapping[float, int],
     *,
     emotion_inference: bool,
+    sampled: Mapping[str, frozenset[int]] | None = None,
 ) -> tuple[tuple[StudentTimeline, ...], int]:
     """One timeline per student over the whole grid, and the count of ignored observations.
 
     Observations whose (stream, track) is not a student are ignored (and counted). If
     one student has two observations in one grid cluster, the one the detector was
-    surest of is kept.
+    surest of is kept. ``sampled`` maps each meeting stream to the grid positions at
+    which its video was sampled: a student is in the room only there (and wherever
+    their face was seen). Without it (a recording) everyone is in the room throughout.
     """
     by_key = {(s.stream, s.track_id): s for s in students}
     chosen: dict[int, dict[int, FaceObservation]] = {s.id: {} for s in students}
@@ -725,10 +762,13 @@ def build_timelines(
     timelines = []
     for student in students:
         cells = chosen[student.id]
+        stream_cells = sampled.get(student.stream, frozenset()) if sampled is not None else None
         samples = tuple(
             _sample_from_observation(cells[i], t, emotion_inference)
             if i in cells
-            else TimelineSample(timestamp=t, visible=False)
+            else TimelineSample(
+                timestamp=t, visible=False, in_room=stream_cells is None or i in stream_cells
+            )
             for i, t in enumerate(grid)
         )
         timelines.append(StudentTimeline(student=student, samples=samples))
@@ -807,11 +847,47 @@ def _share(flags: Sequence[bool | None]) -> float | None:
     return sum(1 for f in known if f) / len(known)
 
 
-def summarize_student(timeline: StudentTimeline, sample_period: float) -> StudentSummary:
-    """Summarise one student's timeline: engagement with uncertainty, visibility, cues, emotions."""
+def presence_spans(
+    samples: Sequence[TimelineSample],
+    sample_period: float,
+    bridge_seconds: float = PRESENCE_BRIDGE_SECONDS,
+) -> tuple[PresenceSpan, ...]:
+    """The stretches of class time a student was in the room, from their in-room samples.
+
+    Missing video of at most ``bridge_seconds`` (or two sampling periods, if longer) is
+    bridged: a stalled feed, or a meeting stream's sample that fell on a neighbouring
+    grid time, is not a leave.
+    """
+    bridge = max(bridge_seconds, 2.0 * sample_period) + 1e-6
+    spans: list[PresenceSpan] = []
+    start: float | None = None
+    end = 0.0
+    for sample in samples:
+        if not sample.in_room:
+            continue
+        if start is not None and sample.timestamp - end <= bridge:
+            end = sample.timestamp + sample_period
+            continue
+        if start is not None:
+            spans.append(PresenceSpan(start=start, end=end))
+        start, end = sample.timestamp, sample.timestamp + sample_period
+    if start is not None:
+        spans.append(PresenceSpan(start=start, end=end))
+    return tuple(spans)
+
+
+def summarize_student(
+    timeline: StudentTimeline, sample_period: float, *, left_reason: str | None = None
+) -> StudentSummary:
+    """Summarise one student's timeline: engagement with uncertainty, visibility, cues, emotions.
+
+    Every share is of the time the student was in the room; ``left_reason`` is why a
+    meeting participant's video ended (None for a recording).
+    """
     samples = timeline.samples
-    visible = [s for s in samples if s.visible]
-    total = len(samples)
+    in_room = [s for s in samples if s.in_room]
+    visible = [s for s in in_room if s.visible]
+    total = len(in_room)
     scores = [s.engagement_score for s in visible if s.engagement_score is not None]
     mean: float | None = None
     se = low = high = effective = None
@@ -844,6 +920,9 @@ def summarize_student(timeline: StudentTimeline, sample_period: float) -> Studen
         samples_visible=len(visible),
         visible_share=len(visible) / total if total else 0.0,
         seconds_visible=len(visible) * sample_period,
+        seconds_in_room=total * sample_period,
+        presence=presence_spans(samples, sample_period),
+        left_reason=left_reason,
         mean_engagement=mean,
         engagement_se=se,
         engagement_low=low,
@@ -903,13 +982,14 @@ def build_overview(
     A moment counts as disengaged when at least 40 % of the students visible then are
     at level ≤ 1. With two or more students in the class, at least two must be visible:
     one face among absent ones is that student's dip, shown in their own report, not
-    the class's.
+    the class's. The share visible is of the students in the room at that moment.
     """
     n_students = len(timelines)
     min_visible = 2 if n_students >= 2 else 1
     points: list[ClassPoint] = []
     for i, t in enumerate(grid):
-        seen = [tl.samples[i] for tl in timelines if tl.samples[i].visible]
+        present = [tl.samples[i] for tl in timelines if tl.samples[i].in_room]
+        seen = [s for s in present if s.visible]
         scores = [s.engagement_score for s in seen if s.engagement_score is not None]
         mean = band_low = band_high = share_disengaged = None
         if scores:
@@ -933,7 +1013,8 @@ def build_overview(
                 band_low=band_low,
                 band_high=band_high,
                 students_visible=len(seen),
-                share_visible=len(seen) / n_students if n_students else 0.0,
+                students_in_room=len(present),
+                share_visible=len(seen) / len(present) if present else None,
                 share_disengaged=share_disengaged,
                 disengaged=disengaged,
             )
@@ -942,10 +1023,12 @@ def build_overview(
         HeatmapRow(
             student=tl.student,
             values=tuple(s.engagement_score if s.visible else None for s in tl.samples),
+            in_room=tuple(s.in_room for s in tl.samples),
         )
         for tl in timelines
     )
     means = [p.mean_engagement for p in points if p.mean_engagement is not None]
+    shares = [p.share_visible for p in points if p.share_visible is not None]
     end = max(duration_seconds, (grid[-1] + sample_period) if grid else 0.0)
     return ClassOverview(
         timestamps=tuple(grid),
@@ -955,7 +1038,7 @@ def build_overview(
         sample_period=sample_period,
         end_seconds=end if end > 0 else sample_period,
         mean_engagement=float(np.mean(means)) if means else None,
-        mean_share_visible=float(np.mean([p.share_visible for p in points])) if points else 0.0,
+        mean_share_visible=float(np.mean(shares)) if shares else 0.0,
     )
 
 
@@ -1169,10 +1252,29 @@ def build_report_data(session: Session, analysis_id: int) -> ReportData:
     stamps = [f.timestamp for f in frames] + [o.timestamp for o in observations]
     period = sample_period_for(analysis.sample_fps, stamps)
     grid, index = build_time_grid(stamps, period)
+    streams = session.exec(select(StreamStats).where(StreamStats.analysis_id == analysis_id)).all()
+    sampled: dict[str, frozenset[int]] | None = None
+    if streams:
+        # A meeting: a student is in the room where their stream's video was sampled.
+        cells: dict[str, set[int]] = {}
+        for frame in frames:
+            position = index.get(float(frame.timestamp))
+            if position is not None:
+                cells.setdefault(frame.stream, set()).add(position)
+        sampled = {stream: frozenset(positions) for stream, positions in cells.items()}
+    left_reasons = {row.stream: row.left_reason for row in streams}
     timelines, ignored = build_timelines(
-        students, observations, grid, index, emotion_inference=analysis.emotion_inference
+        students,
+        observations,
+        grid,
+        index,
+        emotion_inference=analysis.emotion_inference,
+        sampled=sampled,
     )
-    summaries = tuple(summarize_student(tl, period) for tl in timelines)
+    summaries = tuple(
+        summarize_student(tl, period, left_reason=left_reasons.get(tl.student.stream))
+        for tl in timelines
+    )
     overview = build_overview(timelines, grid, period, analysis.duration_seconds)
     return ReportData(
         analysis=analysis,

@@ -41,6 +41,9 @@ DIP_COLOUR = "#e69f00"
 VISIBLE_COLOUR = "#555555"
 #: Fill of not-visible time and heatmap cells.
 NOT_VISIBLE_COLOUR = "#d4d4d4"
+#: Fill of time a meeting participant was not in the room: paler than "not visible", since
+#: absence says nothing about the student's attention.
+ABSENT_COLOUR = "#f3f3f3"
 #: Bars of the bar charts (Okabe–Ito bluish green).
 BAR_COLOUR = "#009e73"
 #: Bars of the attention cue chart (Okabe–Ito sky blue).
@@ -279,6 +282,14 @@ def _segments(bins: Sequence[_Bin]) -> list[list[_Bin]]:
     return runs
 
 
+def _in_room_bins(
+    timestamps: Sequence[float], in_room: Sequence[bool], period: float, max_bins: int
+) -> list[bool]:
+    """Per bin of :func:`_bins` with the same arguments: whether the student was in the room at all."""
+    bins, _ = _bins(timestamps, [1.0 if present else None for present in in_room], period, max_bins)
+    return [b.value is not None for b in bins]
+
+
 def _points(pairs: Sequence[tuple[float, float]]) -> str:
     """An SVG ``points`` list."""
     return " ".join(f"{_n(x)},{_n(y)}" for x, y in pairs)
@@ -388,8 +399,9 @@ def student_engagement_svg(
     """One student's engagement over class time, with the model's uncertainty as a band.
 
     The line is the expected level (0–3); the band is ±1 standard deviation of the
-    level under the model's probabilities; grey columns mark time the face was not
-    visible; numbered circles mark the lowest moments.
+    level under the model's probabilities; grey columns mark time in the room when the
+    face was not visible, pale ones time out of the room; numbered circles mark the
+    lowest moments.
     """
     samples = timeline.samples
     lows: list[float | None] = []
@@ -429,7 +441,10 @@ def student_engagement_svg(
     parts = _open(chart_id, width, height, f"Engagement over time: {label}", description)
     plot = _Plot(left=110, top=34, width=width - 130, height=height - 80, end_seconds=end_seconds)
     parts.append(_plot_background(plot))
-    for b in bins:
+    in_room = _in_room_bins(
+        [s.timestamp for s in samples], [s.in_room for s in samples], sample_period, max_points
+    )
+    for b, present in zip(bins, in_room, strict=True):
         if b.value is None:
             x0, x1 = plot.x(b.start), plot.x(b.end)
             parts.append(
@@ -439,8 +454,8 @@ def student_engagement_svg(
                     y=plot.top,
                     width=max(0.0, x1 - x0),
                     height=plot.height,
-                    fill=NOT_VISIBLE_COLOUR,
-                    fill_opacity="0.6",
+                    fill=NOT_VISIBLE_COLOUR if present else ABSENT_COLOUR,
+                    fill_opacity="0.6" if present else "1",
                 )
             )
     _level_axis(plot, parts)
@@ -485,6 +500,7 @@ def student_engagement_svg(
             (f"line:{ENGAGEMENT_COLOUR}", "engagement (expected level)"),
             (f"rect:{ENGAGEMENT_COLOUR}@0.18", "model uncertainty (±1 sd)"),
             (f"rect:{NOT_VISIBLE_COLOUR}@0.6", "not visible"),
+            *([(f"rect:{ABSENT_COLOUR}@1", "not in the room")] if not all(in_room) else []),
         ],
     )
     parts.append("</svg>")
@@ -622,7 +638,7 @@ def heatmap_svg(
     description = (
         f"Heatmap of engagement for {len(rows)} students (rows) over class time (columns), "
         "dark purple for very low (0) through green to yellow for very high (3); "
-        "grey where the student's face was not visible. "
+        "grey where the student's face was not visible, and pale where they were not in the room. "
         + (
             f"Each column covers about {per_bin * overview.sample_period:g} seconds. "
             if per_bin > 1
@@ -663,10 +679,14 @@ def heatmap_svg(
             _text(label_width - 8, y + row_height / 2 + 4, shown, text_anchor="end", fill="#222"),
         ]
         bins, _ = _bins(times, list(row.values), overview.sample_period, max_columns)
+        in_room = _in_room_bins(times, row.in_room, overview.sample_period, max_columns)
         # Neighbouring columns of one colour become one rectangle: far fewer elements.
         runs: list[tuple[str, float, float]] = []
-        for b in bins:
-            colour = NOT_VISIBLE_COLOUR if b.value is None else viridis(b.value / _MAX_SCORE)
+        for b, present in zip(bins, in_room, strict=True):
+            if b.value is not None:
+                colour = viridis(b.value / _MAX_SCORE)
+            else:
+                colour = NOT_VISIBLE_COLOUR if present else ABSENT_COLOUR
             if runs and runs[-1][0] == colour and abs(b.start - runs[-1][2]) < 1e-6:
                 runs[-1] = (colour, runs[-1][1], b.end)
             else:
@@ -710,6 +730,10 @@ def _heatmap_legend(parts: list[str], chart_id: str, x: float, y: float) -> None
     gx = x + bar_width + 30
     parts.append(_el("rect", x=gx, y=y, width="18", height="12", fill=NOT_VISIBLE_COLOUR))
     parts.append(_text(gx + 24, y + 10, "not visible", fill="#333", font_size="11"))
+    parts.append(
+        _el("rect", x=gx + 110, y=y, width="18", height="12", fill=ABSENT_COLOUR, stroke="#ccc")
+    )
+    parts.append(_text(gx + 134, y + 10, "not in the room", fill="#333", font_size="11"))
 
 
 def bar_chart_svg(
@@ -795,7 +819,7 @@ def attention_cues_svg(summary: StudentSummary, *, chart_id: str = "cues") -> Ma
         description=(
             f"Attention cues of {summary.label}. Looking away, eyes closed and gaze off screen "
             "are shares of the time the face was visible; not visible is a share of all "
-            "sampled time:"
+            "sampled time in the room:"
         ),
         colour=CUE_COLOUR,
     )

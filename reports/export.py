@@ -1,7 +1,8 @@
 """CSV and JSON exports of every student's timeline.
 
 One row per student × sampled moment, including the moments the student was not
-visible (their numbers are empty), so a row count always equals students × moments
+visible or, in a meeting, not in the room (``in_room`` false; their numbers are empty),
+so a row count always equals students × moments
 and a spreadsheet can line students up by time. Columns come in a fixed order; the
 emotion columns are present only when emotion inference ran, so a deployment that
 switched emotions off never exports an (empty) emotion field.
@@ -33,6 +34,7 @@ BASE_COLUMNS: tuple[str, ...] = (
     "track_id",
     "timestamp",
     "time",
+    "in_room",
     "visible",
     "engagement_score",
     "engagement_level",
@@ -86,6 +88,7 @@ def _row(data: ReportData, timeline: StudentTimeline, sample: TimelineSample) ->
         "track_id": student.track_id,
         "timestamp": round(sample.timestamp, 3),
         "time": format_timestamp(sample.timestamp),
+        "in_room": sample.in_room,
         "visible": sample.visible,
         "engagement_score": _r(sample.engagement_score),
         "engagement_level": sample.engagement_level,

@@ -16,13 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import LinearSegmentedColormap
+from matplotlib.colors import LinearSegmentedColormap, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter
 
 from kernel.types import ENGAGEMENT_LEVELS
 from reports.aggregate import ClassOverview
 from reports.charts import (
+    ABSENT_COLOUR,
     DIP_COLOUR,
     ENGAGEMENT_COLOUR,
     NOT_VISIBLE_COLOUR,
@@ -101,7 +102,7 @@ def class_curve_png(overview: ClassOverview) -> PngChart:
     mean = np.array([nan if p.mean_engagement is None else p.mean_engagement for p in overview.points])
     low = np.array([nan if p.band_low is None else p.band_low for p in overview.points])
     high = np.array([nan if p.band_high is None else p.band_high for p in overview.points])
-    visible = np.array([p.share_visible for p in overview.points], dtype=np.float64)
+    visible = np.array([nan if p.share_visible is None else p.share_visible for p in overview.points])
     for iv in overview.disengagement_intervals:
         axes.axvspan(iv.start, iv.end, color=DIP_COLOUR, alpha=0.28, linewidth=0)
     if times.size:
@@ -128,20 +129,27 @@ def _plain_label(label: str) -> str:
     return shown.replace("$", r"\$")
 
 
-def _heatmap_matrix(overview: ClassOverview) -> tuple[np.ndarray, float]:
-    """Students × columns of mean engagement (NaN where not visible) and the column width in seconds."""
+def _heatmap_matrix(overview: ClassOverview) -> tuple[np.ndarray, np.ndarray, float]:
+    """The heatmap's columns: mean engagement, absence, and the column width in seconds.
+
+    Returns students × columns of mean engagement (NaN where not visible), the same
+    shape of flags for a student out of the room for the whole column, and its width.
+    """
     columns = len(overview.timestamps)
     per_bin = max(1, math.ceil(columns / MAX_HEATMAP_COLUMNS)) if columns else 1
     bins = max(1, math.ceil(columns / per_bin))
     matrix = np.full((max(1, len(overview.heatmap)), bins), np.nan)
+    absent = np.zeros(matrix.shape, dtype=bool)
     for r, row in enumerate(overview.heatmap):
         values = np.array([np.nan if v is None else v for v in row.values], dtype=np.float64)
+        present = np.array(row.in_room, dtype=bool)
         for b in range(bins):
             chunk = values[b * per_bin : (b + 1) * per_bin]
             known = chunk[~np.isnan(chunk)]
             if known.size:
                 matrix[r, b] = float(known.mean())
-    return matrix, per_bin * overview.sample_period
+            absent[r, b] = not present[b * per_bin : (b + 1) * per_bin].any()
+    return matrix, absent, per_bin * overview.sample_period
 
 
 def heatmap_alt(overview: ClassOverview) -> str:
@@ -149,7 +157,7 @@ def heatmap_alt(overview: ClassOverview) -> str:
     return (
         f"Heatmap of engagement for {len(overview.heatmap)} students (rows) over class time (columns), "
         "dark purple for very low (0) through green to yellow for very high (3); grey where the "
-        "student's face was not visible."
+        "student's face was not visible, and pale where they were not in the room."
     )
 
 
@@ -158,7 +166,7 @@ def heatmap_png(overview: ClassOverview) -> PngChart:
     rows = len(overview.heatmap)
     figure = Figure(figsize=(8.0, 1.4 + 0.28 * max(1, rows)), dpi=PNG_DPI, layout="constrained")
     axes = figure.add_subplot()
-    matrix, column_seconds = _heatmap_matrix(overview)
+    matrix, absent, column_seconds = _heatmap_matrix(overview)
     colours = LinearSegmentedColormap.from_list("classlens-viridis", list(VIRIDIS_STOPS)).with_extremes(
         bad=NOT_VISIBLE_COLOUR
     )
@@ -171,6 +179,15 @@ def heatmap_png(overview: ClassOverview) -> PngChart:
         vmax=_MAX_SCORE,
         extent=(0.0, matrix.shape[1] * column_seconds, matrix.shape[0] - 0.5, -0.5),
     )
+    if absent.any():
+        # Out of the room is drawn over "not visible": absence says nothing of attention.
+        axes.imshow(
+            np.ma.masked_where(~absent, np.ones(absent.shape)),
+            aspect="auto",
+            interpolation="nearest",
+            cmap=ListedColormap([ABSENT_COLOUR]),
+            extent=(0.0, matrix.shape[1] * column_seconds, matrix.shape[0] - 0.5, -0.5),
+        )
     labels = [_plain_label(row.student.label) for row in overview.heatmap]
     axes.set_yticks(list(range(rows)))
     axes.set_yticklabels(labels)
@@ -178,5 +195,7 @@ def heatmap_png(overview: ClassOverview) -> PngChart:
     axes.set_xlabel("class time (m:ss)")
     bar = figure.colorbar(image, ax=axes, ticks=list(range(len(ENGAGEMENT_LEVELS))), pad=0.01)
     bar.ax.set_yticklabels(list(ENGAGEMENT_LEVELS))
-    axes.set_title("Engagement of each student over time (grey: not visible)", fontsize=10, loc="left")
+    title = "Engagement of each student over time (grey: not visible"
+    title += ", pale: not in the room)" if absent.any() else ")"
+    axes.set_title(title, fontsize=10, loc="left")
     return PngChart(name="heatmap", png=_to_png(figure), alt=heatmap_alt(overview))

@@ -31,6 +31,7 @@ from kernel.store import (
     session_scope,
     students_for,
 )
+from reports.aggregate import build_report_data
 from tests.conftest import MEDIA_DIR
 from tests.janus_server import JanusServer, LoopingVideoTrack, free_tcp_port, janus_server, start_cli_bot  # noqa: F401  (fixture)
 
@@ -171,6 +172,7 @@ async def test_bot_follows_a_class_through_joins_leaves_and_a_janus_restart(
     with session_scope(engine) as session:
         analysis = session.get(Analysis, analysis_id)
         assert analysis is not None and analysis.status is AnalysisStatus.done
+        duration = analysis.duration_seconds
         labels = {student.label for student in students_for(session, analysis_id)}
         gaps = list(session.exec(select(StreamGap).where(StreamGap.analysis_id == analysis_id)))
     assert {"Alice", "Bob", "Carol"} <= labels, labels
@@ -179,6 +181,16 @@ async def test_bot_follows_a_class_through_joins_leaves_and_a_janus_restart(
     # Every dispatched crop is accounted for: all stored, none lost.
     assert outcome.live.crops_stored > 0 and bot.status.crops_submitted == outcome.live.crops_stored
     assert outcome.report_dir is not None and (Path(outcome.report_dir) / "index.html").is_file()
+    # The reports count time in the room: Carol joined late, Bob left early, and their absence is
+    # neither "not visible" nor part of their shares (a rejoin within 10 s does not split a stay).
+    with session_scope(engine) as session:
+        summaries = {s.label: s for s in build_report_data(session, analysis_id).summaries}
+    alice_stay, bob_stay, carol_stay = (summaries[name].presence for name in ("Alice", "Bob", "Carol"))
+    assert carol_stay[0].start > alice_stay[0].start + 1 and bob_stay[-1].end < carol_stay[-1].end - 10
+    assert summaries["Bob"].left_reason is not None and summaries["Bob"].left_reason.startswith("left the meeting")
+    assert summaries["Alice"].left_reason == "the session ended"
+    for summary in summaries.values():
+        assert summary.seconds_in_room < duration
 
 
 async def test_a_frozen_camera_is_kept_while_its_owner_is_in_the_room(

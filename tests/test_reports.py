@@ -25,6 +25,7 @@ from kernel.store import (
     AnalysisStatus,
     FaceObservation,
     FrameSample,
+    StreamStats,
     Student,
     init_store,
     session_scope,
@@ -39,6 +40,7 @@ from reports.aggregate import (
     mean_with_interval,
     merge_moments,
 )
+from reports.charts import heatmap_svg
 from reports.export import timeline_columns
 from reports.formatting import format_interval, format_timestamp, slugify
 from reports.render import ReportOutputError, ReportPaths, render_documents, render_reports
@@ -306,6 +308,70 @@ def test_half_absent_student_is_visible_half_of_the_time(engine: Engine, tmp_pat
     assert "50%" in row.group(0) and "0:30" in row.group(0)
     student_page = _read(paths.students[1])
     assert "30 of 60 sampled moments" in student_page
+
+
+def _meeting_observation(analysis_id: int, stream: str, timestamp: float) -> FaceObservation:
+    """One high-engagement face of a meeting participant (track 1 of their stream)."""
+    probs = _probabilities(2)
+    return FaceObservation(
+        analysis_id=analysis_id, stream=stream, track_id=1, timestamp=timestamp, box_x1=0.0,
+        box_y1=0.0, box_x2=60.0, box_y2=80.0, detection_score=0.9, head_yaw=0.0, head_pitch=0.0,
+        head_roll=0.0, engagement_p0=probs[0], engagement_p1=probs[1], engagement_p2=probs[2],
+        engagement_p3=probs[3], engagement_level=2, engagement_score=sum(k * p for k, p in enumerate(probs)),
+    )
+
+
+def make_meeting(engine: Engine) -> int:
+    """A 60 s meeting: Ada is there throughout (one sample missing at 0:20); Ben, sampled 0.3 s
+    later than Ada each second, joins at 0:10, is out of view 0:30–0:35 and leaves at 0:40."""
+    with session_scope(engine) as session:
+        analysis = Analysis(source="janus://meet/1234", kind="meeting", title="Meeting", status=AnalysisStatus.done,
+                            sample_fps=1.0, duration_seconds=60.0, frames_sampled=0, emotion_inference=False,
+                            models_json=json.dumps(MODELS))
+        session.add(analysis)
+        session.flush()
+        assert analysis.id is not None
+        analysis_id = analysis.id
+        ada = [float(t) for t in range(60) if t != 20]
+        ben = [t + 0.3 for t in range(10, 40)]
+        for stream, stamps, hidden in (("Ada", ada, set()), ("Ben", ben, {t + 0.3 for t in range(30, 35)})):
+            seen = [t for t in stamps if t not in hidden]
+            session.add(Student(analysis_id=analysis_id, stream=stream, track_id=1, label=stream,
+                                first_seen=seen[0], last_seen=seen[-1], samples_visible=len(seen)))
+            session.add_all(FrameSample(analysis_id=analysis_id, stream=stream, timestamp=t,
+                                        faces=int(t not in hidden)) for t in stamps)
+            session.add_all(_meeting_observation(analysis_id, stream, t) for t in seen)
+        session.add(StreamStats(analysis_id=analysis_id, stream="Ada", display_name="Ada",
+                                left_reason="the session ended"))
+        session.add(StreamStats(analysis_id=analysis_id, stream="Ben", display_name="Ben",
+                                left_reason="left the meeting (leaving)"))
+    return analysis_id
+
+
+def test_a_meeting_counts_time_in_the_room_and_shows_absence_as_absence(engine: Engine, tmp_path: Path) -> None:
+    analysis_id = make_meeting(engine)
+    with session_scope(engine) as session:
+        data = build_report_data(session, analysis_id)
+    ada, ben = data.summaries
+    # Ben was in the room 0:10–0:40: 30 moments, 25 of them visible; before and after is absence.
+    assert (ben.samples_total, ben.samples_visible) == (30, 25)
+    assert ben.visible_share == pytest.approx(25 / 30) and ben.cues.not_visible_share == pytest.approx(5 / 30)
+    assert ben.seconds_in_room == pytest.approx(30.0) and ben.seconds_visible == pytest.approx(25.0)
+    assert [(span.start, span.end) for span in ben.presence] == [(10.0, 40.0)]
+    assert ben.left_reason == "left the meeting (leaving)"
+    # One missing sample is not a leave, and not a moment of "not visible".
+    assert [(span.start, span.end) for span in ada.presence] == [(0.0, 60.0)]
+    assert (ada.samples_total, ada.visible_share) == (59, 1.0)
+    # The class chart never dips for a sample that was not taken: share of those in the room.
+    shares = [point.share_visible for point in data.overview.points]
+    assert min(share for share in shares if share is not None) == pytest.approx(0.5)  # Ada alone, Ben hidden
+    assert data.overview.mean_share_visible > 0.9
+    paths = render_reports(engine, analysis_id, tmp_path / "out")
+    ben_page = _read(paths.students[1])
+    assert "In the room 0:10–0:40" in ben_page and "left the meeting (leaving)" in ben_page
+    assert "0:25 of 0:30 in the room" in ben_page
+    # The class heatmap (hidden in this two-student class's overview) tells absence from "not visible".
+    assert "not in the room" in heatmap_svg(data.overview)
 
 
 def test_summary_numbers_carry_uncertainty_and_cues(engine: Engine) -> None:
@@ -621,6 +687,7 @@ def _point(t: float, disengaged: bool) -> ClassPoint:
         band_low=None,
         band_high=None,
         students_visible=5,
+        students_in_room=5,
         share_visible=1.0,
         share_disengaged=0.6 if disengaged else 0.0,
         disengaged=disengaged,
