@@ -4,11 +4,11 @@ from kernel.types import FrameDetections
 from vision.tracking import StudentTracker, TrackSummary, box_iou, is_student
 
 
-def _frame(t: float, boxes: list[list[float]]) -> FrameDetections:
+def _frame(t: float, boxes: list[list[float]], size: tuple[int, int] = (720, 1280)) -> FrameDetections:
     array = np.array(boxes, np.float32).reshape(-1, 4)
     count = array.shape[0]
     keypoints = np.zeros((count, 5, 2), np.float32)
-    return FrameDetections(stream="main", timestamp=t, frame_size=(720, 1280), boxes=array,
+    return FrameDetections(stream="main", timestamp=t, frame_size=size, boxes=array,
                            scores=np.full(count, 0.9, np.float32), keypoints=keypoints)
 
 
@@ -38,6 +38,18 @@ def test_a_new_face_far_away_gets_a_new_id_and_gaps_expire() -> None:
     assert other.track_ids[0] != first.track_ids[0]
     later = tracker.update(_frame(10, [[100, 100, 200, 200]]))
     assert later.track_ids[0] not in (first.track_ids[0], other.track_ids[0])
+
+
+def test_a_stream_that_changes_resolution_keeps_its_students() -> None:
+    """WebRTC senders halve their resolution under loss and restore it later; the faces stay the same students."""
+    tracker = StudentTracker(max_gap_seconds=10)
+    first = tracker.update(_frame(0, [[600, 300, 700, 400], [100, 100, 200, 200]])).track_ids.tolist()
+    halved = tracker.update(_frame(1, [[300, 150, 350, 200], [50, 50, 100, 100]], size=(360, 640)))
+    assert halved.track_ids.tolist() == first
+    restored = tracker.update(_frame(2, [[600, 300, 700, 400], [100, 100, 200, 200]]))
+    assert restored.track_ids.tolist() == first
+    # Without the rescale the halved boxes would not overlap the old ones at all: a real test of it.
+    assert tracker.update(_frame(3, [[300, 150, 350, 200]])).track_ids.tolist() != [first[0]]
 
 
 def test_crossing_students_keep_their_ids_by_motion() -> None:

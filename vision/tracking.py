@@ -4,6 +4,11 @@ Faces are matched to tracks by box overlap and motion (a constant-velocity
 prediction), and, when a face-embedding model is configured, by appearance, so that a
 student who looks away or is hidden for a while keeps the same id. Embeddings live in
 memory for one session only: no face recognition across sessions.
+
+A stream may change resolution mid-session: WebRTC senders scale their video down and up
+again as their bandwidth estimate moves (Chromium does after a few seconds of loss). Track
+boxes are then rescaled to the new frame size, so the same face at half the pixels is still
+the same student.
 """
 
 from __future__ import annotations
@@ -103,12 +108,17 @@ class StudentTracker:
         self.embedder = embedder
         self._next_id = first_id
         self._live: dict[str, list[_Track]] = {}
+        self._frame_sizes: dict[str, tuple[int, int]] = {}
         self._summaries: dict[int, TrackSummary] = {}
 
     def update(self, detections: FrameDetections, image: ByteArray | None = None) -> FrameDetections:
         """Match a frame's faces to tracks; returns the detections with track ids set."""
         stream, now = detections.stream, detections.timestamp
         tracks = [t for t in self._live.get(stream, []) if now - t.last_seen <= self.max_gap_seconds]
+        previous_size = self._frame_sizes.get(stream)
+        if previous_size is not None and previous_size != detections.frame_size:
+            rescale_tracks(tracks, previous_size, detections.frame_size)
+        self._frame_sizes[stream] = detections.frame_size
         embeddings: FloatArray | None = None
         if self.embedder is not None and image is not None and len(detections):
             embeddings = self.embedder.embed(image, detections.keypoints)
@@ -183,6 +193,17 @@ class StudentTracker:
     def summaries(self) -> list[TrackSummary]:
         """Every track seen so far, in order of creation."""
         return [self._summaries[k] for k in sorted(self._summaries)]
+
+
+def rescale_tracks(tracks: list[_Track], old_size: tuple[int, int], new_size: tuple[int, int]) -> None:
+    """Move tracks' boxes and velocities from frames of ``old_size`` to ``new_size`` (both ``(height, width)``)."""
+    scale_y = new_size[0] / max(old_size[0], 1)
+    scale_x = new_size[1] / max(old_size[1], 1)
+    logger.debug("stream resized from %s to %s: rescaling %d tracks", old_size, new_size, len(tracks))
+    box_scale = np.array([scale_x, scale_y, scale_x, scale_y], np.float32)
+    for track in tracks:
+        track.box = (track.box * box_scale).astype(np.float32)
+        track.velocity = (track.velocity * box_scale[:2]).astype(np.float32)
 
 
 def is_student(summary: TrackSummary, *, min_seconds: float, sample_interval: float, min_score: float = 0.0) -> bool:
