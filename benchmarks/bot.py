@@ -14,9 +14,14 @@ For each sampling rate, N is ramped until frames are dropped. For every run:
 * latency: from a sampled frame's arrival to its faces' results being in the store
   (p50, p95; the in-process dispatcher stores in submission order).
 
+``--webrtc`` measures the same bot over real WebRTC instead: a real Janus room, publishers
+in other processes, the product's ``MeetingBot`` receiving, decoding and analysing every
+feed (``benchmarks/bot_webrtc.py`` says what is measured and how).
+
 Usage::
 
     python benchmarks/bot.py [--seconds 20] [--fps 1 2] [--participants 10 20 30 40] [--write-docs]
+    python benchmarks/bot.py --webrtc [--seconds 20] [--fps 1] [--participants 10 20 30 40] [--write-docs]
 """
 
 from __future__ import annotations
@@ -205,10 +210,10 @@ aiortc's RTP/SRTP handling in Python adds more that this benchmark does not meas
 """
 
 
-def write_docs(section: str) -> None:
-    """Replace this script's section of docs/benchmarks.md, or append it."""
+def write_docs(section: str, begin: str = SECTION_BEGIN, end: str = SECTION_END) -> None:
+    """Replace the section between ``begin`` and ``end`` of docs/benchmarks.md, or append it."""
     text = DOCS_PATH.read_text(encoding="utf-8") if DOCS_PATH.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(SECTION_BEGIN) + r".*?" + re.escape(SECTION_END) + r"\n?", re.S)
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _match: section, text, count=1)
     else:
@@ -246,9 +251,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="live_worker_threads (default: the setting's default)")
     parser.add_argument("--media-dir", type=Path, default=DEFAULT_MEDIA_DIR)
+    parser.add_argument("--webrtc", action="store_true",
+                        help="real WebRTC: a Janus room, publishers in other processes, the MeetingBot")
+    parser.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio",
+                        help="with --webrtc: the bot's event loop (uvloop reads many datagrams per wake-up)")
+    parser.add_argument("--publisher-processes", type=int, default=2,
+                        help="with --webrtc: processes the publishers are spread over")
     parser.add_argument("--write-docs", action="store_true", help="record the results in docs/benchmarks.md")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(relativeCreated)8.0f ms %(levelname)s %(name)s: %(message)s")
+    if args.webrtc:
+        # The pre-encoded publishers cannot answer a keyframe request, so each new subscription
+        # fails to decode until the clip's next keyframe (at most 2 s): expected, not news.
+        logging.getLogger("aiortc.rtcrtpreceiver").setLevel(logging.ERROR)
+        main_webrtc(args)
+        return
     results, decode = asyncio.run(main_async(args))
     table = markdown_table(results)
     print()
@@ -258,6 +275,30 @@ def main() -> None:
         components = PipelineComponents.load(base)
         command = "python benchmarks/bot.py " + shlex.join(sys.argv[1:])
         write_docs(docs_section(machine_info(base, components), command.strip(), table, results, decode))
+
+
+def main_webrtc(args: argparse.Namespace) -> None:
+    """The ramp over real WebRTC, one sampling rate after another; optionally recorded in the docs."""
+    import bot_webrtc
+
+    base = load_settings(execution_provider="cpu", live_worker_threads=args.threads)
+    components = bot_webrtc.load_components_naming_their_threads(base)
+    results = []
+    if args.event_loop == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    for fps in args.fps:
+        results.extend(asyncio.run(bot_webrtc.webrtc_ramp(
+            base, components, fps=fps, participants=args.participants, seconds=args.seconds,
+            processes=args.publisher_processes, media_dir=args.media_dir)))
+    print()
+    print(bot_webrtc.webrtc_table(results))
+    if args.write_docs:
+        command = "python benchmarks/bot.py " + shlex.join(sys.argv[1:])
+        write_docs(bot_webrtc.webrtc_docs_section(machine_info(base, components), command.strip(), results,
+                                                  args.fps[0]),
+                   bot_webrtc.SECTION_BEGIN, bot_webrtc.SECTION_END)
 
 
 if __name__ == "__main__":

@@ -616,7 +616,7 @@ class VideoRoomHandle:
 
 
 def rtc_configuration() -> Any:
-    """The aiortc configuration: no STUN servers servers: no public network; host candidates suffice for an SFU."""
+    """The aiortc configuration: no STUN servers (no public network); host candidates suffice for an SFU."""
     from aiortc import RTCConfiguration
 
     return RTCConfiguration(iceServers=[])

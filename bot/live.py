@@ -55,6 +55,7 @@ from kernel.store import (
 from kernel.types import ByteArray, VideoFrame
 from pipeline.capture import CapturePipeline
 from pipeline.finalise import finalise_students, mark_failed
+from pipeline.liveness import ProducerHeartbeat
 from pipeline.models import PipelineComponents
 from vision.tracking import TrackSummary
 from workers.dispatch import CropDispatcher, InProcessDispatcher
@@ -114,7 +115,8 @@ def create_live_analysis(
     with session_scope(engine) as session:
         analysis = Analysis(kind="meeting", source=source, title=title, sample_fps=settings.sample_fps,
                             emotion_inference=settings.emotion_inference, owner_id=owner_id, course=course,
-                            host_email=host_email, consent_mode=consent.mode, consent_names_json=consent.names_json())
+                            host_email=host_email, consent_mode=consent.mode, consent_names_json=consent.names_json(),
+                            heartbeat_at=utcnow())
         session.add(analysis)
         session.flush()
         assert analysis.id is not None
@@ -303,6 +305,7 @@ class LiveSession:
         self._samples_lock = threading.Lock()
         self._submit_lock = threading.Lock()
         self._flusher: asyncio.Task[None] | None = None
+        self._heartbeat: ProducerHeartbeat | None = None
         self._error: BaseException | None = None
         self._outcome: LiveOutcome | None = None
         self._closing = asyncio.Lock()
@@ -343,6 +346,8 @@ class LiveSession:
             analysis.models_json = json.dumps(components.models.provenance, sort_keys=True)
         if self._dispatcher is None:
             self._dispatcher = self._make_dispatcher(components)
+        self._heartbeat = ProducerHeartbeat(self.engine, self.analysis_id,
+                                            self.settings.producer_heartbeat_seconds).start()
 
     def _make_dispatcher(self, components: PipelineComponents) -> CropDispatcher:
         settings = self.settings
@@ -355,7 +360,8 @@ class LiveSession:
                 make_celery_app(settings), self.engine, self.analysis_id, queue=settings.inference_queue,
                 batch_size=settings.batch_size, timeout_seconds=settings.dispatch_timeout_seconds,
                 on_stored=self._latency.stored, max_batch_delay_seconds=1.0 / settings.sample_fps,
-                emotion_inference=settings.emotion_inference)
+                emotion_inference=settings.emotion_inference,
+                workers_unavailable_seconds=settings.workers_unavailable_seconds)
         return InProcessDispatcher(components.models, self.engine, batch_size=settings.batch_size,
                                    on_stored=self._latency.stored)
 
@@ -695,6 +701,8 @@ class LiveSession:
                            sum(s.stats.frames_dropped for s in streams), 0, 0, failure_reason=reason)
 
     def _shutdown(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
         if self._dispatcher is not None:
             self._dispatcher.close()
         self._pool.shutdown(wait=False, cancel_futures=True)

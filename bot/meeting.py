@@ -61,6 +61,7 @@ from bot.janus import (
     publish_tracks,
     rtc_configuration,
 )
+from bot.receive_buffers import enlarge_receive_buffers
 from bot.rtp_recovery import restart_video_receiver
 from kernel.settings import Settings
 from kernel.store import Analysis, AnalysisStatus, ConsentMode, MeetingState, session_scope
@@ -68,7 +69,7 @@ from kernel.store import Analysis, AnalysisStatus, ConsentMode, MeetingState, se
 if TYPE_CHECKING:
     from aiortc import RTCPeerConnection
 
-    from bot.live import LiveOutcome, LiveSession
+    from bot.live import LiveOutcome, LiveSession, LiveStats
     from pipeline.models import PipelineComponents
     from reports.render import ReportPaths
     from workers.dispatch import CropDispatcher
@@ -234,6 +235,8 @@ class MeetingBot:
         self._analysed: dict[int, str] = {}
         # feed id → its watch (analysed feeds only).
         self._watch: dict[int, _FeedWatch] = {}
+        # Feeds between being dropped and subscribed again by a resubscription: still participants.
+        self._resubscribing: set[int] = set()
         # feed id → class time its video went silent (kept through resubscriptions, for the gap).
         self._silent_since: dict[int, float] = {}
         # feed id → display name of feeds that stopped being analysed, to correct their leave reason.
@@ -252,12 +255,18 @@ class MeetingBot:
     def status(self) -> MeetingStatus:
         """What the bot is doing now."""
         stats = self._live.stats if self._live is not None else None
-        names = tuple(sorted(self._publishers[feed].display for feed in self._analysed if feed in self._publishers))
+        names = tuple(sorted(self._publishers[feed].display for feed in {*self._analysed, *self._resubscribing}
+                             if feed in self._publishers))
         return MeetingStatus(
             state=self._state, detail=self._detail, participants=names, excluded=len(self._excluded),
             students_live=stats.students_live if stats else 0, frames_sampled=stats.frames_sampled if stats else 0,
             gaps=self._gaps, crops_submitted=stats.crops_submitted if stats else 0,
             crops_stored=stats.crops_stored if stats else 0)
+
+    @property
+    def live_stats(self) -> LiveStats | None:
+        """The live session's counters (per participant, latencies), None before the analysis started."""
+        return self._live.stats if self._live is not None else None
 
     def _set_state(self, state: MeetingState, detail: str) -> None:
         self._state, self._detail = state, detail
@@ -539,6 +548,7 @@ class MeetingBot:
         assert peer is not None and subscriber is not None
         await peer.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type=offer.type))
         await peer.setLocalDescription(await peer.createAnswer())
+        enlarge_receive_buffers(peer, self.settings.bot_receive_buffer_bytes)
         local = peer.localDescription
         await subscriber.start(Jsep(type=local.type, sdp=local.sdp))
         self._reconcile_tracks(peer, subscriber)
@@ -675,18 +685,22 @@ class MeetingBot:
         is new, so whatever state a receiver was stuck in is gone.
         """
         logger.warning("meeting %d: subscribing to every feed again", self.analysis_id)
-        async with connection.renegotiation:
-            subscriber, peer = connection.subscriber, connection.subscriber_peer
-            connection.subscriber = connection.subscriber_peer = None
-            for feed in list(self._analysed):
-                self._stop_analysing(feed, "resubscribing after its video stalled")
-                self._departed.pop(feed, None)
-            if subscriber is not None:
-                await subscriber.leave()
-            if peer is not None:
-                with contextlib.suppress(Exception):
-                    await peer.close()
-        await self._subscribe_to(connection, tuple(self._publishers.values()))
+        try:
+            async with connection.renegotiation:
+                subscriber, peer = connection.subscriber, connection.subscriber_peer
+                connection.subscriber = connection.subscriber_peer = None
+                self._resubscribing = set(self._analysed)
+                for feed in list(self._analysed):
+                    self._stop_analysing(feed, "resubscribing after its video stalled")
+                    self._departed.pop(feed, None)
+                if subscriber is not None:
+                    await subscriber.leave()
+                if peer is not None:
+                    with contextlib.suppress(Exception):
+                        await peer.close()
+            await self._subscribe_to(connection, tuple(self._publishers.values()))
+        finally:
+            self._resubscribing.clear()
 
     # --- reconnection ------------------------------------------------------------------------
 

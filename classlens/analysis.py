@@ -34,6 +34,7 @@ from kernel.store import (
 )
 from pipeline.capture import CapturePipeline
 from pipeline.finalise import failure_reason, finalise_students, mark_failed
+from pipeline.liveness import ProducerHeartbeat, fail_abandoned_analyses
 from pipeline.models import PipelineComponents
 from vision.sources import RecordedFileSource, VideoInfo, prefetched
 from workers.dispatch import CropDispatcher, InProcessDispatcher
@@ -83,10 +84,17 @@ class AnalysisOutcome:
     """Every file written for the reports."""
 
 
+def _open_store(settings: Settings) -> Engine:
+    """The store, with analyses whose producer died marked failed (a re-run then starts clean)."""
+    engine = init_store(settings.resolved_database_url)
+    fail_abandoned_analyses(engine, settings.abandoned_after_seconds)
+    return engine
+
+
 def _create_analysis(engine: Engine, source: str, settings: Settings, title: str) -> int:
     with session_scope(engine) as session:
         analysis = Analysis(kind="recording", source=source, title=title, sample_fps=settings.sample_fps,
-                            emotion_inference=settings.emotion_inference)
+                            emotion_inference=settings.emotion_inference, heartbeat_at=utcnow())
         session.add(analysis)
         session.flush()
         assert analysis.id is not None
@@ -115,10 +123,11 @@ def analyze_recording(
         segmented = submit_segmented_analysis(path, settings, out_dir=out_dir, title=title)
         if segmented is not None:
             return segmented.wait(progress)
-    engine = init_store(settings.resolved_database_url)
+    engine = _open_store(settings)
     name = path.name if isinstance(path, Path) else (title or "in-memory video")
     analysis_id = _create_analysis(engine, name if isinstance(path, io.BytesIO) else str(path), settings,
                                    title or name)
+    heartbeat = ProducerHeartbeat(engine, analysis_id, settings.producer_heartbeat_seconds).start()
     dispatcher: CropDispatcher | None = None
     report_dir = (out_dir or settings.resolved_reports_dir / f"analysis-{analysis_id}").resolve()
     try:
@@ -148,7 +157,8 @@ def analyze_recording(
             dispatcher = CeleryDispatcher(
                 make_celery_app(settings), engine, analysis_id, queue=settings.inference_queue,
                 batch_size=settings.batch_size, timeout_seconds=settings.dispatch_timeout_seconds, on_stored=stored,
-                emotion_inference=settings.emotion_inference)
+                emotion_inference=settings.emotion_inference,
+                workers_unavailable_seconds=settings.workers_unavailable_seconds)
         else:
             dispatcher = InProcessDispatcher(components.models, engine, batch_size=settings.batch_size,
                                              on_stored=stored)
@@ -194,6 +204,7 @@ def analyze_recording(
         mark_failed(engine, analysis_id, failure_reason(exc))
         raise
     finally:
+        heartbeat.stop()
         if dispatcher is not None:
             dispatcher.close()
 
@@ -216,6 +227,8 @@ class SegmentedAnalysis:
     """Where the reports go."""
     dispatcher: SegmentDispatcher
     """Follows the segment tasks."""
+    heartbeat: ProducerHeartbeat
+    """Stamps the analysis as alive until it is finished, failed or abandoned."""
     finished: bool = False
     """Whether the analysis was completed, failed or abandoned."""
 
@@ -254,11 +267,13 @@ class SegmentedAnalysis:
             raise
         finally:
             self.finished = True
+            self.heartbeat.stop()
 
     def abandon(self, reason: str) -> None:
         """Give up without waiting: the analysis is marked failed, and workers drop its segments."""
         if not self.finished:
             self.finished = True
+            self.heartbeat.stop()
             mark_failed(self.engine, self.analysis_id, reason)
 
 
@@ -290,9 +305,10 @@ def submit_segmented_analysis(
     segments = plan_segments(info.duration_seconds, settings.sample_fps, settings.segment_seconds)
     if not segments or (len(segments) == 1 and not single_segment):
         return None
-    engine = init_store(settings.resolved_database_url)
+    engine = _open_store(settings)
     analysis_id = _create_analysis(engine, str(path), settings, title or path.name)
     report_dir = (out_dir or settings.resolved_reports_dir / f"analysis-{analysis_id}").resolve()
+    heartbeat = ProducerHeartbeat(engine, analysis_id, settings.producer_heartbeat_seconds).start()
     try:
         from reports.render import check_report_folder
         from workers.celery_app import make_celery_app
@@ -302,13 +318,15 @@ def submit_segmented_analysis(
         dispatcher = SegmentDispatcher(
             make_celery_app(settings), engine, analysis_id, path.resolve(), segments,
             queue=settings.inference_queue, overrides=segment_overrides(settings),
-            timeout_seconds=settings.dispatch_timeout_seconds)
+            timeout_seconds=settings.dispatch_timeout_seconds,
+            workers_unavailable_seconds=settings.workers_unavailable_seconds)
         dispatcher.send()
     except BaseException as exc:
+        heartbeat.stop()
         mark_failed(engine, analysis_id, failure_reason(exc))
         raise
     logger.info("analysis %d: %s sent to the workers as %d segments", analysis_id, path.name, len(segments))
-    return SegmentedAnalysis(analysis_id, path.name, settings, engine, info, report_dir, dispatcher)
+    return SegmentedAnalysis(analysis_id, path.name, settings, engine, info, report_dir, dispatcher, heartbeat)
 
 
 def _finalise_segmented(engine: Engine, analysis_id: int, settings: Settings, info: VideoInfo,

@@ -192,6 +192,36 @@ class Settings(BaseSettings):
             "How long a producer waits without any progress from the workers before it marks the analysis failed."
         ),
     )
+    worker_report_ttl_seconds: float = Field(
+        default=10.0,
+        ge=3.0,
+        description=(
+            "Each worker process rewrites its report in Redis every 2 s with this time-to-live: a worker that died "
+            "is forgotten this long after, and the work it held is sent again."
+        ),
+    )
+    workers_unavailable_seconds: float = Field(
+        default=30.0,
+        gt=0.0,
+        description=(
+            "A producer fails after this long with no live worker on its queue, or with every live one reporting "
+            "a problem (unreachable database, another store), and names the cause."
+        ),
+    )
+    producer_heartbeat_seconds: float = Field(
+        default=10.0,
+        gt=0.0,
+        description="How often the process running an analysis stamps it as alive (Analysis.heartbeat_at).",
+    )
+    abandoned_after_seconds: float = Field(
+        default=120.0,
+        gt=0.0,
+        description=(
+            "A running analysis whose producer has not stamped it for this long was abandoned (its process died): "
+            "it is marked failed and its partial rows are removed, when `analyze` or a worker starts and on the "
+            "maintenance schedule."
+        ),
+    )
     segment_seconds: float = Field(
         default=300.0,
         ge=1.0,
@@ -251,6 +281,14 @@ class Settings(BaseSettings):
         default=4 * 3600.0,
         gt=0.0,
         description="The bot leaves and finalises the session after this much time in the meeting, whatever happens.",
+    )
+    bot_receive_buffer_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=0,
+        description=(
+            "Kernel receive buffer the bot asks for on its media socket (the kernel caps it at net.core.rmem_max); "
+            "a larger one absorbs the moments when the bot reads late instead of losing packets. 0: the OS default."
+        ),
     )
     bot_stall_seconds: float = Field(
         default=3.0,
@@ -443,6 +481,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"dispatch_timeout_seconds ({self.dispatch_timeout_seconds}) must exceed the broker visibility "
                 f"timeout ({visibility}) by more than 10 s, or producers give up before a lost batch is redelivered"
+            )
+        if self.abandoned_after_seconds < 3 * self.producer_heartbeat_seconds:
+            raise ValueError(
+                f"abandoned_after_seconds ({self.abandoned_after_seconds:g}) must be at least three producer "
+                f"heartbeats ({3 * self.producer_heartbeat_seconds:g} s), or a busy producer's analysis is failed"
             )
         if self.detector_input_size % 32:
             raise ValueError(

@@ -11,6 +11,7 @@ SQLite (the embedded default) and PostgreSQL are both supported.
 from __future__ import annotations
 
 import enum
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -120,6 +121,8 @@ class Analysis(SQLModel, table=True):
     failure_reason: str | None = Field(default=None, description="Why the analysis failed, in one line.")
     created_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None
+    heartbeat_at: datetime | None = Field(
+        default=None, description="When the analysis' producer last showed it was alive (running analyses only).")
     sample_fps: float = Field(default=1.0, description="Frames sampled per second of class time.")
     duration_seconds: float = Field(default=0.0, description="Class time covered by the source.")
     frames_sampled: int = Field(default=0)
@@ -224,6 +227,26 @@ class FailedBatch(SQLModel, table=True):
         default=None, description="How many crops the payload said it held, or None when unknown.",
     )
     created_at: datetime = Field(default_factory=utcnow, description="When the worker gave up (UTC).")
+    batch_id: str | None = Field(default=None, description="The producer's id of the batch, when the payload had one.")
+
+
+class StoredBatch(SQLModel, table=True):
+    """A crop batch whose results are in the store: the producer's receipt, written with the results."""
+
+    __table_args__ = (UniqueConstraint("analysis_id", "batch_id"),)
+
+    id: int | None = Field(default=None, primary_key=True, description="Row id (producers read receipts in order).")
+    analysis_id: int = Field(foreign_key="analysis.id", index=True, description="The batch's analysis.")
+    batch_id: str = Field(description="The producer's id of the batch.")
+    crops: int = Field(description="Crops in the batch.")
+
+
+class StoreIdentity(SQLModel, table=True):
+    """The store's own random id: a worker refuses work meant for another store."""
+
+    id: int = Field(default=1, primary_key=True, description="Always 1: one identity per store.")
+    store_id: str = Field(description="Random hex id, made when the store was first opened.")
+    created_at: datetime = Field(default_factory=utcnow, description="When the id was made (UTC).")
 
 
 class SegmentStatus(SQLModel, table=True):
@@ -383,11 +406,25 @@ def init_store(url: str) -> Engine:
     try:
         SQLModel.metadata.create_all(engine)
         add_missing_columns(engine)
+        store_id_of(engine)
     except OperationalError as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         raise ConfigurationError(f"cannot open the database {engine.url!r}: {reason}") from None
     return engine
 
+
+
+def store_id_of(engine: Engine) -> str:
+    """The store's id (:class:`StoreIdentity`), made on first use; safe when several processes race to make it."""
+    with Session(engine) as session:
+        identity = session.get(StoreIdentity, 1)
+        if identity is not None:
+            return identity.store_id
+        insert_ignoring_duplicates(session, [StoreIdentity(id=1, store_id=uuid.uuid4().hex)])
+        session.commit()
+        identity = session.get(StoreIdentity, 1)
+        assert identity is not None
+        return identity.store_id
 
 
 def add_missing_columns(engine: Engine) -> list[str]:
@@ -466,7 +503,7 @@ def insert_ignoring_duplicates(session: Session, rows: Sequence[SQLModel]) -> No
 def delete_analysis_data(session: Session, analysis_id: int, *, keep_analysis: bool = True) -> None:
     """Delete everything derived for an analysis (and the analysis row unless ``keep_analysis``)."""
     tables: tuple[Any, ...] = (FaceObservation, FrameSample, Student, SegmentTrack, SegmentStatus)
-    tables += (StreamStats, StreamGap)  # live sessions
+    tables += (StreamStats, StreamGap, StoredBatch)  # live sessions; receipts
     for model in tables:
         session.execute(delete(model).where(model.analysis_id == analysis_id))
     if not keep_analysis:

@@ -7,8 +7,10 @@ a student and what a failed analysis leaves behind are decided once.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Engine, delete, update
+from sqlalchemy import Engine, delete, func, update
 from sqlmodel import Session, col
 
 from kernel.settings import Settings
@@ -42,18 +44,30 @@ def finalise_students(session: Session, analysis_id: int, summaries: list[TrackS
     return len(students)
 
 
-def mark_failed(engine: Engine, analysis_id: int, reason: str) -> None:
-    """Remove everything half-written and record why the analysis failed.
+def mark_failed(engine: Engine, analysis_id: int, reason: str, *,
+                only_if_silent_since: datetime | None = None) -> bool:
+    """Remove everything half-written and record why the analysis failed; False when it was left alone.
 
     The analysis row is marked before anything is deleted, in the same transaction: that
     takes SQLite's write lock or PostgreSQL's row lock first, so a segment worker about to
     store (it checks the status in its own transaction) either committed before and its
     rows are deleted here, or sees ``failed`` and writes nothing.
+
+    ``only_if_silent_since`` fails the analysis only while it is still running and its
+    producer has shown no sign of life since then (:mod:`pipeline.liveness`), so a
+    producer that stamped its heartbeat a moment ago keeps its analysis.
     """
+    statement = update(Analysis).where(col(Analysis.id) == analysis_id)
+    if only_if_silent_since is not None:
+        last_sign = func.coalesce(col(Analysis.heartbeat_at), col(Analysis.created_at))
+        statement = statement.where(col(Analysis.status) == AnalysisStatus.running, last_sign < only_if_silent_since)
     with session_scope(engine) as session:
-        session.execute(update(Analysis).where(col(Analysis.id) == analysis_id).values(
+        result: Any = session.execute(statement.values(
             status=AnalysisStatus.failed, failure_reason=reason, finished_at=utcnow(), report_path=None))
+        if only_if_silent_since is not None and not result.rowcount:
+            return False
         delete_analysis_data(session, analysis_id)
+    return True
 
 
 def failure_reason(exc: BaseException) -> str:

@@ -74,13 +74,14 @@ def _others(kind: str, keep: str) -> str:
 class JanusServer:
     """One Janus process with its own configuration folder; ``restart`` keeps the port."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, rtp_ports: int = 100) -> None:
         self.workdir = workdir
         self.host = machine_address()
         self.port = free_tcp_port(self.host)
-        # A small RTP range per server, at a random spot so that parallel test runs rarely meet.
+        # A small RTP range per server (one port per peer connection, bundled), at a random spot
+        # so that parallel test runs rarely meet.
         low = random.randrange(20000, 39000, 100)
-        self.rtp_port_range = f"{low}-{low + 99}"
+        self.rtp_port_range = f"{low}-{low + rtp_ports - 1}"
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "janus.log"
         self._write_config()

@@ -78,12 +78,14 @@ def _free_port() -> int:
 
 @dataclasses.dataclass
 class PrivateRedis:
-    """A ``redis-server`` of this test alone, on a fixed port across restarts, keeping nothing on disk."""
+    """A ``redis-server`` of this test alone, on a fixed port across restarts; by default it keeps nothing on disk."""
 
     port: int
     log: Path
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    persist_dir: Path | None = None
+    """With a folder: an append-only file there, written on every command (``appendfsync always``)."""
 
     @property
     def url(self) -> str:
@@ -94,7 +96,12 @@ class PrivateRedis:
 
     def start(self, timeout: float = 15.0) -> None:
         argv = [str(shutil.which("redis-server")), "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--daemonize", "no"]
+                "--save", "", "--daemonize", "no"]
+        if self.persist_dir is None:
+            argv += ["--appendonly", "no"]
+        else:
+            self.persist_dir.mkdir(parents=True, exist_ok=True)
+            argv += ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.persist_dir)]
         with self.log.open("ab") as sink:
             self.process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
         self.starts += 1

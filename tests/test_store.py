@@ -1,3 +1,4 @@
+import dataclasses
 import uuid
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from sqlmodel import select
 
 from kernel.store import (
     Analysis,
+    AnalysisStatus,
     ConsentMode,
     EmailStatus,
     FaceObservation,
@@ -60,6 +62,16 @@ def _check_idempotent(url: str) -> None:
         assert total == pytest.approx(1.0, abs=1e-5)
         assert 0 <= row.engagement_level <= 3
         assert row.emotion_happy is not None
+    # Once the producer has given up, a late batch (a worker that was behind) adds nothing.
+    with session_scope(engine) as session:
+        failed = session.get(Analysis, analysis_id)
+        assert failed is not None
+        failed.status = AnalysisStatus.failed
+    late = dataclasses.replace(batch, timestamps=np.full(len(batch), 9.0))
+    assert store_face_results(engine, late, results) == 0
+    with session_scope(engine) as session:
+        assert session.exec(select(func.count()).select_from(FaceObservation)
+                            .where(FaceObservation.analysis_id == analysis_id)).one() == 4
 
 
 def test_retried_batches_are_stored_once_in_sqlite(tmp_path: Path) -> None:

@@ -78,7 +78,7 @@ def make_celery_app(settings: Settings, *, visibility_timeout_seconds: int | Non
     broker_url = _check_broker_url(settings)
     # Registers the shared tasks; imported here rather than at the top so that this module
     # stays importable (for `-A`) without pulling the inference code in twice.
-    from workers import maintenance, tasks
+    from workers import lifecycle, maintenance, tasks  # noqa: F401  (lifecycle: the worker's signal handlers)
 
     visibility = (visibility_timeout_seconds or settings.broker_visibility_timeout_seconds
                   or default_visibility_timeout(settings))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -23,10 +24,12 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlmodel import Session, col, select
 
 from kernel.errors import ClassLensError
-from kernel.store import FaceObservation, FailedBatch
+from kernel.store import FaceObservation, FailedBatch, StoredBatch, store_id_of
 from kernel.types import CropBatch
 from workers.dispatch import DispatchStats
 from workers.failures import ensure_failed_batch_table, failed_batches_for
+from workers.liveness import WorkerDirectory
+from workers.redelivery import Observation, Redelivery, WorkersUnavailableError
 from workers.tasks import ANALYSE_CROP_BATCH_TASK
 
 logger = logging.getLogger(__name__)
@@ -91,6 +94,7 @@ class CeleryDispatcher:
         poll_interval_seconds: float = 0.25,
         max_batch_delay_seconds: float | None = None,
         emotion_inference: bool = True,
+        workers_unavailable_seconds: float = 30.0,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size: expected at least 1, got {batch_size}")
@@ -124,6 +128,15 @@ class CeleryDispatcher:
         self._store_error: str | None = None
         # Workers create the table too, but the producer reads it before any worker may have run.
         ensure_failed_batch_table(engine)
+        self._store_id = store_id_of(engine)
+        # Batch ids: unique per producer (analysis, a random token, a sequence number).
+        self._token = uuid.uuid4().hex[:8]
+        self._sequence = 0
+        # Payloads the store has not confirmed yet, to send again if a worker or the broker loses them.
+        self._unconfirmed: dict[str, bytes] = {}
+        self._last_receipt = 0
+        self._redelivery = Redelivery(WorkerDirectory(str(app.conf.broker_url)), queue,
+                                      absent_seconds=workers_unavailable_seconds)
 
     def submit(self, batch: CropBatch) -> None:
         """Queue crops; full batches are published at once. Blocks while too many crops are outstanding."""
@@ -179,6 +192,9 @@ class CeleryDispatcher:
         """Drop crops not yet published; batches already published are still processed by the workers."""
         self._closed = True
         self._pending, self._pending_count = [], 0
+        self._unconfirmed.clear()
+        if self._redelivery.directory is not None:
+            self._redelivery.directory.close()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -186,19 +202,59 @@ class CeleryDispatcher:
 
     def _send(self, batch: CropBatch) -> None:
         payload = batch.to_bytes()
+        self._sequence += 1
+        batch_id = f"{self.analysis_id}.{self._token}.{self._sequence}"
+        self._publish(batch_id, payload)
+        self._unconfirmed[batch_id] = payload
+        self._sent_keys.update(zip(batch.streams, batch.track_ids.tolist(), batch.timestamps.tolist(), strict=True))
+        self.stats.batches_run += 1
+
+    def _publish(self, batch_id: str, payload: bytes) -> None:
         try:
-            self._task.apply_async(args=[payload], kwargs={"emotion_inference": self.emotion_inference},
+            self._task.apply_async(args=[payload], kwargs={"emotion_inference": self.emotion_inference,
+                                                           "batch_id": batch_id, "store_id": self._store_id},
                                    queue=self.queue, retry=True, retry_policy=PUBLISH_RETRY_POLICY)
         except (KombuError, redis.exceptions.RedisError, OSError) as exc:
             raise publish_error(self.app, "crops", exc) from exc
-        self._sent_keys.update(zip(batch.streams, batch.track_ids.tolist(), batch.timestamps.tolist(), strict=True))
-        self.stats.batches_run += 1
+        self._redelivery.sent(batch_id)
+
+    def _resend_lost(self, seen: Observation) -> None:
+        """Publish again the batches a worker or the broker lost; fail when no worker can work."""
+        try:
+            lost = [batch_id for batch_id in self._redelivery.to_resend(seen) if batch_id in self._unconfirmed]
+        except WorkersUnavailableError as exc:
+            raise CeleryDispatchError(str(exc)) from None
+        if lost:
+            logger.warning("analysis %d: sending %d crop batch%s again (lost with a worker or the broker)",
+                           self.analysis_id, len(lost), "" if len(lost) == 1 else "es")
+        for batch_id in lost:
+            self._publish(batch_id, self._unconfirmed[batch_id])
+
+    def _confirm(self, batch_id: str) -> None:
+        self._unconfirmed.pop(batch_id, None)
+        self._redelivery.confirmed(batch_id)
+
+    def _new_receipts(self, session: Session) -> list[str]:
+        """Ids of the batches stored since the last read (receipts are read in row order)."""
+        rows = session.exec(select(StoredBatch.id, StoredBatch.batch_id).where(
+            col(StoredBatch.analysis_id) == self.analysis_id, col(StoredBatch.id) > self._last_receipt,
+        ).order_by(col(StoredBatch.id))).all()
+        if rows:
+            self._last_receipt = max(row_id or 0 for row_id, _ in rows)
+        return [batch_id for _, batch_id in rows]
 
     def _refresh(self) -> None:
         """Read progress from the store; report newly stored crops to ``on_stored``."""
         self._last_refresh = time.monotonic()
+        seen = self._redelivery.observe()  # before the store: work finished in between is then seen as stored
         stored = self._read_store(self._count_stored, self.stats.crops_stored)
         failed = self._read_store(lambda session: failed_batches_for(session, self.analysis_id), self._failed)
+        receipts: list[str] = self._read_store(self._new_receipts, [])
+        for batch_id in receipts:
+            self._confirm(batch_id)
+        for failure in failed:
+            if failure.batch_id:
+                self._confirm(failure.batch_id)
         done = stored + sum(f.crops or 0 for f in failed)
         if done != self._done or len(failed) != len(self._failed):
             self._last_progress = time.monotonic()
@@ -208,6 +264,8 @@ class CeleryDispatcher:
         self._failed = failed
         if increment > 0 and self.on_stored is not None:
             self.on_stored(increment)
+        if not self._failed:
+            self._resend_lost(seen)
 
     def _count_stored(self, session: Session) -> int:
         statement = select(func.count()).select_from(FaceObservation).where(

@@ -44,13 +44,14 @@ def _bounded(value: int | None) -> int | None:
     return value
 
 
-def record_failed_batch(engine: Engine, *, analysis_id: int | None, reason: str, crops: int | None) -> None:
+def record_failed_batch(engine: Engine, *, analysis_id: int | None, reason: str, crops: int | None,
+                        batch_id: str | None = None) -> None:
     """Record a batch the workers gave up on; the reason is cut to one line of at most 1000 characters."""
     lines = reason.strip().splitlines()
     line = (lines[0] if lines else "") or "unknown error"
     with session_scope(engine) as session:
         session.add(FailedBatch(analysis_id=_bounded(analysis_id), reason=line[:MAX_REASON_CHARS],
-                                crops=_bounded(crops)))
+                                crops=_bounded(crops), batch_id=batch_id[:200] if batch_id else None))
     logger.warning("crop batch of analysis %s (%s crops) failed: %s", analysis_id, crops, line)
 
 

@@ -1,9 +1,11 @@
-"""Scheduled maintenance on the workers: retention of old sessions (Celery beat).
+"""Scheduled maintenance on the workers: retention of old sessions, abandoned analyses (Celery beat).
 
 ``classlens retention beat`` runs Celery's beat scheduler, which sends
-:data:`RUN_RETENTION_TASK` every ``retention_interval_hours`` to ``maintenance_queue``;
+:data:`RUN_RETENTION_TASK` every ``retention_interval_hours`` and
+:data:`FAIL_ABANDONED_TASK` every half ``abandoned_after_seconds`` to ``maintenance_queue``;
 any worker consuming that queue (the CPU workers by default) runs
-:func:`~classlens.privacy.run_retention`. The task is thin, as every ClassLens task:
+:func:`~classlens.privacy.run_retention` or :func:`~pipeline.liveness.fail_abandoned_analyses`.
+The tasks are thin, as every ClassLens task:
 it builds the store engine, calls the pure function, and logs what it deleted. A run
 that fails (database down) is not retried: the next scheduled run deletes what this one
 would have.
@@ -24,13 +26,24 @@ logger = logging.getLogger(__name__)
 
 #: Registered name of :func:`run_retention_task`.
 RUN_RETENTION_TASK = "classlens.run_retention"
+#: Registered name of :func:`fail_abandoned_task`.
+FAIL_ABANDONED_TASK = "classlens.fail_abandoned_analyses"
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
-    """Celery beat's schedule for ``settings``: retention every ``retention_interval_hours``, unless it is off."""
+    """Celery beat's schedule: retention every ``retention_interval_hours`` (unless off), abandoned analyses often."""
+    every = settings.abandoned_after_seconds / 2
+    schedule: dict[str, dict[str, Any]] = {
+        "classlens-abandoned-analyses": {
+            "task": FAIL_ABANDONED_TASK,
+            "schedule": timedelta(seconds=every),
+            "options": {"queue": settings.maintenance_queue, "expires": every},
+        },
+    }
     if settings.retention_days == 0:
-        return {}
+        return schedule
     return {
+        **schedule,
         "classlens-retention": {
             "task": RUN_RETENTION_TASK,
             "schedule": timedelta(hours=settings.retention_interval_hours),
@@ -56,3 +69,17 @@ def run_retention_task(self: Task) -> list[int]:
     logger.info("retention: deleted %d session(s) created before %s: %s", len(result.deleted_analysis_ids),
                 result.cutoff, result.deleted_analysis_ids)
     return result.deleted_analysis_ids
+
+
+@shared_task(bind=True, name=FAIL_ABANDONED_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+def fail_abandoned_task(self: Task) -> list[int]:
+    """Mark failed the running analyses whose producer stopped showing signs of life; returns their ids."""
+    from pipeline.liveness import fail_abandoned_analyses
+    from workers.tasks import settings_of
+
+    settings = settings_of(self.app)
+    engine = init_store(settings.resolved_database_url)
+    try:
+        return fail_abandoned_analyses(engine, settings.abandoned_after_seconds)
+    finally:
+        engine.dispose()

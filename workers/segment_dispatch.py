@@ -24,8 +24,10 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlmodel import Session
 
-from kernel.store import SegmentState, SegmentStatus, insert_ignoring_duplicates, session_scope
+from kernel.store import SegmentState, SegmentStatus, insert_ignoring_duplicates, session_scope, store_id_of
 from workers.celery_dispatch import PUBLISH_RETRY_POLICY, CeleryDispatchError, first_line, publish_error
+from workers.liveness import WorkerDirectory
+from workers.redelivery import Observation, Redelivery, WorkersUnavailableError
 from workers.segments import Segment, statuses_for
 from workers.tasks import ANALYSE_RECORDING_SEGMENT_TASK
 
@@ -68,6 +70,7 @@ class SegmentDispatcher:
         overrides: dict[str, Any],
         timeout_seconds: float,
         poll_interval_seconds: float = 0.5,
+        workers_unavailable_seconds: float = 30.0,
     ) -> None:
         if not segments:
             raise ValueError("segments: expected at least one segment")
@@ -87,6 +90,14 @@ class SegmentDispatcher:
         self._last_progress = time.monotonic()
         self._store_error: str | None = None
         self._progress = SegmentProgress(len(segments), 0, 0, 0, None)
+        self._store_id = store_id_of(engine)
+        self._redelivery = Redelivery(WorkerDirectory(str(app.conf.broker_url)), queue,
+                                      absent_seconds=workers_unavailable_seconds)
+        self._by_work_id = {self.work_id(segment.index): segment for segment in segments}
+
+    def work_id(self, segment_index: int) -> str:
+        """The id a worker reports while it holds the segment."""
+        return f"{self.analysis_id}.segment.{segment_index}"
 
     def send(self) -> None:
         """Record every segment as queued, then publish one task per segment."""
@@ -96,17 +107,36 @@ class SegmentDispatcher:
         with session_scope(self.engine) as session:
             insert_ignoring_duplicates(session, rows)
         for segment in self.segments:
-            try:
-                self._task.apply_async(
-                    args=[self.analysis_id, str(self.path), segment.index, segment.start_seconds,
-                          segment.end_seconds, self.overrides],
-                    queue=self.queue, retry=True, retry_policy=PUBLISH_RETRY_POLICY)
-            except (KombuError, redis.exceptions.RedisError, OSError) as exc:
-                raise publish_error(self.app, "video segments", exc) from exc
+            self._publish(segment)
         self._last_progress = time.monotonic()
+
+    def _publish(self, segment: Segment) -> None:
+        work_id = self.work_id(segment.index)
+        try:
+            self._task.apply_async(
+                args=[self.analysis_id, str(self.path), segment.index, segment.start_seconds,
+                      segment.end_seconds, self.overrides],
+                kwargs={"work_id": work_id, "store_id": self._store_id},
+                queue=self.queue, retry=True, retry_policy=PUBLISH_RETRY_POLICY)
+        except (KombuError, redis.exceptions.RedisError, OSError) as exc:
+            raise publish_error(self.app, "video segments", exc) from exc
+        self._redelivery.sent(work_id)
+
+    def _resend_lost(self, seen: Observation) -> None:
+        """Publish again the segments a worker or the broker lost; fail when no worker can work."""
+        try:
+            lost = [self._by_work_id[w] for w in self._redelivery.to_resend(seen) if w in self._by_work_id]
+        except WorkersUnavailableError as exc:
+            raise CeleryDispatchError(str(exc)) from None
+        if lost:
+            logger.warning("analysis %d: sending %s again (lost with a worker or the broker)", self.analysis_id,
+                           ", ".join(segment.describe(len(self.segments)) for segment in lost))
+        for segment in lost:
+            self._publish(segment)
 
     def poll(self) -> SegmentProgress:
         """Read the segments' state; raises :class:`CeleryDispatchError` naming the first failed segment."""
+        seen = self._redelivery.observe()  # before the store: a segment finished in between is then seen as done
         try:
             with Session(self.engine) as session:
                 rows = statuses_for(session, self.analysis_id)
@@ -121,6 +151,9 @@ class SegmentDispatcher:
         if failed:
             raise self._failure_error(failed[0])
         done = [r for r in rows if r.status == SegmentState.done]
+        for row in done:
+            self._redelivery.confirmed(self.work_id(row.segment_index))
+        self._resend_lost(seen)
         provenance = {r.models_json for r in done}
         if len(provenance) > 1:
             logger.warning("analysis %d: the workers ran different models for different segments: %s",

@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,14 +33,11 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, col, select
 
 from kernel.errors import ConfigurationError
 from kernel.settings import Settings
 from kernel.store import (
-    Analysis,
-    AnalysisStatus,
     FaceObservation,
     FrameSample,
     SegmentState,
@@ -54,7 +51,7 @@ from pipeline.capture import CapturePipeline
 from pipeline.models import CaptureModels
 from vision.sources import RecordedFileSource, prefetched
 from workers.inference import InferenceModels, analyse_crops
-from workers.persistence import observation_rows
+from workers.persistence import observation_rows, write_while_running
 
 logger = logging.getLogger(__name__)
 
@@ -326,55 +323,6 @@ def _set_status(session: Session, analysis_id: int, segment: Segment, values: di
         raise ConfigurationError(f"database dialect {dialect!r} is not supported; use SQLite or PostgreSQL")
     result: Any = session.execute(statement)
     return bool(result.rowcount)
-
-
-def write_while_running(engine: Engine, analysis_id: int, write: Callable[[Session], bool]) -> bool:
-    """Run ``write`` in a transaction that commits only while the analysis is running; True when committed.
-
-    The producer fails or finalises an analysis in a transaction whose first statement
-    updates the analysis row. Checking the status in the same transaction as the writes
-    means a segment never lands after the producer cleaned up or stitched ids:
-
-    - PostgreSQL: the check comes first, ``FOR SHARE``, so it waits for such a producer
-      (and the producer waits for us). Both take the analysis row's lock before any
-      other, so they cannot deadlock.
-    - SQLite: a read does not open a transaction (pysqlite) but a write does, taking the
-      database's write lock; so the writes come first and the check runs under that lock.
-
-    ``write`` returning False rolls back as well.
-    """
-    try:
-        with Session(engine) as session:
-            try:
-                check_first = session.get_bind().dialect.name == "postgresql"
-                if check_first and not _running(session, analysis_id):
-                    session.rollback()
-                    return False
-                if not write(session):
-                    session.rollback()
-                    return False
-                session.flush()
-                if not check_first and not _running(session, analysis_id):
-                    session.rollback()
-                    return False
-                session.commit()
-                return True
-            except BaseException:
-                session.rollback()
-                raise
-    except IntegrityError:
-        # The analysis row is gone (deleted while the segment ran): nothing to write to.
-        with Session(engine) as session:
-            if session.get(Analysis, analysis_id) is None:
-                return False
-        raise
-
-
-def _running(session: Session, analysis_id: int) -> bool:
-    status = session.exec(
-        select(Analysis.status).where(col(Analysis.id) == analysis_id).with_for_update(read=True)
-    ).first()
-    return status == AnalysisStatus.running
 
 
 def statuses_for(session: Session, analysis_id: int) -> list[SegmentStatus]:

@@ -16,37 +16,44 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import msgpack
 import numpy as np
 import redis.exceptions
 from celery import Task, shared_task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from kernel.errors import ClassLensError, ConfigurationError
-from kernel.settings import Settings, load_settings
-from kernel.store import make_engine
+from kernel.settings import Settings
+from kernel.store import make_engine, store_id_of
 from kernel.types import CROP_SIZE, CropBatch
 from pipeline.models import CaptureModels, capture_key, load_capture_models, load_inference_models
 from workers.failures import ensure_failed_batch_table, record_failed_batch
 from workers.inference import InferenceModels, analyse_crops
-from workers.persistence import store_face_results
+from workers.lifecycle import SETTINGS_ATTRIBUTE, WorkerState, current_reporter, settings_of
+from workers.liveness import WorkerReporter
+from workers.persistence import analysis_exists, store_face_results
 from workers.segments import Segment, analyse_segment, record_segment_failure, segment_settings
 
 __all__ = [
     "ANALYSE_CROP_BATCH_TASK",
     "ANALYSE_RECORDING_SEGMENT_TASK",
+    "SETTINGS_ATTRIBUTE",
     "InferenceTask",
     "SegmentTask",
     "WorkerResources",
     "analyse_crop_batch",
     "analyse_recording_segment",
+    "settings_of",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,18 +64,9 @@ ANALYSE_CROP_BATCH_TASK = "classlens.analyse_crop_batch"
 #: Registered name of :func:`analyse_recording_segment`, used for routing and by producers.
 ANALYSE_RECORDING_SEGMENT_TASK = "classlens.analyse_recording_segment"
 
-#: Attribute of a Celery app that holds the :class:`Settings` it was built from.
-SETTINGS_ATTRIBUTE = "classlens_settings"
-
 #: Longest wait before a retry; kept well below the visibility timeout, because a
 #: retry waiting for its countdown holds its message unacknowledged.
 MAX_RETRY_COUNTDOWN_SECONDS = 60.0
-
-
-def settings_of(app: Any) -> Settings:
-    """The settings a Celery app was built with; the environment's for an app built elsewhere."""
-    configured = getattr(app, SETTINGS_ATTRIBUTE, None)
-    return configured if isinstance(configured, Settings) else load_settings()
 
 
 def _warmup_batch() -> CropBatch:
@@ -110,6 +108,11 @@ class WorkerResources:
     def engine(self) -> Engine:
         """The store engine of this process (tables are created by the producer)."""
         return make_engine(self.settings.resolved_database_url)
+
+    @cached_property
+    def store_id(self) -> str:
+        """The id of the store this process writes to."""
+        return store_id_of(self.engine)
 
     @cached_property
     def failure_engine(self) -> Engine:
@@ -193,10 +196,13 @@ class InferenceTask(Task):  # type: ignore[misc]  # celery ships no type informa
         """The store engine of this worker process."""
         return self.resources.engine
 
-    def retry_or_give_up(self, exc: Exception, what: str) -> str:
-        """Retry the task after a transient error while retries remain (raises); else the reason it failed.
+    def retry_or_hand_back(self, exc: Exception, what: str, work: HeldWork) -> NoReturn:
+        """After a transient error: retry on this worker while retries remain, then hand the work back.
 
-        ``what`` names the work in the warning, e.g. "crop batch of analysis 3".
+        A retry waits its countdown holding the work (the producer must not send it again
+        meanwhile). After ``task_max_retries`` the message goes back to the queue for any
+        worker (another may reach the database): a batch is never dropped for a problem
+        that is not its own. Always raises.
         """
         retries: int = self.request.retries
         max_retries = self.settings.task_max_retries
@@ -204,17 +210,21 @@ class InferenceTask(Task):  # type: ignore[misc]  # celery ships no type informa
             countdown = retry_countdown(retries)
             logger.warning("%s: %s; retry %d of %d in %.1f s", what, describe_error(exc), retries + 1, max_retries,
                            countdown)
+            work.wait_for_retry(countdown)
             raise self.retry(exc=exc, countdown=countdown, max_retries=max_retries) from None
-        return f"gave up after {retries} retries: {describe_error(exc)}"
+        logger.warning("%s: %s after %d retries; handing it back to the queue", what, describe_error(exc), retries)
+        time.sleep(HAND_BACK_PAUSE_SECONDS)  # a worker that cannot work must not spin on the same message
+        raise Reject(f"handed back after {retries} retries: {describe_error(exc)}", requeue=True)
 
     def give_up(self, payload: object, reason: str, *, analysis_id: int | None = None,
-                crops: int | None = None) -> int:
+                crops: int | None = None, batch_id: str | None = None) -> int:
         """Record a batch as failed (reading what the payload claims when not given); returns 0 crops."""
         claimed_id, claimed_crops = describe_payload(payload)
         analysis_id = analysis_id if analysis_id is not None else claimed_id
         crops = crops if crops is not None else claimed_crops
         try:
-            record_failed_batch(self.resources.failure_engine, analysis_id=analysis_id, reason=reason, crops=crops)
+            record_failed_batch(self.resources.failure_engine, analysis_id=analysis_id, reason=reason, crops=crops,
+                                batch_id=batch_id)
         except Exception:
             # The store is unreachable too: the failure cannot be recorded, so let Celery
             # log it; the producer will report that the workers stopped making progress.
@@ -223,30 +233,104 @@ class InferenceTask(Task):  # type: ignore[misc]  # celery ships no type informa
         return 0
 
 
+#: Pause before a message is handed back to the queue, so that a worker that cannot do it does not spin on it.
+HAND_BACK_PAUSE_SECONDS = 1.0
+#: How long past a retry's countdown its work stays reported as held (the retry's start, a loaded worker).
+RETRY_HOLD_MARGIN_SECONDS = 15.0
+
+
+class HeldWork:
+    """One task's batch or segment, as this worker process reports it (:mod:`workers.liveness`)."""
+
+    def __init__(self, work_id: str | None, reporter: WorkerReporter | None) -> None:
+        self.work_id = work_id
+        self.reporter = reporter
+        self.retry_countdown: float | None = None
+
+    def refuse_another_store(self, task: InferenceTask, store_id: str | None) -> None:
+        """Hand the work back (raises :class:`Reject`) when it is meant for another store than this worker's."""
+        if store_id is None:
+            return
+        mine = WorkerState.store_id or task.resources.store_id
+        if store_id == mine:
+            return
+        problem = (f"connected to another store than its producer's (this worker's store {mine[:8]}…, the work's "
+                   f"{store_id[:8]}…): check the worker's CLASSLENS_DATABASE_URL")
+        logger.error("%s; handing the work back", problem)
+        if self.reporter is not None:
+            self.reporter.set_problem(problem)
+        time.sleep(HAND_BACK_PAUSE_SECONDS)
+        raise Reject(problem, requeue=True)
+
+    def working(self) -> None:
+        """The work succeeded: whatever stopped this process is over."""
+        if self.reporter is not None:
+            self.reporter.set_problem(None)
+
+    def problem(self, exc: BaseException) -> None:
+        """Report what stops this process (a transient error it will retry)."""
+        if self.reporter is not None:
+            database = isinstance(exc, OperationalError | DBAPIError)
+            self.reporter.set_problem(f"cannot reach the database: {describe_error(exc)}" if database
+                                      else describe_error(exc))
+
+    def wait_for_retry(self, countdown: float) -> None:
+        """The task retries in ``countdown`` seconds: keep the work reported as held until then."""
+        self.retry_countdown = countdown
+
+
+@contextmanager
+def holding(work_id: str | None) -> Iterator[HeldWork]:
+    """Report ``work_id`` as held by this process while the task runs (and through a retry's wait)."""
+    reporter = current_reporter()
+    work = HeldWork(work_id, reporter)
+    if reporter is not None and work_id is not None:
+        reporter.hold(work_id)
+    try:
+        yield work
+    finally:
+        if reporter is not None and work_id is not None:
+            if work.retry_countdown is not None:
+                reporter.hold(work_id, work.retry_countdown + RETRY_HOLD_MARGIN_SECONDS)
+            else:
+                reporter.release(work_id)
+
+
 @shared_task(bind=True, base=InferenceTask, name=ANALYSE_CROP_BATCH_TASK)  # type: ignore[untyped-decorator]
-def analyse_crop_batch(self: InferenceTask, payload: bytes, emotion_inference: bool = True) -> int:
+def analyse_crop_batch(self: InferenceTask, payload: bytes, emotion_inference: bool = True,
+                       batch_id: str | None = None, store_id: str | None = None) -> int:
     """Analyse one packed :class:`CropBatch` and store the results; returns the number of crops.
 
     ``emotion_inference=False`` (the producer's ``--no-emotion``) skips the emotion model for
     this batch. It can only switch emotion off: a worker configured without emotion never runs it.
+    ``batch_id`` is the producer's id of the batch: the worker reports it as held while it works
+    on it and stores it as the batch's receipt. ``store_id`` is the id of the producer's store:
+    a worker connected to another store hands the batch back instead of writing it there.
     """
-    if not isinstance(payload, bytes | bytearray):
-        return self.give_up(payload, f"payload: expected bytes, got {type(payload).__name__}")
-    try:
-        batch = CropBatch.from_bytes(bytes(payload))
-    except Exception as exc:  # a payload that does not decode now never will
-        return self.give_up(payload, describe_error(exc))
-    try:
-        results = analyse_crops(batch, self.models.for_settings(emotion_inference))
-        store_face_results(self.engine, batch, results)
-    except Exception as exc:
-        if is_transient(exc):
-            reason = self.retry_or_give_up(exc, f"crop batch of analysis {batch.analysis_id}")
-        else:
-            logger.exception("crop batch of analysis %d failed", batch.analysis_id)
-            reason = describe_error(exc)
-        return self.give_up(payload, reason, analysis_id=batch.analysis_id, crops=len(batch))
-    return len(batch)
+    with holding(batch_id) as work:
+        work.refuse_another_store(self, store_id)
+        if not isinstance(payload, bytes | bytearray):
+            return self.give_up(payload, f"payload: expected bytes, got {type(payload).__name__}", batch_id=batch_id)
+        try:
+            batch = CropBatch.from_bytes(bytes(payload))
+        except Exception as exc:  # a payload that does not decode now never will
+            return self.give_up(payload, describe_error(exc), batch_id=batch_id)
+        try:
+            results = analyse_crops(batch, self.models.for_settings(emotion_inference))
+            stored = store_face_results(self.engine, batch, results, batch_id=batch_id)
+            work.working()
+            if not stored and not analysis_exists(self.engine, batch.analysis_id):
+                # Deleted while its crops were analysed: its producer must hear why nothing arrives.
+                return self.give_up(payload, f"analysis {batch.analysis_id} no longer exists (deleted while it ran)",
+                                    analysis_id=batch.analysis_id, crops=len(batch), batch_id=batch_id)
+        except Exception as exc:
+            if not is_transient(exc):
+                logger.exception("crop batch of analysis %d failed", batch.analysis_id)
+                return self.give_up(payload, describe_error(exc), analysis_id=batch.analysis_id, crops=len(batch),
+                                    batch_id=batch_id)
+            work.problem(exc)
+            self.retry_or_hand_back(exc, f"crop batch of analysis {batch.analysis_id}", work)
+        return len(batch)
 
 
 #: Detector configurations one worker process keeps loaded (producers may ask for different ones).
@@ -280,46 +364,51 @@ class SegmentTask(InferenceTask):
 
 @shared_task(bind=True, base=SegmentTask, name=ANALYSE_RECORDING_SEGMENT_TASK)  # type: ignore[untyped-decorator]
 def analyse_recording_segment(self: SegmentTask, analysis_id: int, path: str, segment_index: int, start: float,
-                              end: float | None, settings_overrides: dict[str, Any] | None = None) -> int:
+                              end: float | None, settings_overrides: dict[str, Any] | None = None,
+                              work_id: str | None = None, store_id: str | None = None) -> int:
     """Decode, detect, track and analyse one time segment of a recorded file; returns the frames sampled.
 
     The work is :func:`workers.segments.analyse_segment`. Transient errors are retried
-    like a crop batch's; anything else marks the segment failed with its reason, which
-    fails the analysis. A segment past the soft time limit is not retried: it would run
-    out of time again.
+    like a crop batch's, then handed back to the queue; anything else marks the segment
+    failed with its reason, which fails the analysis. A segment past the soft time limit is
+    not retried: it would run out of time again. ``work_id`` and ``store_id`` are as for
+    :func:`analyse_crop_batch`.
     """
     if not isinstance(analysis_id, int) or isinstance(analysis_id, bool):
         logger.error("segment task without a readable analysis id (%r): dropped", analysis_id)
         return 0
-    try:
-        segment = Segment(segment_index, start, end)
-    except ValueError as exc:
-        if not isinstance(segment_index, int) or isinstance(segment_index, bool) or segment_index < 0:
-            logger.error("segment task of analysis %d without a readable segment index: %s", analysis_id, exc)
+    with holding(work_id) as work:
+        work.refuse_another_store(self, store_id)
+        try:
+            segment = Segment(segment_index, start, end)
+        except ValueError as exc:
+            if not isinstance(segment_index, int) or isinstance(segment_index, bool) or segment_index < 0:
+                logger.error("segment task of analysis %d without a readable segment index: %s", analysis_id, exc)
+                return 0
+            record_segment_failure(self.engine, analysis_id, Segment(segment_index, 0.0, None), describe_error(exc))
             return 0
-        record_segment_failure(self.engine, analysis_id, Segment(segment_index, 0.0, None), describe_error(exc))
-        return 0
-    try:
-        if not isinstance(path, str) or not path:
-            raise ValueError(f"path: expected the video's path, got {path!r}")
-        settings = segment_settings(self.settings, settings_overrides)
-    except (ValueError, ConfigurationError) as exc:  # pydantic's ValidationError is a ValueError
-        record_segment_failure(self.engine, analysis_id, segment, describe_error(exc))
-        return 0
-    try:
-        outcome = analyse_segment(self.engine, analysis_id, Path(path), segment, settings,
-                                  self.capture_models(settings), self.models)
-    except SoftTimeLimitExceeded:
-        reason = (f"took longer than the task time limit ({self.settings.task_time_limit_seconds} s); "
-                  "lower segment_seconds or raise task_time_limit_seconds")
-    except Exception as exc:
-        if is_transient(exc):
-            reason = self.retry_or_give_up(exc, f"segment {segment.index} of analysis {analysis_id}")
-        else:
+        try:
+            if not isinstance(path, str) or not path:
+                raise ValueError(f"path: expected the video's path, got {path!r}")
+            settings = segment_settings(self.settings, settings_overrides)
+        except (ValueError, ConfigurationError) as exc:  # pydantic's ValidationError is a ValueError
+            record_segment_failure(self.engine, analysis_id, segment, describe_error(exc))
+            return 0
+        try:
+            outcome = analyse_segment(self.engine, analysis_id, Path(path), segment, settings,
+                                      self.capture_models(settings), self.models)
+        except SoftTimeLimitExceeded:
+            reason = (f"took longer than the task time limit ({self.settings.task_time_limit_seconds} s); "
+                      "lower segment_seconds or raise task_time_limit_seconds")
+        except Exception as exc:
+            if is_transient(exc):
+                work.problem(exc)
+                self.retry_or_hand_back(exc, f"segment {segment.index} of analysis {analysis_id}", work)
             if not isinstance(exc, ClassLensError):  # bad input needs its message, not a traceback
                 logger.exception("segment %d of analysis %d failed", segment.index, analysis_id)
             reason = describe_error(exc)
-    else:
-        return outcome.frames
-    record_segment_failure(self.engine, analysis_id, segment, reason)
-    return 0
+        else:
+            work.working()
+            return outcome.frames
+        record_segment_failure(self.engine, analysis_id, segment, reason)
+        return 0
