@@ -140,7 +140,7 @@ class ParticipantStats:
     faces_detected: int = 0
     """Faces found over all sampled frames."""
     students_live: int = 0
-    """Tracks of this stream seen in at least two samples so far."""
+    """Tracks of this stream that already count as students."""
     first_frame_at: float | None = None
     """Class time of the first frame received."""
     last_frame_at: float | None = None
@@ -160,7 +160,7 @@ class LiveStats:
     excluded: int
     """Participants the consent policy kept out (never subscribed to or analysed)."""
     students_live: int
-    """Tracks seen in at least two samples so far, over every stream."""
+    """Tracks that already count as students (seen long and clearly enough), over every stream."""
     crops_submitted: int
     """Face crops handed to the dispatcher."""
     crops_stored: int

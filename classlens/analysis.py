@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine, func, update
 from sqlmodel import col, select
 
+from kernel.accounts import owner_id_for
 from kernel.errors import BadInputError, ClassLensError
 from kernel.settings import Settings
 from kernel.store import (
@@ -56,7 +57,7 @@ class AnalysisProgress:
     faces_found: int = 0
     """Faces detected so far (all frames)."""
     students_tracked: int = 0
-    """Tracks seen in at least two samples so far."""
+    """Tracks that already count as students (the rule the report applies at the end)."""
     crops_stored: int = 0
     """Faces whose results are already in the store."""
     class_time: float = 0.0
@@ -93,8 +94,10 @@ def _open_store(settings: Settings) -> Engine:
 
 def _create_analysis(engine: Engine, source: str, settings: Settings, title: str) -> int:
     with session_scope(engine) as session:
+        owner_id = owner_id_for(session, settings.analysis_owner_email)
         analysis = Analysis(kind="recording", source=source, title=title, sample_fps=settings.sample_fps,
-                            emotion_inference=settings.emotion_inference, heartbeat_at=utcnow())
+                            emotion_inference=settings.emotion_inference, heartbeat_at=utcnow(),
+                            owner_id=owner_id, course=settings.analysis_course)
         session.add(analysis)
         session.flush()
         assert analysis.id is not None

@@ -14,12 +14,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from classlens import __version__
 from classlens.cli_bot import bot_app
-from classlens.cli_common import console, debug_mode, out, user_errors
+from classlens.cli_common import check_fps, console, debug_mode, out, user_errors
 from classlens.cli_privacy import forget, retention_app
 from classlens.cli_report import report
 from classlens.cli_serve import serve, users_app
@@ -30,17 +30,7 @@ from kernel.settings import Settings, load_settings
 app = typer.Typer(name="classlens", help="Engagement analytics for online classes.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
 models_app = typer.Typer(help="List, pull, verify and import the models ClassLens runs.", no_args_is_help=True)
-app.add_typer(models_app, name="models")
-app.add_typer(retention_app, name="retention")
-app.add_typer(bot_app, name="bot")
-app.command("forget")(forget)
-app.add_typer(users_app, name="users")
-app.add_typer(train_app, name="train")
-app.command("export")(export_command)
-app.command("evaluate")(evaluate_command)
 models_app.command("use")(models_use)
-app.command("serve")(serve)
-app.command("report")(report)
 
 @app.callback()
 def _main(
@@ -53,24 +43,36 @@ def _main(
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-@app.command()
 def version() -> None:
     """Print the ClassLens version."""
     out.print(__version__)
 
 
+def plural(count: int, noun: str) -> str:
+    """``"1 student"``, ``"5 students"``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def short_name(name: str, limit: int = 24) -> str:
+    """A file name cut in the middle to at most ``limit`` characters, so that a progress line fits 80 columns."""
+    if len(name) <= limit:
+        return name
+    keep = limit - 1
+    return f"{name[:keep - keep // 2]}…{name[-(keep // 2):]}"
+
+
 class _ProgressBar:
-    """A rich progress bar fed by the pipeline's progress callback."""
+    """A rich progress bar fed by the pipeline's progress callback; one line within 80 columns."""
 
     def __init__(self, label: str, enabled: bool) -> None:
         self.enabled = enabled
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("frames · {task.fields[faces]} faces · {task.fields[students]} students"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            TextColumn("[bold]{task.description}"), BarColumn(bar_width=16), MofNCompleteColumn(),
+            TextColumn("frames · {task.fields[faces]} · {task.fields[students]}"), TimeRemainingColumn(),
             console=console, disable=not enabled, transient=False,
         )
-        self.task = self.progress.add_task(label, total=None, faces=0, students=0)
+        self.task = self.progress.add_task(label, total=None, faces=plural(0, "face"),
+                                           students=plural(0, "student"))
 
     def __enter__(self) -> _ProgressBar:
         self.progress.start()
@@ -80,12 +82,15 @@ class _ProgressBar:
         self.progress.stop()
 
     def update(self, state: Any) -> None:
+        """Show the progress so far (frames, faces, students as the report will count them)."""
         self.progress.update(self.task, total=state.frames_expected, completed=state.frames_sampled,
-                             faces=state.faces_found, students=state.students_tracked)
+                             faces=plural(state.faces_found, "face"), students=plural(state.students_tracked,
+                                                                                       "student"))
 
 
 def _analyze_one(source: Any, settings: Settings, out_dir: Path | None, quiet: bool, label: str,
                  title: str | None = None) -> Any:
+    """Analyse one video with a progress bar; ``title`` names it in the reports (default: the file name)."""
     from classlens.analysis import analyze_recording
 
     with _ProgressBar(label, enabled=not quiet) as bar:
@@ -93,7 +98,8 @@ def _analyze_one(source: Any, settings: Settings, out_dir: Path | None, quiet: b
     return outcome
 
 
-def _submit_batch(videos: list[Path], settings: Settings, out_dir: Path | None, submitted: dict[int, Any]) -> None:
+def _submit_batch(videos: list[Path], settings: Settings, out_dir: Path | None, submitted: dict[int, Any],
+                  title: str | None = None) -> None:
     """Queue the segments of every video of a batch before waiting for any, so all workers share the batch.
 
     Fills ``submitted`` as it goes (so that an interruption can abandon what was sent):
@@ -105,7 +111,7 @@ def _submit_batch(videos: list[Path], settings: Settings, out_dir: Path | None, 
     for index, video in enumerate(videos):
         target = out_dir / video.stem if out_dir is not None else None
         try:
-            handle = submit_segmented_analysis(video, settings, out_dir=target, single_segment=True)
+            handle = submit_segmented_analysis(video, settings, out_dir=target, title=title, single_segment=True)
         except ClassLensError as error:
             submitted[index] = error
             continue
@@ -120,24 +126,30 @@ def _wait_one(handle: Any, quiet: bool, label: str) -> Any:
 
 def _print_outcome(outcome: Any) -> None:
     console.print(
-        f"analysis {outcome.analysis_id}: {outcome.frames_sampled} frames sampled, "
-        f"{outcome.faces_detected} faces, {outcome.students} students", highlight=False)
+        f"analysis {outcome.analysis_id}: {plural(outcome.frames_sampled, 'frame')} sampled, "
+        f"{plural(outcome.faces_detected, 'face')}, {plural(outcome.students, 'student')}", highlight=False)
     out.print(str(Path(outcome.report_dir) / "index.html"), highlight=False, soft_wrap=True)
 
 
-FpsOption = Annotated[float | None, typer.Option("--fps", help="Frames sampled per second of class time.")]
+FpsOption = Annotated[float | None, typer.Option(
+    "--fps", callback=check_fps, help="Frames sampled per second of class time, above 0 and at most 30 "
+                                      "(default: the sample_fps setting, 1).")]
 DbOption = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of the store (default: SQLite file).")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 EmotionOption = Annotated[bool | None, typer.Option(
     "--emotion/--no-emotion", help="Run emotion recognition (off where the law forbids it).")]
 DetectorOption = Annotated[str | None, typer.Option(
     "--detector", help="Detector model name, ONNX file or pack folder.")]
+OwnerOption = Annotated[str | None, typer.Option(
+    "--owner", help="Email of the ClassLens user who owns the session and sees it in the archive "
+                    "(default: the analysis_owner_email setting; none: only admins see it).")]
+CourseOption = Annotated[str | None, typer.Option(
+    "--course", help="Course the session belongs to (default: the analysis_course setting).")]
 RecognizerOption = Annotated[str | None, typer.Option(
     "--recognizer", help="Face-embedding model that keeps students' ids within the session "
                          "(default face-api-recognition; 'none' for position and motion only).")]
 
 
-@app.command()
 def analyze(
     videos: Annotated[list[Path], typer.Argument(help="Recorded lecture videos (any format PyAV reads).")],
     fps: FpsOption = None,
@@ -149,26 +161,31 @@ def analyze(
     recognizer: RecognizerOption = None,
     broker: Annotated[str | None, typer.Option(
         "--broker", help="Send inference to Celery workers on this broker (redis://host:6379/0).")] = None,
+    owner: OwnerOption = None,
+    title: Annotated[str | None, typer.Option(
+        "--title", help="Name of the class in the reports (default: the file name).")] = None,
+    course: CourseOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Analyse recorded lectures and write per-student and class reports."""
     with user_errors():
         settings = load_settings(sample_fps=fps, database_url=db, emotion_inference=emotion, detector=detector,
-                             recognizer=recognizer, broker_url=broker)
+                                 recognizer=recognizer, broker_url=broker, analysis_owner_email=owner,
+                                 analysis_course=course)
         failures = 0
         submitted: dict[int, Any] = {}
         try:
             if settings.broker_url and len(videos) > 1:
-                _submit_batch(videos, settings, out_dir, submitted)
+                _submit_batch(videos, settings, out_dir, submitted, title)
             for index, video in enumerate(videos):
                 target = out_dir / video.stem if out_dir is not None and len(videos) > 1 else out_dir
                 handle = submitted.get(index)
                 try:
                     if isinstance(handle, ClassLensError):
                         raise handle
-                    label = f"analysing {video.name}"
+                    label = short_name(video.name)
                     outcome = (_wait_one(handle, quiet, label) if handle is not None
-                               else _analyze_one(video, settings, target, quiet, label))
+                               else _analyze_one(video, settings, target, quiet, label, title))
                 except ClassLensError as error:
                     if len(videos) == 1 or debug_mode["debug"]:
                         raise
@@ -185,7 +202,6 @@ def analyze(
             raise typer.Exit(code=2)
 
 
-@app.command()
 def worker(
     queue: Annotated[list[str] | None, typer.Option(
         "--queues", "--queue", "-Q", help="Queue to consume (repeatable, or comma-separated): cpu or gpu. "
@@ -206,7 +222,6 @@ def worker(
         run_worker(settings, queues, concurrency, loglevel)
 
 
-@app.command()
 def demo(
     out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for the demo reports.")] = None,
     db: DbOption = None,
@@ -310,6 +325,24 @@ def models_import(
             raise typer.Exit(code=2)
         for name in imported:
             out.print(f"{name}: imported", highlight=False)
+
+
+# The commands in the order a new user meets them, in panels (typer lists them as registered).
+ANALYSE, DEPLOY, MODELS = "Analyse classes", "Run a deployment", "Models and training"
+app.command("analyze", rich_help_panel=ANALYSE)(analyze)
+app.command("demo", rich_help_panel=ANALYSE)(demo)
+app.add_typer(bot_app, name="bot", rich_help_panel=ANALYSE)
+app.command("report", rich_help_panel=ANALYSE)(report)
+app.command("serve", rich_help_panel=DEPLOY)(serve)
+app.command("worker", rich_help_panel=DEPLOY)(worker)
+app.add_typer(users_app, name="users", rich_help_panel=DEPLOY)
+app.add_typer(retention_app, name="retention", rich_help_panel=DEPLOY)
+app.command("forget", rich_help_panel=DEPLOY)(forget)
+app.add_typer(models_app, name="models", rich_help_panel=MODELS)
+app.add_typer(train_app, name="train", rich_help_panel=MODELS)
+app.command("evaluate", rich_help_panel=MODELS)(evaluate_command)
+app.command("export", rich_help_panel=MODELS)(export_command)
+app.command("version", rich_help_panel=DEPLOY)(version)
 
 
 def main() -> None:

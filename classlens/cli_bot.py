@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from classlens.cli_common import check_fps
 from classlens.cli_serve import DatabaseOption, HostOption, PortOption, ProxyHeadersOption, run_server
 
 bot_app = typer.Typer(help="Run the meeting bot: join a live class and analyse it.", no_args_is_help=True)
@@ -37,13 +38,19 @@ async def _run_bot(settings: Any, target: Any, consent: Any, title: str, course:
                    quiet: bool) -> Any:
     from bot.live import create_live_analysis
     from bot.meeting import MeetingBot
-    from kernel.store import init_store
+    from kernel.accounts import owner_id_for
+    from kernel.store import init_store, session_scope
 
     engine = await asyncio.to_thread(init_store, settings.resolved_database_url)
-    analysis_id = await asyncio.to_thread(
-        lambda: create_live_analysis(engine, settings, source=f"{target.janus_url} room {target.room}",
-                                     title=title or f"meeting in room {target.room}", owner_id=None,
-                                     course=course, host_email=host_email, consent=consent))
+
+    def create() -> int:
+        with session_scope(engine) as session:
+            owner_id = owner_id_for(session, settings.analysis_owner_email)
+        return create_live_analysis(engine, settings, source=f"{target.janus_url} room {target.room}",
+                                    title=title or f"meeting in room {target.room}", owner_id=owner_id,
+                                    course=course or settings.analysis_course, host_email=host_email, consent=consent)
+
+    analysis_id = await asyncio.to_thread(create)
     with _console.status("joining…", spinner="dots") as live_line:
         def show(status: Any) -> None:
             if not quiet:
@@ -81,12 +88,18 @@ def join(
                                             help="The room's PIN (or the JANUS_ROOM_PIN variable).")] = None,
     display_name: Annotated[str | None, typer.Option(
         "--display-name", help="The bot's name in the meeting (default: the bot_display_name setting).")] = None,
-    fps: Annotated[float | None, typer.Option("--fps", help="Frames sampled per second of each student's video.")]
+    fps: Annotated[float | None, typer.Option(
+        "--fps", callback=check_fps, help="Frames sampled per second of each student's video, above 0 and at "
+                                          "most 30 (default: the sample_fps setting, 1).")]
     = None,
     db: Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of the store (default: SQLite file).")]
     = None,
     title: Annotated[str, typer.Option("--title", help="Name of the class shown in reports.")] = "",
-    course: Annotated[str, typer.Option("--course", help="Course the session belongs to.")] = "",
+    course: Annotated[str, typer.Option(
+        "--course", help="Course the session belongs to (default: the analysis_course setting).")] = "",
+    owner: Annotated[str | None, typer.Option(
+        "--owner", help="Email of the ClassLens user who owns the session and sees it in the archive "
+                        "(default: the analysis_owner_email setting).")] = None,
     host_email: Annotated[str | None, typer.Option("--host-email", help="Where the after-class email goes.")]
     = None,
     opt_out: Annotated[list[str] | None, typer.Option(
@@ -113,7 +126,7 @@ def join(
         if not janus.startswith(("http://", "https://")):
             raise BadInputError(f"--janus must be the http(s) URL of the Janus API, got {janus!r}")
         settings = load_settings(sample_fps=fps, database_url=db, bot_idle_timeout_seconds=idle_timeout,
-                                 bot_max_duration_seconds=max_duration)
+                                 bot_max_duration_seconds=max_duration, analysis_owner_email=owner)
         consent = (ConsentPolicy.opt_in(opt_in) if opt_in else ConsentPolicy.opt_out(opt_out) if opt_out
                    else ConsentPolicy.everyone())
         target = MeetingTarget(janus_url=janus, room=room, pin=pin,
@@ -138,7 +151,7 @@ def serve_bots(
 ) -> None:
     """Run the meeting bots in a process of their own: the invite API and the WHIP endpoint, no archive.
 
-    A deployment routes ``/api/meetings`` and ``/api/whip`` to this process and runs the archive with
-    ``classlens serve --no-meetings`` (docs/deploy.md).
+    A deployment routes /api/meetings and /api/whip to this process and runs the archive with
+    'classlens serve --no-meetings' (docs/deploy.md).
     """
     run_server(host=host, port=port, db=db, proxy_headers=proxy_headers, archive=False, meetings=True)

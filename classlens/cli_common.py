@@ -8,11 +8,35 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import typer
 from rich.console import Console
 
 from kernel.errors import ClassLensError
+
+
+def _flags_take_no_value() -> None:
+    """Show no type after a flag in ``--help``.
+
+    Typer 0.29 prints a type after every option, ``<bool>`` after ``--quiet`` and ``--help``
+    too, which reads as if a flag took a value. Only flags lose it; every other option
+    keeps its type.
+    """
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "flags_hidden", False):
+        return
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich.flags_hidden = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_take_no_value()
 
 console = Console(stderr=True)
 """Messages, progress bars and errors (stderr)."""
@@ -40,3 +64,15 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         raise typer.Exit(code=130) from None
+
+
+#: The sampling rates ``--fps`` accepts (the ``sample_fps`` setting's range).
+MAX_SAMPLE_FPS = 30.0
+
+
+def check_fps(value: float | None) -> float | None:
+    """``--fps`` is above 0 and at most 30 frames per second; the error names the flag, not the setting."""
+    if value is not None and not 0 < value <= MAX_SAMPLE_FPS:
+        raise typer.BadParameter(f"expected more than 0 and at most {MAX_SAMPLE_FPS:g} frames per second, "
+                                 f"got {value:g}")
+    return value

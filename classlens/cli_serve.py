@@ -37,8 +37,9 @@ _out = Console()
 
 
 #: The server options ``classlens serve`` and ``classlens bot serve`` share.
-HostOption = Annotated[str | None, typer.Option("--host", help="Interface to listen on (default: serve_host).")]
-PortOption = Annotated[int | None, typer.Option("--port", help="TCP port (default: serve_port).")]
+HostOption = Annotated[str | None, typer.Option(
+    "--host", help="Interface to listen on (default: 127.0.0.1, the serve_host setting).")]
+PortOption = Annotated[int | None, typer.Option("--port", help="TCP port (default: 8000, the serve_port setting).")]
 DatabaseOption = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL of the store.")]
 ProxyHeadersOption = Annotated[bool, typer.Option(
     "--proxy-headers", help="Trust X-Forwarded-For/-Proto from a reverse proxy on this machine.")]
@@ -99,9 +100,15 @@ def _warn_without_users(engine: object) -> None:
 
 
 def _read_password(password_stdin: bool) -> str:
+    """The new password: from standard input with ``--password-stdin``, else typed twice at a terminal."""
     if password_stdin:
         return sys.stdin.readline().rstrip("\r\n")
     from kernel.accounts import PASSWORD_RULE
+    from kernel.errors import BadInputError
+
+    if not sys.stdin.isatty():
+        raise BadInputError("standard input is not a terminal, so the password cannot be typed: pipe it in with "
+                            f"--password-stdin (rule: {PASSWORD_RULE})")
 
     _console.print(f"Password: {PASSWORD_RULE}.", highlight=False)
     password: str = typer.prompt("Password", hide_input=True, confirmation_prompt=True)

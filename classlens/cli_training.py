@@ -237,7 +237,7 @@ def evaluate_command(
     out_dir: Annotated[Path | None, typer.Option("--out", help="Write evaluation.html and .json here.")] = None,
     faces: Annotated[str, typer.Option(help="detect (as the runtime) or as-is (face crops).")] = "detect",
     split: Annotated[str | None, typer.Option(help="FER2013 Usage (e.g. PrivateTest) or DAiSEE split (Test).")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Evaluate an emotion model (default or trained) on a data set: accuracy, macro-F1, UAR, per class."""
     from classlens.cli_common import user_errors

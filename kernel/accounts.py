@@ -119,6 +119,21 @@ def find_user(session: Session, email: str) -> User | None:
     return session.exec(select(User).where(User.email == email.strip().lower())).first()
 
 
+def owner_id_for(session: Session, email: str) -> int | None:
+    """The id of the user who owns command-line runs (``--owner``); None for no owner.
+
+    An email that names no user is bad input: a run filed under nobody by mistake would be
+    invisible to the teacher who started it.
+    """
+    if not email.strip():
+        return None
+    user = find_user(session, email)
+    if user is None or user.id is None:
+        raise BadInputError(f"--owner: no ClassLens user {email.strip()!r}; add one with "
+                            f"`classlens users add {email.strip()}`, or leave --owner out")
+    return user.id
+
+
 def create_user(
     session: Session, email: str, password: str, *, role: UserRole = UserRole.teacher, display_name: str = ""
 ) -> User:

@@ -208,6 +208,17 @@ class Settings(BaseSettings):
             "a problem (unreachable database, another store), and names the cause."
         ),
     )
+    analysis_owner_email: str = Field(
+        default="",
+        description=(
+            "Email of the ClassLens user who owns command-line runs (`analyze`, `bot join`; `--owner`), so that they "
+            "see them in the archive. Empty: no owner, only admins see the run."
+        ),
+    )
+    analysis_course: str = Field(
+        default="",
+        description="Course of command-line runs unless `--course` says otherwise (trends compare within a course).",
+    )
     producer_heartbeat_seconds: float = Field(
         default=10.0,
         gt=0.0,

@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import Engine, UniqueConstraint, delete, event, inspect, literal, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.types import SchemaType
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
@@ -387,7 +387,13 @@ def make_engine(url: str) -> Engine:
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     else:
         kwargs["pool_pre_ping"] = True
-    engine = create_engine(url, **kwargs)
+    try:
+        engine = create_engine(url, **kwargs)
+    except (ImportError, NoSuchModuleError) as exc:
+        raise ConfigurationError(
+            f"database_url: cannot open a {parsed.get_backend_name()} database: its driver is not installed "
+            f"({exc}); ClassLens stores in SQLite or PostgreSQL"
+        ) from None
     if parsed.get_backend_name() == "sqlite":
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -20,7 +20,7 @@ from kernel.types import CROP_SIZE, CropBatch, FrameDetections, VideoFrame
 from vision.detection import FaceDetector
 from vision.geometry import align_face, head_poses
 from vision.recognition import Embedder
-from vision.tracking import StudentTracker, TrackSummary
+from vision.tracking import StudentTracker, TrackSummary, is_student
 
 
 def crop_batch_for(analysis_id: int, frame: VideoFrame, detections: FrameDetections) -> CropBatch:
@@ -53,13 +53,32 @@ class CapturedFrame:
     """The frame's row for the store: when it was sampled and how many faces it held."""
 
 
+@dataclass(frozen=True)
+class StudentRule:
+    """When a track counts as a student (:func:`vision.tracking.is_student`)."""
+
+    min_seconds: float = 0.0
+    """Covered class time a track needs."""
+    sample_interval: float = 1.0
+    """Seconds of class time one sample stands for."""
+    min_score: float = 0.0
+    """Mean detector confidence a track needs."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StudentRule:
+        """The rule the final step applies (``min_student_seconds``, ``min_student_score``)."""
+        return cls(settings.min_student_seconds, 1.0 / settings.sample_fps, settings.min_student_score)
+
+
 class CapturePipeline:
     """Detect → track → crop for the frames of one stream, in order; owns the stream's tracker."""
 
     def __init__(self, detector: FaceDetector, embedder: Embedder | None, *, analysis_id: int,
-                 max_gap_seconds: float, first_track_id: int = 1) -> None:
+                 max_gap_seconds: float, first_track_id: int = 1, student_rule: StudentRule | None = None) -> None:
         self.detector = detector
         self.analysis_id = analysis_id
+        self.student_rule = student_rule or StudentRule()
+        """What makes a track a student, so that progress counts students as the report will."""
         self._tracker = StudentTracker(max_gap_seconds=max_gap_seconds, embedder=embedder, first_id=first_track_id)
 
     @classmethod
@@ -67,7 +86,7 @@ class CapturePipeline:
                    analysis_id: int, first_track_id: int = 1) -> CapturePipeline:
         """A pipeline with the loaded capture models, tracking as the settings say."""
         return cls(detector, embedder, analysis_id=analysis_id, max_gap_seconds=settings.track_max_gap_seconds,
-                   first_track_id=first_track_id)
+                   first_track_id=first_track_id, student_rule=StudentRule.from_settings(settings))
 
     def capture(self, frame: VideoFrame) -> CapturedFrame:
         """Detect, track and crop one frame (frames of a stream must come in time order)."""
@@ -82,5 +101,8 @@ class CapturePipeline:
         return self._tracker.summaries()
 
     def students_so_far(self) -> int:
-        """Tracks seen in at least two samples: the students a progress display can count already."""
-        return sum(1 for summary in self._tracker.summaries() if summary.samples >= 2)
+        """Tracks that already count as students by the report's rule (seen long and clearly enough)."""
+        rule = self.student_rule
+        return sum(1 for summary in self._tracker.summaries()
+                   if is_student(summary, min_seconds=rule.min_seconds, sample_interval=rule.sample_interval,
+                                 min_score=rule.min_score))

@@ -72,5 +72,11 @@ def mark_failed(engine: Engine, analysis_id: int, reason: str, *,
 
 def failure_reason(exc: BaseException) -> str:
     """The one line recorded on a failed analysis."""
-    reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, OSError) and exc.strerror:
+        # "No such file or directory: /x", not "[Errno 2] No such file or directory: '/x'".
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror.lower()}{where}"
+    reason = str(exc) or type(exc).__name__
     return reason.splitlines()[0]

@@ -306,8 +306,13 @@ def _previous_analysis_id(folder: Path) -> int | None:
 
 
 def check_report_folder(out_dir: Path, analysis_id: int) -> None:
-    """Refuse to replace anything but nothing, an empty folder, or this analysis's old report."""
+    """Refuse a folder that cannot be written, or that holds anything but nothing or this analysis's old report.
+
+    Called before any analysis work, so a bad ``--out`` costs a second, not a whole video.
+    """
+    out_dir = out_dir.absolute()
     if not out_dir.exists() and not out_dir.is_symlink():
+        _check_writable(out_dir)
         return
     if not out_dir.is_dir() or out_dir.is_symlink():
         raise ReportOutputError(
@@ -322,6 +327,21 @@ def check_report_folder(out_dir: Path, analysis_id: int) -> None:
             f"report folder {out_dir} holds {holds}; "
             "choose an empty folder or that analysis's own folder"
         )
+
+
+def _check_writable(out_dir: Path) -> None:
+    """The report is written beside ``out_dir`` first, then renamed: try exactly that, with an empty folder."""
+    existing = out_dir.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ReportOutputError(f"cannot write the report folder {out_dir}: {existing} is a file, not a folder")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.probe-", dir=out_dir.parent)).rmdir()
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        raise ReportOutputError(f"cannot write the report folder {out_dir}: {reason}; choose another path") from None
 
 
 def write_documents(documents: dict[str, str], out_dir: Path, analysis_id: int) -> None:

@@ -550,6 +550,8 @@ def test_users_cli_adds_users_and_tokens(world: ArchiveWorld, monkeypatch: pytes
     again = runner.invoke(cli, ["users", "add", "cleo@school.example", "--password-stdin", "--db", url],
                           input="a long enough password\n")
     assert again.exit_code == 2 and "already exists" in again.output
+    piped = runner.invoke(cli, ["users", "add", "dan@school.example", "--db", url], input="a long enough password\n")
+    assert piped.exit_code == 2 and "--password-stdin" in piped.output  # not a silent exit 1 at the prompt
     short = runner.invoke(cli, ["users", "add", "dan@school.example", "--password-stdin", "--db", url],
                           input="short\n")
     assert short.exit_code == 2 and "at least" in short.output

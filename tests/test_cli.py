@@ -33,6 +33,7 @@ BAD_INPUTS = {
     "empty": (lambda d: media_factory.write(d / "empty.mp4", b""), "empty"),
     "audio only": (lambda d: media_factory.audio_only(d / "audio.mp4"), "no video stream"),
     "zero frames": (lambda d: media_factory.zero_frames(d / "zero.mp4"), ""),
+    "a photo": (lambda d: MEDIA_DIR / "single_face.jpg", "a still image, not a video"),
 }
 
 
@@ -49,6 +50,29 @@ def test_bad_input_exits_2_with_one_line_and_records_the_failure(isolated_env: P
     assert len(analyses) == 1
     assert analyses[0].status == "failed" and analyses[0].failure_reason
     assert not (isolated_env / "report").exists()
+
+
+@pytest.mark.media
+@pytest.mark.parametrize(("case", "message"), [
+    ("out under a file", "is a file, not a folder"),
+    ("out under /proc", "cannot write the report folder /proc/"),
+    ("a database without its driver", "cannot open a mysql database: its driver is not installed"),
+])
+def test_a_bad_destination_is_one_line_and_exit_2_before_any_analysis(isolated_env: Path, case: str,
+                                                                       message: str) -> None:
+    (isolated_env / "a-file").write_text("not a folder")
+    options = {"out under a file": ["--out", str(isolated_env / "a-file" / "report")],
+               "out under /proc": ["--out", "/proc/classlens-report"],
+               "a database without its driver": ["--db", "mysql://someone@127.0.0.1/classlens"]}[case]
+    result = classlens("analyze", str(MEDIA_DIR / "WolfgangLanger_Pexels.mp4"), *options, cwd=isolated_env)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and message in error_lines[0], result.stderr
+    assert "frames sampled" not in result.stdout + result.stderr  # refused before any analysis work
+    if case != "a database without its driver":
+        [analysis] = _analyses()
+        assert analysis.status == "failed" and analysis.failure_reason and "[Errno" not in analysis.failure_reason
 
 
 @pytest.mark.media
@@ -152,3 +176,28 @@ def test_a_missing_local_model_says_where_to_put_it(isolated_env: Path, tmp_path
     result = classlens("analyze", str(video), "--detector", "scrfd-500m", "--quiet", cwd=isolated_env)
     assert result.returncode == 3
     assert "CLASSLENS_LOCAL_MODELS_DIR" in result.stderr and "det_500m.onnx" in result.stderr
+
+
+@pytest.mark.media
+def test_a_teachers_own_run_is_filed_under_them(isolated_env: Path) -> None:
+    from kernel.accounts import create_user
+
+    engine = init_store(load_settings().resolved_database_url)
+    with session_scope(engine) as session:
+        create_user(session, "ada@school.example", "correct horse battery staple 9")
+    video = str(MEDIA_DIR / "single_face.mp4")
+    unknown = classlens("analyze", video, "--owner", "nobody@school.example", "--quiet", cwd=isolated_env)
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    assert "--owner: no ClassLens user 'nobody@school.example'" in unknown.stderr
+    assert _analyses() == []  # refused before anything was created
+
+    result = classlens("analyze", video, "--owner", "Ada@School.example", "--title", "Physics, week 3",
+                       "--course", "PHY1", "--quiet", cwd=isolated_env)
+    assert result.returncode == 0, result.stderr
+    [analysis] = _analyses()
+    with session_scope(engine) as session:
+        from kernel.accounts import find_user
+
+        ada = find_user(session, "ada@school.example")
+        assert ada is not None
+        assert (analysis.owner_id, analysis.title, analysis.course) == (ada.id, "Physics, week 3", "PHY1")

@@ -57,9 +57,13 @@ def _open(path: Path | io.BytesIO) -> Any:
     if isinstance(path, io.BytesIO):
         path.seek(0)
         try:
-            return av.open(path, mode="r")
+            memory = av.open(path, mode="r")
         except av.error.FFmpegError:
             raise BadInputError("the in-memory video cannot be read") from None
+        if is_still_image(memory.format.name):
+            memory.close()
+            raise BadInputError("the upload is a still image, not a video")
+        return memory
     if not path.exists():
         raise BadInputError(f"{path}: no such file")
     if not path.is_file():
@@ -67,12 +71,21 @@ def _open(path: Path | io.BytesIO) -> Any:
     if path.stat().st_size == 0:
         raise BadInputError(f"{path}: the file is empty")
     try:
-        return av.open(str(path), mode="r")
+        container = av.open(str(path), mode="r")
     except (av.error.InvalidDataError, av.error.EOFError) as exc:
         del exc
         raise BadInputError(f"{path}: not a video file that can be read, or truncated / corrupt") from None
     except av.error.FFmpegError as exc:
-        raise BadInputError(f"{path}: cannot open the video ({exc.strerror or exc})") from None
+        raise BadInputError(f"{path}: cannot open the video ({(exc.strerror or str(exc)).lower()})") from None
+    if is_still_image(container.format.name):
+        container.close()
+        raise BadInputError(f"{path}: a still image, not a video; give a recorded lecture (mp4, mkv, webm, mov…)")
+    return container
+
+
+def is_still_image(format_name: str) -> bool:
+    """Whether FFmpeg opened the file with one of its image demuxers (a JPEG, a PNG…), not a video container."""
+    return format_name == "image2" or format_name.endswith("_pipe")
 
 
 class RecordedFileSource:
