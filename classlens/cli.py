@@ -19,13 +19,14 @@ from rich.table import Table
 
 from classlens import __version__
 from classlens.cli_bot import bot_app
-from classlens.cli_common import check_fps, console, debug_mode, out, user_errors
+from classlens.cli_common import ConsoleDownloadReporter, check_fps, console, debug_mode, out, user_errors
 from classlens.cli_privacy import forget, retention_app
 from classlens.cli_report import report
 from classlens.cli_serve import serve, users_app
 from classlens.cli_training import evaluate_command, export_command, models_use, train_app
 from kernel.errors import ClassLensError
 from kernel.settings import Settings, load_settings
+from model_export.download_progress import set_download_reporter
 
 app = typer.Typer(name="classlens", help="Engagement analytics for online classes.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -39,6 +40,7 @@ def _main(
 ) -> None:
     """ClassLens: how students engage in online classes, from their faces, with privacy built in."""
     debug_mode["debug"] = debug
+    set_download_reporter(ConsoleDownloadReporter())  # the first run downloads models: say so, with a bar
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 

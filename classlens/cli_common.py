@@ -12,6 +12,15 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from kernel.errors import ClassLensError
 
@@ -76,3 +85,32 @@ def check_fps(value: float | None) -> float | None:
         raise typer.BadParameter(f"expected more than 0 and at most {MAX_SAMPLE_FPS:g} frames per second, "
                                  f"got {value:g}")
     return value
+
+
+class ConsoleDownloadReporter:
+    """Shows each model download on stderr: what is fetched, and a progress bar while it comes."""
+
+    def __init__(self) -> None:
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+
+    def started(self, what: str, total_bytes: int | None) -> None:
+        """Start a bar (a pulsing one when the size is unknown)."""
+        self.finished()
+        # pip does not say how far it is: a spinner and the time so far, not a bar that never moves.
+        measure = (BarColumn(bar_width=20), DownloadColumn()) if total_bytes else (SpinnerColumn(),)
+        self._progress = Progress(TextColumn("downloading {task.description}"), *measure, TimeElapsedColumn(),
+                                  console=console, transient=False)
+        self._progress.start()
+        self._task = self._progress.add_task(what, total=total_bytes)
+
+    def advanced(self, received_bytes: int) -> None:
+        """Move the bar."""
+        if self._progress is not None and self._task is not None:
+            self._progress.advance(self._task, received_bytes)
+
+    def finished(self) -> None:
+        """Stop the bar, leaving its last state on screen."""
+        if self._progress is not None:
+            self._progress.stop()
+        self._progress = self._task = None

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from kernel.errors import ModelSupplyError
+from model_export.download_progress import download_reporter
 
 
 def sha256_of_file(path: Path) -> str:
@@ -97,6 +98,9 @@ def _download(requirement: str, sha256: str, index_url: str | None) -> Path:
     ]
     if index_url:
         command += ["--index-url", index_url]
+    reporter = download_reporter()
+    if reporter is not None:
+        reporter.started(f"{requirement} from the package index", None)  # pip does not say how far it is
     try:
         completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -104,6 +108,9 @@ def _download(requirement: str, sha256: str, index_url: str | None) -> Path:
             f"could not run pip to download {requirement}: {exc}; "
             "use `classlens models import DIR` with the archive in DIR"
         ) from None
+    finally:
+        if reporter is not None:
+            reporter.finished()
     if completed.returncode != 0:
         lines = [line for line in completed.stderr.splitlines() if line.strip()]
         reason = lines[-1].strip() if lines else f"pip exited with {completed.returncode}"

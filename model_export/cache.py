@@ -21,6 +21,7 @@ from pathlib import Path
 from kernel.errors import ModelSupplyError
 from model_export.archives import fetch_archive, read_archive_member, sha256_of_bytes, sha256_of_file
 from model_export.conversions import convert
+from model_export.download_progress import download_reporter
 from model_export.manifest import MANIFEST, ModelSpec, get_spec, read_local_manifest
 
 logger = logging.getLogger(__name__)
@@ -242,8 +243,7 @@ class ModelCache:
                 f"{spec.name} must be downloaded from {source.url} and downloads are off; download {filename} "
                 "elsewhere and run `classlens models import DIR`")
         try:
-            with urllib.request.urlopen(source.url, timeout=60) as response:
-                data = bytes(response.read())
+            data = _download_reporting(source.url, f"{spec.name} ({filename})")
         except (urllib.error.URLError, OSError) as exc:
             raise ModelSupplyError(
                 f"could not download {spec.name} from {source.url} ({exc}); "
@@ -264,6 +264,25 @@ class ModelCache:
         partial = target.with_name(f".{target.name}.part")
         partial.write_bytes(data)
         partial.replace(target)
+
+
+def _download_reporting(url: str, what: str, chunk_bytes: int = 256 * 1024) -> bytes:
+    """Fetch ``url`` into memory, telling the installed download reporter how far it got."""
+    reporter = download_reporter()
+    with urllib.request.urlopen(url, timeout=60) as response:
+        length = response.headers.get("Content-Length")
+        if reporter is not None:
+            reporter.started(what, int(length) if length and length.isdigit() else None)
+        parts: list[bytes] = []
+        try:
+            while chunk := response.read(chunk_bytes):
+                parts.append(chunk)
+                if reporter is not None:
+                    reporter.advanced(len(chunk))
+        finally:
+            if reporter is not None:
+                reporter.finished()
+    return b"".join(parts)
 
 
 def _verify_model(spec: ModelSpec, data: bytes) -> None:

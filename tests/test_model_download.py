@@ -74,6 +74,42 @@ def test_a_url_source_is_downloaded_once_verified_and_then_works_offline(
     assert not list((tmp_path / "cache" / "archives").glob("*.part"))
 
 
+class _Recorder:
+    """A download reporter that writes down what it is told."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, object]] = []
+
+    def started(self, what: str, total_bytes: int | None) -> None:
+        self.events.append(("started", (what, total_bytes)))
+
+    def advanced(self, received_bytes: int) -> None:
+        self.events.append(("advanced", received_bytes))
+
+    def finished(self) -> None:
+        self.events.append(("finished", None))
+
+
+def test_a_download_tells_the_reporter_what_comes_and_how_far_it_is(
+        file_server: tuple[str, Path], tmp_path: Path) -> None:
+    from model_export.download_progress import set_download_reporter
+
+    base, served = file_server
+    payload = b"x" * 700_000  # several chunks
+    (served / "pinned.tgz").write_bytes(payload)
+    spec = _spec_for(f"{base}/pinned.tgz", hashlib.sha256(payload).hexdigest())
+    recorder = _Recorder()
+    set_download_reporter(recorder)
+    try:
+        ModelCache(tmp_path / "cache").url_source_bytes(spec)
+    finally:
+        set_download_reporter(None)
+    assert recorder.events[0] == ("started", ("face-api-expression (pinned.tgz)", len(payload)))
+    assert recorder.events[-1] == ("finished", None)
+    chunks = [n for kind, n in recorder.events if kind == "advanced"]
+    assert len(chunks) > 1 and sum(chunks) == len(payload)  # type: ignore[arg-type]
+
+
 def test_a_download_with_the_wrong_hash_is_refused_and_nothing_is_kept(
         file_server: tuple[str, Path], tmp_path: Path) -> None:
     base, served = file_server
