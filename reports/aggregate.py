@@ -55,6 +55,8 @@ DISENGAGED_CLASS_SHARE = 0.4
 MERGE_GAP_SECONDS = 5.0
 #: How many lowest-engagement moments a student summary lists.
 LOWEST_MOMENTS = 3
+#: A listed lowest moment must be actually low: an expected level below this (nearer "low" than "high").
+LOW_MOMENT_MAX_SCORE = 1.5
 #: Minimum class time between two listed lowest moments of one student.
 LOWEST_MOMENT_GAP_SECONDS = 10.0
 #: Two-sided 95 % normal quantile, for the intervals around means.
@@ -811,13 +813,15 @@ def lowest_moments(
     count: int = LOWEST_MOMENTS,
     min_gap: float = LOWEST_MOMENT_GAP_SECONDS,
 ) -> tuple[Moment, ...]:
-    """The ``count`` lowest-engagement visible samples, lowest first.
+    """The ``count`` lowest-engagement visible samples that are actually low, lowest first.
 
-    Moments closer than ``min_gap`` seconds to one already picked are skipped, so the
-    three moments are three different episodes rather than three seconds of one dip.
-    Ties go to the earlier moment.
+    Only samples below :data:`LOW_MOMENT_MAX_SCORE` count: a student who was never low has no
+    "lowest moments" to check, rather than their three least-high ones. Moments closer than
+    ``min_gap`` seconds to one already picked are skipped, so the three moments are three
+    different episodes rather than three seconds of one dip. Ties go to the earlier moment.
     """
-    visible = [s for s in samples if s.visible and s.engagement_score is not None]
+    visible = [s for s in samples if s.visible and s.engagement_score is not None
+               and s.engagement_score < LOW_MOMENT_MAX_SCORE]
     visible.sort(key=lambda s: (s.engagement_score, s.timestamp))
     picked: list[Moment] = []
     for sample in visible:

@@ -37,6 +37,10 @@ from reports.formatting import (
 ENGAGEMENT_COLOUR = "#0072b2"
 #: Shading of class disengagement intervals (Okabe–Ito orange).
 DIP_COLOUR = "#e69f00"
+#: Opacity of a disengagement span's shade over the class curve: faint, so the band shows through.
+DIP_SHADE_OPACITY = 0.12
+#: Height (px) of the solid strip that marks a disengagement span along the top of the class curve.
+DIP_STRIP_HEIGHT = 7
 #: Colour of the share-visible line.
 VISIBLE_COLOUR = "#555555"
 #: Fill of not-visible time and heatmap cells.
@@ -556,18 +560,12 @@ def class_curve_svg(
     parts.append(_plot_background(plot))
     for iv in intervals:
         x0, x1 = plot.x(iv.start), plot.x(iv.end)
-        parts.append(
-            _el(
-                "rect",
-                _tooltip(f"Disengaged: {iv.label}"),
-                x=x0,
-                y=plot.top,
-                width=max(1.0, x1 - x0),
-                height=plot.height,
-                fill=DIP_COLOUR,
-                fill_opacity="0.28",
-            )
-        )
+        # A faint shade keeps the mean and its band readable through the span; a solid strip along
+        # the top of the plot marks where it is at a glance.
+        parts.append(_el("rect", x=x0, y=plot.top, width=max(1.0, x1 - x0), height=plot.height,
+                         fill=DIP_COLOUR, fill_opacity=str(DIP_SHADE_OPACITY)))
+        parts.append(_el("rect", _tooltip(f"Disengaged: {iv.label}"), x=x0, y=plot.top,
+                         width=max(1.0, x1 - x0), height=DIP_STRIP_HEIGHT, fill=DIP_COLOUR))
     _level_axis(plot, parts)
     for share in (0.0, 0.5, 1.0):
         y = plot.y_share(share) + 4
@@ -596,7 +594,7 @@ def class_curve_svg(
         [
             (f"line:{ENGAGEMENT_COLOUR}", "class mean"),
             (f"rect:{ENGAGEMENT_COLOUR}@0.18", "95% interval"),
-            (f"rect:{DIP_COLOUR}@0.28", "disengagement"),
+            (f"rect:{DIP_COLOUR}@1", "disengagement"),
             (f"dash:{VISIBLE_COLOUR}", "share of students visible"),
         ],
     )

@@ -25,6 +25,7 @@ from reports.aggregate import ClassOverview
 from reports.charts import (
     ABSENT_COLOUR,
     DIP_COLOUR,
+    DIP_SHADE_OPACITY,
     ENGAGEMENT_COLOUR,
     NOT_VISIBLE_COLOUR,
     VIRIDIS_STOPS,
@@ -104,7 +105,9 @@ def class_curve_png(overview: ClassOverview) -> PngChart:
     high = np.array([nan if p.band_high is None else p.band_high for p in overview.points])
     visible = np.array([nan if p.share_visible is None else p.share_visible for p in overview.points])
     for iv in overview.disengagement_intervals:
-        axes.axvspan(iv.start, iv.end, color=DIP_COLOUR, alpha=0.28, linewidth=0)
+        # As in the SVG: a faint shade under the curve, a solid strip along the top.
+        axes.axvspan(iv.start, iv.end, color=DIP_COLOUR, alpha=DIP_SHADE_OPACITY, linewidth=0)
+        axes.axvspan(iv.start, iv.end, ymin=0.975, ymax=1.0, color=DIP_COLOUR, alpha=1.0, linewidth=0)
     if times.size:
         # Plot at the middle of each sampling period, like the SVG chart.
         middle = times + overview.sample_period / 2

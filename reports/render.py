@@ -231,6 +231,25 @@ def _student_page(data: ReportData, timeline: StudentTimeline, summary: StudentS
     )
 
 
+def headline(data: ReportData) -> str:
+    """The report's first sentence: how engaged the class was, and when attention dropped most, for how many."""
+    overview = data.overview
+    count = len(data.students)
+    students = f"{count} student{'' if count == 1 else 's'}"
+    mean = overview.mean_engagement
+    if mean is None:
+        return f"No engagement could be estimated for the {students} of this class: no face was visible long enough."
+    sentence = (f"Engagement was {score_level_name(mean)} on average ({format_score(mean, 2)} on the 0–3 scale) "
+                f"across {students}.")
+    dips = overview.disengagement_intervals
+    if not dips:
+        return sentence + " At no moment were 40% or more of the visible students at a low or very low level."
+    worst = max(dips, key=lambda iv: (iv.peak_share, iv.duration, -iv.start))
+    more = f" ({len(dips)} such moments in all)" if len(dips) > 1 else ""
+    return (sentence + f" Attention dropped most at {worst.label}, when up to {format_share(worst.peak_share)} of "
+            f"the visible students were at a low or very low level{more}.")
+
+
 def _overview_page(data: ReportData, options: ReportOptions) -> str:
     """Render the class overview (or, for a failed analysis, the failure page)."""
     rows_hidden = options.class_rows_hidden(data)
@@ -244,11 +263,9 @@ def _overview_page(data: ReportData, options: ReportOptions) -> str:
     # A long list buries the moments that matter: list the longest, in class order.
     longest = sorted(intervals, key=lambda iv: (-iv.duration, iv.start))[:MAX_LISTED_DIPS]
     listed = sorted(longest, key=lambda iv: iv.start)
-    student_rows = [
-        {"summary": summary, "href": f"{STUDENTS_DIR}/{summary.student.file_name}"}
-        for summary in data.summaries
-        if not rows_hidden
-    ]
+    student_links = [{"summary": summary, "href": f"{STUDENTS_DIR}/{summary.student.file_name}"}
+                     for summary in data.summaries]
+    student_rows = [] if rows_hidden else student_links
     return (
         template_environment()
         .get_template("class_overview.html")
@@ -263,6 +280,8 @@ def _overview_page(data: ReportData, options: ReportOptions) -> str:
             method_href="#method",
             rows_hidden=rows_hidden,
             rows_hidden_note=options.class_rows_hidden_note(data) if rows_hidden else "",
+            student_links=student_links,
+            headline=headline(data) if not data.analysis.failed else "",
         )
     )
 

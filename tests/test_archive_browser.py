@@ -199,6 +199,13 @@ def test_admin_reads_the_audit_log(browser: Any, base_url: str, world: ArchiveWo
     try:
         _sign_in(page, world.admin)
         assert page.get_by_text("Cells and tissues").count() == 1  # admins see every teacher's sessions
+        # Every row's actions are on screen at 1280 px, with the Teacher column and a failure reason shown.
+        for link in page.locator("td.actions a").all():
+            box = link.bounding_box()
+            assert box is not None and box["x"] + box["width"] <= 1280, (link.inner_text(), box)
+        failed_row = page.locator("table.sessions tbody tr", has_text="Lost recording")
+        assert failed_row.locator("td.actions").get_by_text("CSV").count() == 0  # a failed session has no data
+        _shot(page, "sessions-admin")
         page.get_by_role("link", name="Audit log").click()
         page.wait_for_url("**/admin/audit")
         table = page.locator("table")

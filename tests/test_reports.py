@@ -389,9 +389,9 @@ def test_summary_numbers_carry_uncertainty_and_cues(engine: Engine) -> None:
     assert dipper.engagement_low < dipper.mean_engagement < dipper.engagement_high
     # Samples a second apart are alike: they count as fewer independent ones.
     assert dipper.effective_samples is not None and dipper.effective_samples < 60
-    # Lowest moments: in the dip first, at least 10 s apart, with the lone low at 0:45.
+    # Lowest moments: in the dip first, at least 10 s apart, with the lone low at 0:45; nothing that is not low.
     times = [m.timestamp for m in dipper.lowest_moments]
-    assert times[0] == 20.0 and 45.0 in times and len(times) == 3
+    assert times == [20.0, 45.0]
     assert by_label["Ana-María Núñez"].cues.looking_away_share == pytest.approx(10 / 60)
     assert by_label[STEADY].cues.eyes_closed_share == pytest.approx(5 / 60)
     assert by_label[STEADY].cues.gaze_away_share is None
@@ -462,8 +462,10 @@ def test_with_emotion_inference_on_the_student_report_shows_emotion_shares(
 def test_the_heuristic_baseline_is_named_as_such(rendered: ReportPaths) -> None:
     overview = _read(rendered.overview)
     assert "heuristic baseline" in overview
-    assert "not trained on DAiSEE" in overview
+    assert "not trained on any engagement data set" in overview
     assert "Maps head pose and eye openness to levels by fixed rules." in overview
+    # The model's description is in the Models table once, not repeated word for word in the notes.
+    assert overview.count("Maps head pose and eye openness to levels by fixed rules.") == 1
     assert "pose-eyes-heuristic" in overview
     assert "buffalo_l/det_10g" in overview  # every model is listed
     assert "estimates from faces" in overview
@@ -474,7 +476,7 @@ def test_a_trained_engagement_model_gets_no_heuristic_note(engine: Engine, tmp_p
     models = {**MODELS, "engagement": {**MODELS["engagement"], "heuristic": False}}
     analysis_id = make_analysis(engine, models=models)
     html = _read(render_reports(engine, analysis_id, tmp_path / "out").overview)
-    assert "not trained on DAiSEE" not in html
+    assert "not trained on any engagement data set" not in html
     # Instead, the report says which model estimated engagement, and quotes what it is.
     assert "How engagement was estimated" in html and MODELS["engagement"]["name"] in html
 
@@ -713,6 +715,10 @@ def test_lowest_moments_are_separate_episodes() -> None:
     ]
     samples.append(TimelineSample(timestamp=99.0, visible=False))
     assert [m.timestamp for m in lowest_moments(samples)] == [0.0, 23.0, 44.0]
+    # A student who was never low has no lowest moments, not their three least-high ones.
+    high = [TimelineSample(timestamp=float(t), visible=True, engagement_score=2.0 + 0.01 * t, engagement_level=2,
+                           confidence=0.9) for t in range(40)]
+    assert lowest_moments(high) == ()
 
 
 def test_mean_interval_widens_for_autocorrelated_samples() -> None:
@@ -742,3 +748,13 @@ def test_names_that_look_like_formulas_stay_text_in_the_csv(engine: Engine, tmp_
     assert not any(label.startswith(("=", "+", "-", "@", "\t", "\r")) for label in labels)
     # Numbers are not text: a negative head angle is still written as a number.
     assert any(row["head_pitch"] == "-3.0" for row in rows)
+
+
+def test_the_overview_opens_with_one_sentence_of_what_happened(rendered: ReportPaths) -> None:
+    overview = _read(rendered.overview)
+    sentence = overview.split('id="headline">')[1].split("</p>")[0]
+    assert sentence.startswith("Engagement was ") and "on average" in sentence and "students." in sentence
+    # When attention dropped most, and for how many (this class has a dip), explained beside the chart.
+    dropped = r"Attention dropped most at \d+:\d\d–\d+:\d\d, when up to \d+% of the visible students"
+    assert re.search(dropped, sentence), sentence
+    assert 'id="dips-explained"' in overview
