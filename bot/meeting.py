@@ -41,10 +41,12 @@ from sqlalchemy import Engine
 
 from bot.consent import ConsentPolicy
 from bot.janus import (
+    VIDEOROOM_NO_SUCH_FEED,
     ConnectionLost,
     HandleHangup,
     JanusConnectionLostError,
     JanusError,
+    JanusRequestError,
     JanusRoomClient,
     JanusRoomNotFoundError,
     JanusUnauthorizedError,
@@ -698,9 +700,27 @@ class MeetingBot:
                 if peer is not None:
                     with contextlib.suppress(Exception):
                         await peer.close()
-            await self._subscribe_to(connection, tuple(self._publishers.values()))
+            try:
+                await self._subscribe_to(connection, tuple(self._publishers.values()))
+            except JanusRequestError as exc:
+                if exc.code != VIDEOROOM_NO_SUCH_FEED:
+                    raise
+                # Someone left between the last roll call and this subscription: ask the room who is
+                # still there, let the others go, and subscribe to those who stayed.
+                await self._drop_publishers_not_in_room(connection)
+                await self._subscribe_to(connection, tuple(self._publishers.values()))
         finally:
             self._resubscribing.clear()
+
+    async def _drop_publishers_not_in_room(self, connection: _Connection) -> None:
+        """Forget the publishers the room's participant list no longer shows (they left)."""
+        if connection.card is None:
+            return
+        present = await connection.card.handle.publisher_ids(self.target.room)
+        for feed, publisher in list(self._publishers.items()):
+            if feed not in present:
+                self._departed[feed] = publisher.display  # its stream's leave reason becomes "left the meeting"
+                await self._publisher_gone(connection, feed, "no longer in the room's participant list")
 
     # --- reconnection ------------------------------------------------------------------------
 

@@ -166,7 +166,7 @@ class InProcessDispatcher:
     def _process(self, batches: list[CropBatch]) -> None:
         batch = batches[0] if len(batches) == 1 else CropBatch.concatenate(batches)
         results = analyse_crops(batch, self.models)
-        stored = store_face_results(self.engine, batch, results)
+        stored = store_face_results(self.engine, batch, results, only_while_running=False)
         self.stats.crops_stored += stored
         self.stats.batches_run += 1
         if self.on_stored is not None:

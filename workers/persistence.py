@@ -11,7 +11,14 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from kernel.store import Analysis, AnalysisStatus, FaceObservation, StoredBatch, insert_ignoring_duplicates
+from kernel.store import (
+    Analysis,
+    AnalysisStatus,
+    FaceObservation,
+    StoredBatch,
+    insert_ignoring_duplicates,
+    session_scope,
+)
 from kernel.types import EMOTION_LABELS, CropBatch, FaceAnalysisBatch, FloatArray
 
 
@@ -58,14 +65,21 @@ def observation_rows(batch: CropBatch, results: FaceAnalysisBatch) -> list[FaceO
 
 
 def store_face_results(engine: Engine, batch: CropBatch, results: FaceAnalysisBatch, *,
-                       batch_id: str | None = None) -> int:
+                       batch_id: str | None = None, only_while_running: bool = True) -> int:
     """Insert the observations of a batch while its analysis runs; a retried batch inserts nothing twice.
 
     Returns the rows offered, or 0 when the analysis no longer runs (failed, finished or
-    deleted): a batch that arrives after its producer gave up must not grow the analysis.
-    ``batch_id`` (the producer's id) is stored as the batch's receipt in the same transaction.
+    deleted): a batch that a worker finishes after its producer gave up must not grow the
+    analysis. ``batch_id`` (the producer's id) is stored as the batch's receipt in the same
+    transaction. The producer's own in-process inference passes ``only_while_running=False``:
+    it stops its dispatcher before it finalises or fails the analysis, so there is no late
+    batch to keep out.
     """
     rows = observation_rows(batch, results)
+    if not only_while_running:
+        with session_scope(engine) as session:
+            insert_ignoring_duplicates(session, rows)
+        return len(rows)
 
     def write(session: Session) -> bool:
         insert_ignoring_duplicates(session, rows)
