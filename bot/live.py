@@ -115,8 +115,7 @@ def create_live_analysis(
     with session_scope(engine) as session:
         analysis = Analysis(kind="meeting", source=source, title=title, sample_fps=settings.sample_fps,
                             emotion_inference=settings.emotion_inference, owner_id=owner_id, course=course,
-                            host_email=host_email, consent_mode=consent.mode, consent_names_json=consent.names_json(),
-                            heartbeat_at=utcnow())
+                            host_email=host_email, consent_mode=consent.mode, consent_names_json=consent.names_json())
         session.add(analysis)
         session.flush()
         assert analysis.id is not None

@@ -96,7 +96,7 @@ def _create_analysis(engine: Engine, source: str, settings: Settings, title: str
     with session_scope(engine) as session:
         owner_id = owner_id_for(session, settings.analysis_owner_email)
         analysis = Analysis(kind="recording", source=source, title=title, sample_fps=settings.sample_fps,
-                            emotion_inference=settings.emotion_inference, heartbeat_at=utcnow(),
+                            emotion_inference=settings.emotion_inference,
                             owner_id=owner_id, course=settings.analysis_course)
         session.add(analysis)
         session.flush()

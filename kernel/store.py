@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, UniqueConstraint, delete, event, inspect, literal, text
+from sqlalchemy import Engine, UniqueConstraint, delete, event, func, inspect, literal, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
@@ -418,6 +418,11 @@ def init_store(url: str) -> Engine:
         raise ConfigurationError(f"cannot open the database {engine.url!r}: {reason}") from None
     return engine
 
+
+
+def last_sign_of_life() -> Any:
+    """SQL for when an analysis' producer last showed it was alive: its heartbeat, else its creation."""
+    return func.coalesce(col(Analysis.heartbeat_at), col(Analysis.created_at))
 
 
 def store_id_of(engine: Engine) -> str:

@@ -69,6 +69,11 @@ class StudentRule:
         """The rule the final step applies (``min_student_seconds``, ``min_student_score``)."""
         return cls(settings.min_student_seconds, 1.0 / settings.sample_fps, settings.min_student_score)
 
+    def admits(self, summary: TrackSummary) -> bool:
+        """Whether the track counts as a student."""
+        return is_student(summary, min_seconds=self.min_seconds, sample_interval=self.sample_interval,
+                          min_score=self.min_score)
+
 
 class CapturePipeline:
     """Detect → track → crop for the frames of one stream, in order; owns the stream's tracker."""
@@ -102,7 +107,4 @@ class CapturePipeline:
 
     def students_so_far(self) -> int:
         """Tracks that already count as students by the report's rule (seen long and clearly enough)."""
-        rule = self.student_rule
-        return sum(1 for summary in self._tracker.summaries()
-                   if is_student(summary, min_seconds=rule.min_seconds, sample_interval=rule.sample_interval,
-                                 min_score=rule.min_score))
+        return sum(1 for summary in self._tracker.summaries() if self.student_rule.admits(summary))

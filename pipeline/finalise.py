@@ -10,12 +10,22 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, update
+from sqlalchemy import Engine, delete, update
 from sqlmodel import Session, col
 
 from kernel.settings import Settings
-from kernel.store import Analysis, AnalysisStatus, FaceObservation, Student, delete_analysis_data, session_scope, utcnow
-from vision.tracking import TrackSummary, is_student
+from kernel.store import (
+    Analysis,
+    AnalysisStatus,
+    FaceObservation,
+    Student,
+    delete_analysis_data,
+    last_sign_of_life,
+    session_scope,
+    utcnow,
+)
+from pipeline.capture import StudentRule
+from vision.tracking import TrackSummary
 
 
 def finalise_students(session: Session, analysis_id: int, summaries: list[TrackSummary], settings: Settings, *,
@@ -25,9 +35,8 @@ def finalise_students(session: Session, analysis_id: int, summaries: list[TrackS
     Students are labelled ``Student 1…n`` in order of first appearance unless
     ``label_students`` names them (a meeting labels them by display name).
     """
-    interval = 1.0 / settings.sample_fps
-    students = [s for s in summaries if is_student(s, min_seconds=settings.min_student_seconds,
-                                                    sample_interval=interval, min_score=settings.min_student_score)]
+    rule = StudentRule.from_settings(settings)  # the rule progress displays count by, too
+    students = [s for s in summaries if rule.admits(s)]
     students.sort(key=lambda s: (s.first_seen, s.track_id))
     labels = (label_students(students) if label_students is not None
               else [f"Student {number}" for number in range(1, len(students) + 1)])
@@ -59,8 +68,8 @@ def mark_failed(engine: Engine, analysis_id: int, reason: str, *,
     """
     statement = update(Analysis).where(col(Analysis.id) == analysis_id)
     if only_if_silent_since is not None:
-        last_sign = func.coalesce(col(Analysis.heartbeat_at), col(Analysis.created_at))
-        statement = statement.where(col(Analysis.status) == AnalysisStatus.running, last_sign < only_if_silent_since)
+        statement = statement.where(col(Analysis.status) == AnalysisStatus.running,
+                                    last_sign_of_life() < only_if_silent_since)
     with session_scope(engine) as session:
         result: Any = session.execute(statement.values(
             status=AnalysisStatus.failed, failure_reason=reason, finished_at=utcnow(), report_path=None))

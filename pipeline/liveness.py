@@ -16,11 +16,11 @@ import logging
 import threading
 from datetime import timedelta
 
-from sqlalchemy import Engine, func, update
+from sqlalchemy import Engine, update
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
-from kernel.store import Analysis, AnalysisStatus, utcnow
+from kernel.store import Analysis, AnalysisStatus, last_sign_of_life, utcnow
 from pipeline.finalise import mark_failed
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def fail_abandoned_analyses(engine: Engine, stale_after_seconds: float) -> list[
     An analysis that never stamped (made by an older release) counts from its creation.
     """
     cutoff = utcnow() - timedelta(seconds=stale_after_seconds)
-    last_sign = func.coalesce(col(Analysis.heartbeat_at), col(Analysis.created_at))
+    last_sign = last_sign_of_life()
     with Session(engine) as session:
         stale = list(session.exec(select(Analysis.id, last_sign).where(
             col(Analysis.status) == AnalysisStatus.running, last_sign < cutoff)))

@@ -78,7 +78,7 @@ def make_celery_app(settings: Settings, *, visibility_timeout_seconds: int | Non
     broker_url = _check_broker_url(settings)
     # Registers the shared tasks; imported here rather than at the top so that this module
     # stays importable (for `-A`) without pulling the inference code in twice.
-    from workers import lifecycle, maintenance, tasks  # noqa: F401  (lifecycle: the worker's signal handlers)
+    from workers import lifecycle, maintenance, tasks
 
     visibility = (visibility_timeout_seconds or settings.broker_visibility_timeout_seconds
                   or default_visibility_timeout(settings))
@@ -128,7 +128,7 @@ def make_celery_app(settings: Settings, *, visibility_timeout_seconds: int | Non
         # rather than finishing and being redelivered anyway.
         worker_cancel_long_running_tasks_on_connection_loss=True,
     )
-    setattr(app, tasks.SETTINGS_ATTRIBUTE, settings)
+    setattr(app, lifecycle.SETTINGS_ATTRIBUTE, settings)
     return app
 
 

@@ -69,6 +69,14 @@ def publish_error(app: Celery, what: str, exc: BaseException) -> CeleryDispatchE
     )
 
 
+def lost_work(redelivery: Redelivery, seen: Observation) -> list[str]:
+    """Ids of the work a worker or the broker lost, to send again; fails when no worker can work."""
+    try:
+        return redelivery.to_resend(seen)
+    except WorkersUnavailableError as exc:
+        raise CeleryDispatchError(str(exc)) from None
+
+
 class CeleryDispatcher:
     """Sends crop batches of one analysis to Celery workers and waits for their results in the store.
 
@@ -220,10 +228,7 @@ class CeleryDispatcher:
 
     def _resend_lost(self, seen: Observation) -> None:
         """Publish again the batches a worker or the broker lost; fail when no worker can work."""
-        try:
-            lost = [batch_id for batch_id in self._redelivery.to_resend(seen) if batch_id in self._unconfirmed]
-        except WorkersUnavailableError as exc:
-            raise CeleryDispatchError(str(exc)) from None
+        lost = [batch_id for batch_id in lost_work(self._redelivery, seen) if batch_id in self._unconfirmed]
         if lost:
             logger.warning("analysis %d: sending %d crop batch%s again (lost with a worker or the broker)",
                            self.analysis_id, len(lost), "" if len(lost) == 1 else "es")

@@ -14,10 +14,13 @@ would have.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
 from celery import Task, shared_task
+from sqlalchemy import Engine
 
 from kernel.settings import Settings
 from kernel.store import init_store
@@ -54,18 +57,26 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     }
 
 
+@contextmanager
+def _store_of(task: Task) -> Iterator[tuple[Settings, Engine]]:
+    """The settings of the task's app and an engine on their store, disposed of afterwards."""
+    from workers.lifecycle import settings_of
+
+    settings = settings_of(task.app)
+    engine = init_store(settings.resolved_database_url)
+    try:
+        yield settings, engine
+    finally:
+        engine.dispose()
+
+
 @shared_task(bind=True, name=RUN_RETENTION_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
 def run_retention_task(self: Task) -> list[int]:
     """Delete the sessions older than ``retention_days``; returns their ids."""
     from classlens.privacy import run_retention
-    from workers.tasks import settings_of
 
-    settings = settings_of(self.app)
-    engine = init_store(settings.resolved_database_url)
-    try:
+    with _store_of(self) as (settings, engine):
         result = run_retention(engine, settings)
-    finally:
-        engine.dispose()
     logger.info("retention: deleted %d session(s) created before %s: %s", len(result.deleted_analysis_ids),
                 result.cutoff, result.deleted_analysis_ids)
     return result.deleted_analysis_ids
@@ -75,11 +86,6 @@ def run_retention_task(self: Task) -> list[int]:
 def fail_abandoned_task(self: Task) -> list[int]:
     """Mark failed the running analyses whose producer stopped showing signs of life; returns their ids."""
     from pipeline.liveness import fail_abandoned_analyses
-    from workers.tasks import settings_of
 
-    settings = settings_of(self.app)
-    engine = init_store(settings.resolved_database_url)
-    try:
+    with _store_of(self) as (settings, engine):
         return fail_abandoned_analyses(engine, settings.abandoned_after_seconds)
-    finally:
-        engine.dispose()

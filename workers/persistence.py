@@ -133,9 +133,8 @@ def write_while_running(engine: Engine, analysis_id: int, write: Callable[[Sessi
                 raise
     except IntegrityError:
         # The analysis row is gone (deleted while the segment ran): nothing to write to.
-        with Session(engine) as session:
-            if session.get(Analysis, analysis_id) is None:
-                return False
+        if not analysis_exists(engine, analysis_id):
+            return False
         raise
 
 

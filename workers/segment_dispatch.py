@@ -25,9 +25,9 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlmodel import Session
 
 from kernel.store import SegmentState, SegmentStatus, insert_ignoring_duplicates, session_scope, store_id_of
-from workers.celery_dispatch import PUBLISH_RETRY_POLICY, CeleryDispatchError, first_line, publish_error
+from workers.celery_dispatch import PUBLISH_RETRY_POLICY, CeleryDispatchError, first_line, lost_work, publish_error
 from workers.liveness import WorkerDirectory
-from workers.redelivery import Observation, Redelivery, WorkersUnavailableError
+from workers.redelivery import Observation, Redelivery
 from workers.segments import Segment, statuses_for
 from workers.tasks import ANALYSE_RECORDING_SEGMENT_TASK
 
@@ -124,10 +124,7 @@ class SegmentDispatcher:
 
     def _resend_lost(self, seen: Observation) -> None:
         """Publish again the segments a worker or the broker lost; fail when no worker can work."""
-        try:
-            lost = [self._by_work_id[w] for w in self._redelivery.to_resend(seen) if w in self._by_work_id]
-        except WorkersUnavailableError as exc:
-            raise CeleryDispatchError(str(exc)) from None
+        lost = [self._by_work_id[w] for w in lost_work(self._redelivery, seen) if w in self._by_work_id]
         if lost:
             logger.warning("analysis %d: sending %s again (lost with a worker or the broker)", self.analysis_id,
                            ", ".join(segment.describe(len(self.segments)) for segment in lost))

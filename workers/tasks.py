@@ -39,7 +39,7 @@ from kernel.types import CROP_SIZE, CropBatch
 from pipeline.models import CaptureModels, capture_key, load_capture_models, load_inference_models
 from workers.failures import ensure_failed_batch_table, record_failed_batch
 from workers.inference import InferenceModels, analyse_crops
-from workers.lifecycle import SETTINGS_ATTRIBUTE, WorkerState, current_reporter, settings_of
+from workers.lifecycle import WorkerState, current_reporter, settings_of
 from workers.liveness import WorkerReporter
 from workers.persistence import analysis_exists, store_face_results
 from workers.segments import Segment, analyse_segment, record_segment_failure, segment_settings
@@ -47,13 +47,11 @@ from workers.segments import Segment, analyse_segment, record_segment_failure, s
 __all__ = [
     "ANALYSE_CROP_BATCH_TASK",
     "ANALYSE_RECORDING_SEGMENT_TASK",
-    "SETTINGS_ATTRIBUTE",
     "InferenceTask",
     "SegmentTask",
     "WorkerResources",
     "analyse_crop_batch",
     "analyse_recording_segment",
-    "settings_of",
 ]
 
 logger = logging.getLogger(__name__)
