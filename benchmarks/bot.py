@@ -47,8 +47,8 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
 
 from analyze import machine_info  # noqa: E402  (benchmarks/analyze.py: the same machine description)
 
-from bot.consent import ConsentPolicy  # noqa: E402
 from bot.live import LiveSession, ReplayVideoTrack, create_live_analysis, decode_video_frames  # noqa: E402
+from kernel.consent import ConsentPolicy  # noqa: E402
 from kernel.settings import Settings, load_settings  # noqa: E402
 from kernel.store import init_store  # noqa: E402
 from pipeline.models import PipelineComponents  # noqa: E402

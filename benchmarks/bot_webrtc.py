@@ -40,10 +40,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # imported by benchmarks/bot.py run as a script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-from bot.consent import ConsentPolicy  # noqa: E402
 from bot.janus import JanusRoomClient  # noqa: E402
 from bot.live import create_live_analysis  # noqa: E402
 from bot.meeting import MeetingBot, MeetingTarget  # noqa: E402
+from kernel.consent import ConsentPolicy  # noqa: E402
 from kernel.settings import Settings  # noqa: E402
 from kernel.store import init_store  # noqa: E402
 from pipeline.models import PipelineComponents  # noqa: E402

@@ -31,9 +31,9 @@ from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import Engine
 from sqlmodel import col, select
 
-from bot.consent import ConsentPolicy
 from bot.live import SharedComponents
 from bot.meeting import MeetingBot, MeetingOutcome, MeetingStatus, MeetingTarget
+from kernel.consent import ConsentPolicy
 from kernel.errors import BadInputError
 from kernel.settings import Settings
 from kernel.store import (

@@ -40,7 +40,7 @@ from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 from sqlalchemy import Engine
 
-from bot.consent import ConsentPolicy
+from kernel.consent import ConsentPolicy
 from kernel.settings import Settings
 from kernel.store import (
     Analysis,
@@ -57,7 +57,6 @@ from pipeline.capture import CapturePipeline
 from pipeline.finalise import finalise_students, mark_failed
 from pipeline.liveness import ProducerHeartbeat
 from pipeline.models import PipelineComponents
-from vision.tracking import TrackSummary
 from workers.dispatch import CropDispatcher, InProcessDispatcher
 
 if TYPE_CHECKING:
@@ -557,9 +556,10 @@ class LiveSession:
                 self._dispatcher.submit(batch)
         stats = stream.stats
         stats.frames_sampled += 1
-        stats.faces_detected += len(captured.detections)
+        stats.faces_detected += captured.faces
         stats.students_live = stream.pipeline.students_so_far()
-        self._add_sample(captured.sample)
+        for sample in captured.samples:
+            self._add_sample(sample)
 
     def _add_sample(self, row: FrameSample) -> None:
         with self._samples_lock:
@@ -654,7 +654,7 @@ class LiveSession:
         with session_scope(self.engine) as session:
             insert_ignoring_duplicates(session, rows)
             students = finalise_students(session, self.analysis_id, summaries, self.settings,
-                                          label_students=label_students)
+                                          named=lambda stream: True)
             insert_ignoring_duplicates(session, [
                 StreamStats(analysis_id=self.analysis_id, stream=s.key, display_name=s.display_name,
                             frames_received=s.stats.frames_received, frames_sampled=s.stats.frames_sampled,
@@ -705,21 +705,6 @@ class LiveSession:
         if self._dispatcher is not None:
             self._dispatcher.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def label_students(students: list[TrackSummary]) -> list[str]:
-    """Labels of a meeting's students: the stream's name, then ``"Name (2)"``… for further faces on that feed.
-
-    ``students`` are in order of first appearance. A stream key is the participant's
-    display name (``"Name [2]"`` when two participants shared one, so their students stay distinct).
-    """
-    labels: list[str] = []
-    seen: dict[str, int] = {}
-    for summary in students:
-        count = seen.get(summary.stream, 0) + 1
-        seen[summary.stream] = count
-        labels.append(summary.stream if count == 1 else f"{summary.stream} ({count})")
-    return labels
 
 
 _thread_state = threading.local()

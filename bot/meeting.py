@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 
-from bot.consent import ConsentPolicy
 from bot.janus import (
     VIDEOROOM_NO_SUCH_FEED,
     ConnectionLost,
@@ -65,6 +64,7 @@ from bot.janus import (
 )
 from bot.receive_buffers import enlarge_receive_buffers
 from bot.rtp_recovery import restart_video_receiver
+from kernel.consent import ConsentPolicy
 from kernel.settings import Settings
 from kernel.store import Analysis, AnalysisStatus, ConsentMode, MeetingState, session_scope
 

@@ -318,8 +318,8 @@ class WhipIngest:
         """Negotiate one WHIP connection and add its video tracks as participants of a new or running session."""
         from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
-        from bot.consent import ConsentPolicy
         from bot.live import LiveSession, create_live_analysis
+        from kernel.consent import ConsentPolicy
 
         existing: _LiveEntry | None = None
         if session_id is not None:

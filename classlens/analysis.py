@@ -21,6 +21,7 @@ from sqlalchemy import Engine, func, update
 from sqlmodel import col, select
 
 from kernel.accounts import owner_id_for
+from kernel.consent import ConsentPolicy
 from kernel.errors import BadInputError, ClassLensError
 from kernel.settings import Settings
 from kernel.store import (
@@ -34,7 +35,8 @@ from kernel.store import (
     utcnow,
 )
 from pipeline.capture import CapturePipeline
-from pipeline.finalise import failure_reason, finalise_students, mark_failed
+from pipeline.finalise import NAME_FROM_LABEL, failure_reason, finalise_students, mark_failed
+from pipeline.gallery import gallery_splitter_for, is_tile_stream, recorded_layout
 from pipeline.liveness import ProducerHeartbeat, fail_abandoned_analyses
 from pipeline.models import PipelineComponents
 from vision.sources import RecordedFileSource, VideoInfo, prefetched
@@ -92,12 +94,19 @@ def _open_store(settings: Settings) -> Engine:
     return engine
 
 
+def recording_consent(settings: Settings) -> ConsentPolicy:
+    """Whose display names a recording may analyse: everyone but ``settings.recording_opt_out``."""
+    return ConsentPolicy.opt_out(settings.recording_opt_out) if settings.recording_opt_out else ConsentPolicy.everyone()
+
+
 def _create_analysis(engine: Engine, source: str, settings: Settings, title: str) -> int:
+    consent = recording_consent(settings)
     with session_scope(engine) as session:
         owner_id = owner_id_for(session, settings.analysis_owner_email)
         analysis = Analysis(kind="recording", source=source, title=title, sample_fps=settings.sample_fps,
                             emotion_inference=settings.emotion_inference,
-                            owner_id=owner_id, course=settings.analysis_course)
+                            owner_id=owner_id, course=settings.analysis_course,
+                            consent_mode=consent.mode, consent_names_json=consent.names_json())
         session.add(analysis)
         session.flush()
         assert analysis.id is not None
@@ -121,6 +130,10 @@ def analyze_recording(
 
     With a broker, a file longer than ``segment_seconds`` is analysed in time segments by
     the workers (:func:`submit_segmented_analysis`); ``components`` are then not needed.
+
+    A gallery recording's participants are named by their tiles' labels
+    (``settings.video_layout``, :mod:`pipeline.gallery`); the names on
+    ``settings.recording_opt_out`` are never analysed, and the list is recorded on the analysis.
     """
     if settings.broker_url and isinstance(path, Path):
         segmented = submit_segmented_analysis(path, settings, out_dir=out_dir, title=title)
@@ -165,17 +178,18 @@ def analyze_recording(
         else:
             dispatcher = InProcessDispatcher(components.models, engine, batch_size=settings.batch_size,
                                              on_stored=stored)
+        gallery = gallery_splitter_for(settings, recording_consent(settings), components.embedder)
         pipeline = CapturePipeline.configured(components.detector, components.embedder, settings,
-                                              analysis_id=analysis_id)
+                                              analysis_id=analysis_id, gallery=gallery)
         samples: list[FrameSample] = []
         last_timestamp = 0.0
         for frame in prefetched(source):
             captured = pipeline.capture(frame)
             if captured.batch is not None:
                 dispatcher.submit(captured.batch)
-            samples.append(captured.sample)
+            samples.extend(captured.samples)
             state.frames_sampled += 1
-            state.faces_found += len(captured.detections)
+            state.faces_found += captured.faces
             state.students_tracked = pipeline.students_so_far()
             state.class_time = frame.timestamp
             last_timestamp = frame.timestamp
@@ -188,9 +202,11 @@ def analyze_recording(
             progress(state)
         with session_scope(engine) as session:
             insert_ignoring_duplicates(session, samples)
-            students = finalise_students(session, analysis_id, pipeline.summaries(), settings)
+            students = finalise_students(session, analysis_id, pipeline.summaries(), settings,
+                                         named=is_tile_stream, name_source=NAME_FROM_LABEL)
             analysis = session.get(Analysis, analysis_id)
             assert analysis is not None
+            analysis.layout = recorded_layout(pipeline.summaries())
             analysis.frames_sampled = state.frames_sampled
             analysis.faces_detected = state.faces_found
             # The container's duration when it states one; otherwise the sampled span.
@@ -352,13 +368,15 @@ def _finalise_segmented(engine: Engine, analysis_id: int, settings: Settings, in
             session.execute(update(FaceObservation).where(
                 col(FaceObservation.analysis_id) == analysis_id, col(FaceObservation.track_id) == old,
             ).values(track_id=new))
-        students = finalise_students(session, analysis_id, stitched.summaries, settings)
+        students = finalise_students(session, analysis_id, stitched.summaries, settings,
+                                     named=is_tile_stream, name_source=NAME_FROM_LABEL)
         frames, last = session.exec(select(func.count(), func.max(FrameSample.timestamp)).where(
             col(FrameSample.analysis_id) == analysis_id)).one()
         last_timestamp = float(last or 0.0)
         analysis = session.get(Analysis, analysis_id)
         assert analysis is not None
         analysis.models_json = result.models_json or "{}"
+        analysis.layout = recorded_layout(stitched.summaries)
         analysis.frames_sampled = int(frames)
         analysis.faces_detected = result.faces
         # The container's duration when it states one; otherwise the sampled span.

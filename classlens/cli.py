@@ -25,7 +25,7 @@ from classlens.cli_report import report
 from classlens.cli_serve import serve, users_app
 from classlens.cli_training import evaluate_command, export_command, models_use, train_app
 from kernel.errors import ClassLensError
-from kernel.settings import Settings, load_settings
+from kernel.settings import Settings, VideoLayout, load_settings
 from model_export.download_progress import set_download_reporter
 
 app = typer.Typer(name="classlens", help="Engagement analytics for online classes.", no_args_is_help=True,
@@ -167,13 +167,23 @@ def analyze(
     title: Annotated[str | None, typer.Option(
         "--title", help="Name of the class in the reports (default: the file name).")] = None,
     course: CourseOption = None,
+    layout: Annotated[VideoLayout | None, typer.Option(
+        "--layout", help="auto: a meeting's gallery is split into its participants' tiles, named by their labels, "
+        "and any other video is one camera picture; gallery: always look for tiles; camera: never split. "
+        "Default: the video_layout setting (auto).")] = None,
+    opt_out: Annotated[list[str] | None, typer.Option(
+        "--opt-out", help="Display name never to analyse in a gallery recording (repeatable).")] = None,
     quiet: QuietOption = False,
 ) -> None:
-    """Analyse recorded lectures and write per-student and class reports."""
+    """Analyse recorded lectures and write per-student and class reports.
+
+    Gallery recordings (Zoom, Teams, Meet, Jitsi, a shared meeting window) give one
+    student per participant tile, named as the tile's label reads.
+    """
     with user_errors():
         settings = load_settings(sample_fps=fps, database_url=db, emotion_inference=emotion, detector=detector,
                                  recognizer=recognizer, broker_url=broker, analysis_owner_email=owner,
-                                 analysis_course=course)
+                                 analysis_course=course, video_layout=layout, recording_opt_out=opt_out)
         failures = 0
         submitted: dict[int, Any] = {}
         try:

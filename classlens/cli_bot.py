@@ -113,9 +113,9 @@ def join(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No status line.")] = False,
 ) -> None:
     """Join a Janus VideoRoom as a visible participant and analyse the class until it ends (Ctrl-C leaves)."""
-    from bot.consent import ConsentPolicy
     from bot.meeting import MeetingTarget
     from classlens.cli_common import user_errors
+    from kernel.consent import ConsentPolicy
     from kernel.errors import BadInputError
     from kernel.settings import load_settings
     from kernel.store import MeetingState

@@ -148,7 +148,7 @@ def per_student_tables() -> tuple[list[Table], list[Table]]:
 
 def _without_name(names_json: str, label: str) -> str:
     """The consent list without the student's name, compared as the consent policy compares names."""
-    from bot.consent import normalise_name
+    from kernel.consent import normalise_name
 
     try:
         names = json.loads(names_json)

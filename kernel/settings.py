@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +27,17 @@ def _default_data_dir() -> Path:
 def _default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "classlens" / "models"
+
+
+class VideoLayout(StrEnum):
+    """How a recording's frames are laid out."""
+
+    auto = "auto"
+    """Find out per frame: a gallery where tiles are found, a camera picture elsewhere."""
+    gallery = "gallery"
+    """A meeting's gallery or speaker view: always look for tiles and their names."""
+    camera = "camera"
+    """One camera picture: never split."""
 
 
 class Settings(BaseSettings):
@@ -115,6 +127,25 @@ class Settings(BaseSettings):
     )
     sample_fps: float = Field(
         default=1.0, gt=0.0, le=30.0, description="Frames sampled per second of class time."
+    )
+    video_layout: VideoLayout = Field(
+        default=VideoLayout.auto,
+        description=(
+            "How recordings are read: 'auto' (a meeting's gallery where tiles are found, one camera picture "
+            "elsewhere), 'gallery' (always look for tiles and read each participant's name off its label) or "
+            "'camera' (never split a frame into tiles)."
+        ),
+    )
+    recording_opt_out: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Display names never to analyse in gallery recordings (`--opt-out`): faces in a tile labelled with one "
+            "of them are dropped, as a meeting's opt-out list drops the participant."
+        ),
+    )
+    ocr_language: str = Field(
+        default="Latin",
+        description="Tesseract language model that reads display names off gallery tiles ('Latin' reads accents).",
     )
     detector_input_size: int = Field(
         default=640,

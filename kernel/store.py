@@ -124,6 +124,9 @@ class Analysis(SQLModel, table=True):
     heartbeat_at: datetime | None = Field(
         default=None, description="When the analysis' producer last showed it was alive (running analyses only).")
     sample_fps: float = Field(default=1.0, description="Frames sampled per second of class time.")
+    layout: str = Field(default="camera", description=(
+        "How a recording's frames were read: 'camera' (one picture) or 'gallery' (a meeting's tiles, each "
+        "participant named by the tile's label)."))
     duration_seconds: float = Field(default=0.0, description="Class time covered by the source.")
     frames_sampled: int = Field(default=0)
     faces_detected: int = Field(default=0)
@@ -151,6 +154,9 @@ class Student(SQLModel, table=True):
     stream: str = Field(default="main")
     track_id: int
     label: str = Field(description="Display name in reports: 'Student 3', or the meeting display name.")
+    name_source: str = Field(default="none", description=(
+        "How the label was found: 'meeting' (the participant's display name in a meeting), 'label' (read off "
+        "the participant's tile in a gallery recording) or 'none' (numbered)."))
     first_seen: float = Field(description="Class time of the first sample the face was seen in.")
     last_seen: float
     samples_visible: int = Field(description="Sampled frames in which the face was detected.")

@@ -17,6 +17,7 @@ import numpy as np
 from kernel.settings import Settings
 from kernel.store import FrameSample
 from kernel.types import CROP_SIZE, CropBatch, FrameDetections, VideoFrame
+from pipeline.gallery import FramePart, GallerySplitter
 from vision.detection import FaceDetector
 from vision.geometry import align_face, head_poses
 from vision.recognition import Embedder
@@ -43,14 +44,23 @@ def crop_batch_for(analysis_id: int, frame: VideoFrame, detections: FrameDetecti
 
 @dataclass(frozen=True)
 class CapturedFrame:
-    """What the pipeline made of one sampled frame."""
+    """What the pipeline made of one sampled frame: one share per stream the frame fed.
 
-    detections: FrameDetections
-    """Every face found, with its student track id."""
+    A camera frame feeds its own stream; a gallery frame also feeds one stream per named
+    tile (:mod:`pipeline.gallery`), each with its faces in the tile's coordinates.
+    """
+
+    detections: tuple[FrameDetections, ...]
+    """Every face found, with its student track id, per stream (the frame's own stream first)."""
     batch: CropBatch | None
-    """The faces' crops for inference; None when the frame held no face."""
-    sample: FrameSample
-    """The frame's row for the store: when it was sampled and how many faces it held."""
+    """All the faces' crops for inference; None when the frame held no face."""
+    samples: tuple[FrameSample, ...]
+    """Rows for the store, one per stream: when it was sampled and how many faces it held."""
+
+    @property
+    def faces(self) -> int:
+        """Faces found in the whole frame."""
+        return sum(len(part) for part in self.detections)
 
 
 @dataclass(frozen=True)
@@ -79,8 +89,11 @@ class CapturePipeline:
     """Detect → track → crop for the frames of one stream, in order; owns the stream's tracker."""
 
     def __init__(self, detector: FaceDetector, embedder: Embedder | None, *, analysis_id: int,
-                 max_gap_seconds: float, first_track_id: int = 1, student_rule: StudentRule | None = None) -> None:
+                 max_gap_seconds: float, first_track_id: int = 1, student_rule: StudentRule | None = None,
+                 gallery: GallerySplitter | None = None) -> None:
         self.detector = detector
+        self.gallery = gallery
+        """Splits gallery frames among the participants' tiles; None for camera pictures only."""
         self.analysis_id = analysis_id
         self.student_rule = student_rule or StudentRule()
         """What makes a track a student, so that progress counts students as the report will."""
@@ -88,18 +101,26 @@ class CapturePipeline:
 
     @classmethod
     def configured(cls, detector: FaceDetector, embedder: Embedder | None, settings: Settings, *,
-                   analysis_id: int, first_track_id: int = 1) -> CapturePipeline:
+                   analysis_id: int, first_track_id: int = 1, gallery: GallerySplitter | None = None,
+                   ) -> CapturePipeline:
         """A pipeline with the loaded capture models, tracking as the settings say."""
         return cls(detector, embedder, analysis_id=analysis_id, max_gap_seconds=settings.track_max_gap_seconds,
-                   first_track_id=first_track_id, student_rule=StudentRule.from_settings(settings))
+                   first_track_id=first_track_id, student_rule=StudentRule.from_settings(settings), gallery=gallery)
 
     def capture(self, frame: VideoFrame) -> CapturedFrame:
         """Detect, track and crop one frame (frames of a stream must come in time order)."""
-        detections = self._tracker.update(self.detector.detect(frame), frame.image)
-        batch = crop_batch_for(self.analysis_id, frame, detections) if len(detections) else None
-        sample = FrameSample(analysis_id=self.analysis_id, stream=frame.stream, timestamp=frame.timestamp,
-                             faces=len(detections))
-        return CapturedFrame(detections, batch, sample)
+        found = self.detector.detect(frame)
+        parts = self.gallery.split(frame, found) if self.gallery is not None else [FramePart(frame, found)]
+        detections, batches, samples = [], [], []
+        for part in parts:
+            tracked = self._tracker.update(part.detections, part.frame.image)
+            detections.append(tracked)
+            if len(tracked):
+                batches.append(crop_batch_for(self.analysis_id, part.frame, tracked))
+            samples.append(FrameSample(analysis_id=self.analysis_id, stream=part.frame.stream,
+                                       timestamp=frame.timestamp, faces=len(tracked)))
+        batch = (batches[0] if len(batches) == 1 else CropBatch.concatenate(batches)) if batches else None
+        return CapturedFrame(tuple(detections), batch, tuple(samples))
 
     def summaries(self) -> list[TrackSummary]:
         """Every track seen so far, in order of creation."""

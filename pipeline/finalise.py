@@ -27,22 +27,50 @@ from kernel.store import (
 from pipeline.capture import StudentRule
 from vision.tracking import TrackSummary
 
+#: How a student's label was found (``Student.name_source``).
+NAME_FROM_MEETING = "meeting"
+NAME_FROM_LABEL = "label"
+NAME_FROM_NONE = "none"
+
+
+def label_students(students: list[TrackSummary], named: Callable[[str], bool],
+                   source: str = NAME_FROM_MEETING) -> list[tuple[str, str]]:
+    """Each student's label and its source, in order of first appearance.
+
+    A student of a named stream (a meeting participant's feed, a gallery tile's label) is
+    called by the stream's name, and further faces on that stream ``"Name (2)"``…; a
+    stream key is the display name (``"Name [2]"`` when two participants share one, so their
+    students stay distinct). Every other student is ``"Student 1…n"``.
+    """
+    labels: list[tuple[str, str]] = []
+    seen: dict[str, int] = {}
+    numbered = 0
+    for summary in students:
+        if named(summary.stream):
+            count = seen.get(summary.stream, 0) + 1
+            seen[summary.stream] = count
+            labels.append((summary.stream if count == 1 else f"{summary.stream} ({count})", source))
+        else:
+            numbered += 1
+            labels.append((f"Student {numbered}", NAME_FROM_NONE))
+    return labels
+
 
 def finalise_students(session: Session, analysis_id: int, summaries: list[TrackSummary], settings: Settings, *,
-                      label_students: Callable[[list[TrackSummary]], list[str]] | None = None) -> int:
+                      named: Callable[[str], bool] = lambda stream: False, name_source: str = NAME_FROM_MEETING,
+                      ) -> int:
     """Create Student rows for tracks seen long enough; drop observations of the rest.
 
-    Students are labelled ``Student 1…n`` in order of first appearance unless
-    ``label_students`` names them (a meeting labels them by display name).
+    Students of the streams ``named`` accepts are called by the stream's name (a meeting
+    participant's display name, a gallery tile's label: ``name_source`` says which); the
+    rest are ``Student 1…n`` in order of first appearance.
     """
     rule = StudentRule.from_settings(settings)  # the rule progress displays count by, too
     students = [s for s in summaries if rule.admits(s)]
     students.sort(key=lambda s: (s.first_seen, s.track_id))
-    labels = (label_students(students) if label_students is not None
-              else [f"Student {number}" for number in range(1, len(students) + 1)])
-    for summary, label in zip(students, labels, strict=True):
+    for summary, (label, source) in zip(students, label_students(students, named, name_source), strict=True):
         session.add(Student(analysis_id=analysis_id, stream=summary.stream, track_id=summary.track_id,
-                            label=label, first_seen=summary.first_seen,
+                            label=label, name_source=source, first_seen=summary.first_seen,
                             last_seen=summary.last_seen, samples_visible=summary.samples))
     transient = [s.track_id for s in summaries if s not in students]
     if transient:

@@ -15,8 +15,12 @@ import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from kernel.store import Analysis, FaceObservation, FrameSample, Student
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("CLASSLENS_TEST_SHARED_DIR", REPO_ROOT.parent / "shared"))
@@ -26,6 +30,8 @@ DATA_DIR = SHARED_DIR / "data"
 IN_CI = bool(os.environ.get("CI"))
 JANUS_BINARY = Path("/usr/bin/janus")
 CHROMIUM_BINARY = shutil.which("chromium")
+#: Tesseract's Latin-script model, which reads accented display names (Debian: tesseract-ocr-script-latn).
+TESSERACT_LATIN = Path("/usr/share/tesseract-ocr/5/tessdata/Latin.traineddata")
 POSTGRES_URL = os.environ.get(
     "CLASSLENS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
@@ -62,6 +68,9 @@ def _check_prerequisites(request: pytest.FixtureRequest) -> None:
         require(JANUS_BINARY.exists(), "needs Debian's janus package (run scripts/setup-system)")
     if request.node.get_closest_marker("browser"):
         require(CHROMIUM_BINARY is not None, "needs Debian's chromium package (run scripts/setup-system)")
+    if request.node.get_closest_marker("ocr"):
+        require(shutil.which("tesseract") is not None and TESSERACT_LATIN.is_file(),
+                "needs Debian's tesseract-ocr and tesseract-ocr-script-latn (run scripts/setup-system)")
     if request.node.get_closest_marker("torch"):
         require(importlib.util.find_spec("torch") is not None,
                 "needs PyTorch: pip install torch==2.13.0 && pip install -e '.[train]'")
@@ -145,3 +154,20 @@ def face_api_tarball(model_cache_dir: Path) -> bytes:
     except ModelSupplyError as exc:
         require(False, f"needs the npm registry to download face-api once ({exc})")
         raise
+
+
+def stored_analysis(analysis_id: int) -> tuple[Analysis, list[Student], list[FaceObservation], list[FrameSample]]:
+    """An analysis as the default store (the isolated environment's) holds it: row, students, faces, samples."""
+    from sqlmodel import select
+
+    from kernel.settings import load_settings
+    from kernel.store import Analysis, FaceObservation, FrameSample, Student, init_store, session_scope
+
+    engine = init_store(load_settings().resolved_database_url)
+    with session_scope(engine) as session:
+        analysis = session.get(Analysis, analysis_id)
+        assert analysis is not None
+        students = list(session.exec(select(Student).where(Student.analysis_id == analysis_id)))
+        observations = list(session.exec(select(FaceObservation).where(FaceObservation.analysis_id == analysis_id)))
+        samples = list(session.exec(select(FrameSample).where(FrameSample.analysis_id == analysis_id)))
+    return analysis, students, observations, samples

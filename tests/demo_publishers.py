@@ -25,13 +25,15 @@ import contextlib
 import http.server
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bot.janus import JanusRoomClient
-from tests.conftest import CHROMIUM_BINARY
-from tests.janus_server import LoopingVideoTrack
+from tests.conftest import CHROMIUM_BINARY, require
+from tests.janus_server import JanusServer, LoopingVideoTrack
 
 DEMO_DIR = Path("/usr/share/janus/demos")
 #: What the VideoRoom demo needs from janus-demos (the page loads janus.js as janus.min.js through javascript/).
@@ -140,8 +142,11 @@ class DemoPublisher:
     else, as it does for a person.
     """
 
-    def __init__(self, playwright: Any, page_url: str, room: int, name: str, camera: Path) -> None:
+    def __init__(self, playwright: Any, page_url: str, room: int, name: str, camera: Path, *,
+                 viewport: dict[str, int] | None = None) -> None:
         self.playwright, self.page_url, self.room, self.name, self.camera = playwright, page_url, room, name, camera
+        self.viewport = viewport
+        """The page's size in CSS pixels (Playwright's default, 1280×720, when None)."""
         self.browser: Any = None
         self.page: Any = None
         self.console: list[str] = []
@@ -165,7 +170,8 @@ class DemoPublisher:
         request, publishing, subscribing) is the demo's own code.
         """
         if self.page is None:
-            self.page = await self.browser.new_page()
+            self.page = await (self.browser.new_page(viewport=self.viewport) if self.viewport
+                               else self.browser.new_page())
             self.page.on("console", self._console)
             self.page.on("pageerror", lambda error: self.console.append(f"pageerror: {error}"))
             await self.page.goto(f"{self.page_url}?room={self.room}")
@@ -225,3 +231,21 @@ class DemoPublisher:
     def _console(self, message: Any) -> None:
         if message.type in ("error", "warning"):
             self.console.append(f"{message.type}: {message.text}")
+
+
+@pytest.fixture(scope="module")
+def demo_url(janus_server: JanusServer) -> Iterator[str]:
+    """The demo page, served on 127.0.0.1 and pointed at the module's Janus."""
+    # Module-scoped fixtures run before the per-test marker check: fail loudly in CI here too.
+    require(demo_page_installed(), "needs Debian's janus-demos package (run scripts/setup-system)")
+    with serve_demo(janus_server.url) as url:
+        yield url
+
+
+@pytest.fixture
+async def playwright() -> AsyncIterator[Any]:
+    """Playwright for one test; leaving it kills every Chromium the test launched, whatever happened."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as driver:
+        yield driver

@@ -119,3 +119,79 @@ def tv_scene_with_cuts(photos_dir: Path, *, fps: int = 5, seed: int = 0) -> io.B
             canvas[y:y + size, x:x + size] = face
         frames += [canvas] * (seconds * fps)
     return encode_video(frames, fps=fps)
+
+
+# --------------------------------------------------------------------------- gallery recordings
+
+#: Name plate styles of meeting UIs: (plate RGBA or None for bare text, text RGB), drawn over the video.
+PLATE_STYLES: dict[str, tuple[tuple[int, int, int, int] | None, tuple[int, int, int]]] = {
+    "zoom": ((0, 0, 0, 170), (255, 255, 255)),       # translucent black plate, white text
+    "teams": ((32, 31, 31, 200), (255, 255, 255)),    # darker, nearly opaque plate
+    "light": ((240, 240, 240, 230), (20, 20, 20)),    # light plate, dark text
+    "meet": (None, (255, 255, 255)),                 # white text on a dark gradient along the bottom
+}
+GALLERY_SIZE = (1280, 720)
+GALLERY_BACKGROUND = (26, 26, 26)
+
+
+def grid_tiles(count: int, columns: int, *, gutter: int = 8, size: tuple[int, int] = GALLERY_SIZE,
+               ) -> list[tuple[int, int, int, int]]:
+    """(x, y, width, height) of ``count`` 16:9 tiles in ``columns``, centred, the last row centred, as Zoom does."""
+    width, height = size
+    rows = -(-count // columns)
+    tile_w = min((width - gutter * (columns + 1)) // columns,
+                 int((height - gutter * (rows + 1)) / rows * 16 / 9))
+    tile_h = tile_w * 9 // 16
+    top = (height - rows * tile_h - (rows - 1) * gutter) // 2
+    boxes = []
+    for index in range(count):
+        row, column = divmod(index, columns)
+        in_row = min(columns, count - row * columns)
+        left = (width - in_row * tile_w - (in_row - 1) * gutter) // 2
+        boxes.append((left + column * (tile_w + gutter), top + row * (tile_h + gutter), tile_w, tile_h))
+    return boxes
+
+
+def draw_tile(canvas: np.ndarray, box: tuple[int, int, int, int], photo: np.ndarray, name: str | None,
+              style: str = "zoom", font_size: int = 0) -> None:
+    """Draw a participant tile: the photo fitted on a dark tile, the name plate in the lower left."""
+    import cv2
+    from PIL import Image, ImageDraw, ImageFont
+
+    x, y, width, height = box
+    tile = np.full((height, width, 3), (50, 48, 46), np.uint8)
+    scale = 0.75 * min(width / photo.shape[1], height / photo.shape[0])  # a webcam shows the head and shoulders
+    resized = cv2.resize(photo, (max(1, int(photo.shape[1] * scale)), max(1, int(photo.shape[0] * scale))))
+    oy, ox = height - resized.shape[0], (width - resized.shape[1]) // 2
+    tile[oy:oy + resized.shape[0], ox:ox + resized.shape[1]] = resized
+    if name is not None:
+        plate, ink = PLATE_STYLES[style]
+        size = font_size or max(11, height // 16)
+        font = ImageFont.truetype("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", size)
+        image = Image.fromarray(tile[:, :, ::-1].copy()).convert("RGBA")
+        overlay = Image.new("RGBA", image.size, (0, 0, 0, 0))
+        draw = ImageDraw.Draw(overlay)
+        text_w = int(font.getlength(name))
+        px, py = 6, height - size - 16
+        if plate is not None:
+            draw.rounded_rectangle((px, py, px + text_w + 14, py + size + 10), radius=4, fill=plate)
+        else:
+            for row in range(size * 3):  # Meet darkens the bottom of a tile under the name
+                alpha = int(150 * row / (size * 3))
+                draw.line((0, height - size * 3 + row, width, height - size * 3 + row), fill=(0, 0, 0, alpha))
+        image = Image.alpha_composite(image, overlay)
+        ImageDraw.Draw(image).text((px + 7, py + 5), name, font=font, fill=ink)
+        tile = np.asarray(image.convert("RGB"))[:, :, ::-1]
+    canvas[y:y + height, x:x + width] = tile
+
+
+def gallery_recording(scenes: list[tuple[float, list[tuple[np.ndarray, str | None]], int]], *, fps: int = 2,
+                      style: str = "zoom") -> io.BytesIO:
+    """A gallery recording in memory: each scene is (seconds, participants as (photo, name or None), columns)."""
+    frames: list[np.ndarray] = []
+    for seconds, participants, columns in scenes:
+        canvas = np.full((GALLERY_SIZE[1], GALLERY_SIZE[0], 3), GALLERY_BACKGROUND, np.uint8)
+        for box, (photo, name) in zip(grid_tiles(len(participants), columns), participants, strict=True):
+            draw_tile(canvas, box, photo, name, style)
+        frames += [canvas] * round(seconds * fps)
+    return encode_video(frames, fps=fps)

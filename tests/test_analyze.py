@@ -14,10 +14,10 @@ from sqlmodel import select
 
 from classlens.analysis import AnalysisOutcome, analyze_recording
 from kernel.settings import Settings, load_settings
-from kernel.store import Analysis, FaceObservation, FrameSample, Student, init_store, session_scope
+from kernel.store import Analysis, FaceObservation, Student, init_store, session_scope
 from pipeline.models import PipelineComponents
 from tests import media_factory
-from tests.conftest import DATA_DIR, MEDIA_DIR, require
+from tests.conftest import DATA_DIR, MEDIA_DIR, require, stored_analysis
 from vision.synthetic import demo_classroom_video, still_image_video
 
 SCENE_PHOTOS = DATA_DIR / "facial_expressions_dev" / "images"
@@ -28,22 +28,11 @@ def _run(source: Path | io.BytesIO, tmp: Path, components: Any, **overrides: Any
     return analyze_recording(source, settings, out_dir=tmp / "report", components=components, title="test class")
 
 
-def _rows(analysis_id: int) -> tuple[Analysis, list[Student], list[FaceObservation], list[FrameSample]]:
-    engine = init_store(load_settings().resolved_database_url)
-    with session_scope(engine) as session:
-        analysis = session.get(Analysis, analysis_id)
-        assert analysis is not None
-        students = list(session.exec(select(Student).where(Student.analysis_id == analysis_id)))
-        observations = list(session.exec(select(FaceObservation).where(FaceObservation.analysis_id == analysis_id)))
-        samples = list(session.exec(select(FrameSample).where(FrameSample.analysis_id == analysis_id)))
-    return analysis, students, observations, samples
-
-
 def test_demo_classroom_finds_every_student_and_keeps_ids_through_an_occlusion(
     isolated_env: Path, components: Any
 ) -> None:
     outcome = _run(demo_classroom_video(), isolated_env, components)
-    analysis, students, observations, samples = _rows(outcome.analysis_id)
+    analysis, students, observations, samples = stored_analysis(outcome.analysis_id)
     assert analysis.status == "done"
     # Six people in the group photo plus one who joins at 0:03.
     assert outcome.students == 7
@@ -84,7 +73,7 @@ def test_group_photo_as_video_gives_five_students(isolated_env: Path, components
 @pytest.mark.media
 def test_lecture_clip_one_student_at_two_fps(isolated_env: Path, components: Any) -> None:
     outcome = _run(MEDIA_DIR / "WolfgangLanger_Pexels.mp4", isolated_env, components, sample_fps=2.0)
-    analysis, students, _observations, _samples = _rows(outcome.analysis_id)
+    analysis, students, _observations, _samples = stored_analysis(outcome.analysis_id)
     assert outcome.frames_sampled == 40
     assert len(students) == 1
     assert students[0].samples_visible >= 36
@@ -97,7 +86,7 @@ def test_lecture_clip_one_student_at_two_fps(isolated_env: Path, components: Any
 @pytest.mark.parametrize("name", ["face_noface.mov", "noface_face.mov"])
 def test_a_face_leaving_or_arriving_is_one_student(isolated_env: Path, components: Any, name: str) -> None:
     outcome = _run(MEDIA_DIR / name, isolated_env, components, sample_fps=2.0)
-    _analysis, students, _observations, samples = _rows(outcome.analysis_id)
+    _analysis, students, _observations, samples = stored_analysis(outcome.analysis_id)
     assert len(students) == 1
     with_face = [s for s in samples if s.faces > 0]
     without = [s for s in samples if s.faces == 0]
@@ -111,7 +100,7 @@ def test_a_face_leaving_or_arriving_is_one_student(isolated_env: Path, component
 @pytest.mark.media
 def test_no_faces_gives_a_correct_empty_report(isolated_env: Path, components: Any) -> None:
     outcome = _run(MEDIA_DIR / "no_face.mp4", isolated_env, components)
-    analysis, students, observations, _samples = _rows(outcome.analysis_id)
+    analysis, students, observations, _samples = stored_analysis(outcome.analysis_id)
     assert analysis.status == "done"
     assert students == [] and observations == []
     html = (isolated_env / "report" / "index.html").read_text()
@@ -125,7 +114,7 @@ def test_emotion_off_stores_no_emotion(isolated_env: Path, components: Any, defa
     no_emotion = PipelineComponents.load(Settings(model_cache_dir=default_models, emotion_inference=False,
                                                   execution_provider="cpu"))
     outcome = _run(demo_classroom_video(seconds=4), isolated_env, no_emotion, emotion_inference=False)
-    analysis, _students, observations, _samples = _rows(outcome.analysis_id)
+    analysis, _students, observations, _samples = stored_analysis(outcome.analysis_id)
     assert observations and all(o.emotion_happy is None for o in observations)
     assert "emotion" not in json.loads(analysis.models_json)
     assert not analysis.emotion_inference
@@ -166,7 +155,7 @@ def test_landmark_cues_reach_the_store_and_the_report(isolated_env: Path, defaul
     with_landmarks = PipelineComponents.load(Settings(model_cache_dir=default_models, execution_provider="cpu",
                                                       landmark_model="mediapipe-face-landmarker"))
     outcome = _run(demo_classroom_video(seconds=4), isolated_env, with_landmarks)
-    analysis, _students, observations, _samples = _rows(outcome.analysis_id)
+    analysis, _students, observations, _samples = stored_analysis(outcome.analysis_id)
     known = [o for o in observations if o.eyes_closed is not None]
     assert len(known) >= 0.8 * len(observations)
     assert all(0.0 <= (o.eyes_closed or 0.0) <= 1.0 and 0.0 <= (o.gaze_away or 0.0) <= 1.0 for o in known)
@@ -189,7 +178,7 @@ def test_six_people_in_a_scene_with_cuts_are_six_students_each_one_person(isolat
                                                                           components: Any) -> None:
     require(SCENE_PHOTOS.is_dir(), f"needs {SCENE_PHOTOS}")
     outcome = _run(media_factory.tv_scene_with_cuts(SCENE_PHOTOS), isolated_env, components)
-    _analysis, students, observations, _samples = _rows(outcome.analysis_id)
+    _analysis, students, observations, _samples = stored_analysis(outcome.analysis_id)
     people = _people_per_track(observations)
     assert len(students) == 6 and len(people) == 6, people
     assert all(len(shown) == 1 for shown in people.values()), people
@@ -202,6 +191,6 @@ def test_without_a_recogniser_the_cuts_merge_people(isolated_env: Path, default_
     settings = Settings(model_cache_dir=default_models, execution_provider="cpu", recognizer="none")
     outcome = _run(media_factory.tv_scene_with_cuts(SCENE_PHOTOS), isolated_env,
                    PipelineComponents.load(settings), recognizer="none")
-    _analysis, _students, observations, _samples = _rows(outcome.analysis_id)
+    _analysis, _students, observations, _samples = stored_analysis(outcome.analysis_id)
     # Position alone takes whoever appears where someone sat for that person.
     assert any(len(shown) > 1 for shown in _people_per_track(observations).values())

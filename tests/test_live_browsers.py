@@ -22,7 +22,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +42,8 @@ from kernel.store import (
     session_scope,
     students_for,
 )
-from tests.conftest import MEDIA_DIR, require
-from tests.demo_publishers import DemoPublisher, create_demo_room, demo_page_installed, fake_camera, serve_demo
+from tests.conftest import MEDIA_DIR
+from tests.demo_publishers import DemoPublisher, create_demo_room, demo_url, fake_camera, playwright  # noqa: F401  (fixtures)
 from tests.janus_server import JanusServer, janus_server, start_cli_bot  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.janus, pytest.mark.media, pytest.mark.browser]
@@ -66,24 +66,6 @@ def cameras(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("cameras")
     clips = sorted({clip for _, clip in STUDENTS})
     return {clip: fake_camera(MEDIA_DIR / clip, folder / f"{Path(clip).stem}.y4m") for clip in clips}
-
-
-@pytest.fixture(scope="module")
-def demo_url(janus_server: JanusServer) -> Iterator[str]:  # noqa: F811
-    """The demo page, served on 127.0.0.1 and pointed at the module's Janus."""
-    # Module-scoped fixtures run before the per-test marker check: fail loudly in CI here too.
-    require(demo_page_installed(), "needs Debian's janus-demos package (run scripts/setup-system)")
-    with serve_demo(janus_server.url) as url:
-        yield url
-
-
-@pytest.fixture
-async def playwright() -> AsyncIterator[Any]:
-    """Playwright for one test; leaving it kills every Chromium the test launched, whatever happened."""
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as driver:
-        yield driver
 
 
 class CliBot:

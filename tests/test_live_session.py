@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from sqlmodel import select
 
-from bot.consent import ConsentPolicy, normalise_name
 from bot.live import LiveSession, ReplayVideoTrack, create_live_analysis, decode_video_frames
+from kernel.consent import ConsentPolicy, normalise_name
 from kernel.settings import Settings
 from kernel.store import (
     Analysis,

@@ -111,7 +111,7 @@ def _new_session(settings: Settings, consent: Any) -> tuple[Any, int]:
 
 async def test_bot_follows_a_class_through_joins_leaves_and_a_janus_restart(
         janus_server: JanusServer, components: Any, isolated_env: Path) -> None:  # noqa: F811
-    from bot.consent import ConsentPolicy
+    from kernel.consent import ConsentPolicy
 
     server = janus_server
     room = 4321
@@ -195,7 +195,7 @@ async def test_bot_follows_a_class_through_joins_leaves_and_a_janus_restart(
 
 async def test_a_frozen_camera_is_kept_while_its_owner_is_in_the_room(
         janus_server: JanusServer, components: Any, isolated_env: Path) -> None:  # noqa: F811
-    from bot.consent import ConsentPolicy
+    from kernel.consent import ConsentPolicy
     from kernel.store import StreamStats
 
     room = 4322
@@ -245,7 +245,7 @@ async def test_a_frozen_camera_is_kept_while_its_owner_is_in_the_room(
 async def test_bad_meeting_input_fails_the_session_with_the_reason(
         janus_server: JanusServer, components: Any, isolated_env: Path,  # noqa: F811
         where: str, pin: str | None, expected: str) -> None:
-    from bot.consent import ConsentPolicy
+    from kernel.consent import ConsentPolicy
 
     room = 4323
     if where != "no-room":

@@ -484,8 +484,8 @@ async def test_live_session_keeps_no_pixels_and_forget_removes_a_participant_eve
 ) -> None:
     import asyncio
 
-    from bot.consent import ConsentPolicy
     from bot.live import LiveSession, ReplayVideoTrack, create_live_analysis, decode_video_frames
+    from kernel.consent import ConsentPolicy
 
     _scanned_temporary_folder(isolated_env, monkeypatch)
     captured = _capture_crops(monkeypatch, limit=60)

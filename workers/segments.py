@@ -35,9 +35,11 @@ from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, SQLModel, col, select
 
+from kernel.consent import ConsentPolicy
 from kernel.errors import ConfigurationError
 from kernel.settings import Settings
 from kernel.store import (
+    Analysis,
     FaceObservation,
     FrameSample,
     SegmentState,
@@ -48,6 +50,7 @@ from kernel.store import (
 )
 from kernel.types import CropBatch, FrameDetections
 from pipeline.capture import CapturePipeline
+from pipeline.gallery import gallery_splitter_for
 from pipeline.models import CaptureModels
 from vision.sources import RecordedFileSource, prefetched
 from workers.inference import InferenceModels, analyse_crops
@@ -66,7 +69,7 @@ SEGMENT_TRACK_STRIDE = 1_000_000
 #: runs only when both the producer and the worker's deployment allow it.
 SEGMENT_SETTINGS: tuple[str, ...] = (
     "sample_fps", "detector", "recognizer", "detector_input_size", "detection_threshold", "min_face_pixels",
-    "track_max_gap_seconds", "emotion_inference",
+    "track_max_gap_seconds", "emotion_inference", "video_layout", "ocr_language",
 )
 
 #: How often a worker writes its segment's frame count (the producer's progress and liveness signal).
@@ -211,7 +214,9 @@ def analyse_segment(
     source = RecordedFileSource(path, settings.sample_fps, start_seconds=segment.start_seconds,
                                 end_seconds=segment.end_seconds)
     pipeline = CapturePipeline.configured(capture.detector, capture.embedder, settings, analysis_id=analysis_id,
-                                          first_track_id=segment.first_track_id)
+                                          first_track_id=segment.first_track_id,
+                                          gallery=gallery_splitter_for(settings, _consent_of(engine, analysis_id),
+                                                                       capture.embedder))
     ends = _TrackEnds()
     samples: list[FrameSample] = []
     observations: list[FaceObservation] = []
@@ -223,15 +228,16 @@ def analyse_segment(
         for frame in decoded:
             captured = pipeline.capture(frame)
             if captured.batch is not None:
-                ends.update(captured.detections)
+                for part in captured.detections:
+                    ends.update(part)
                 pending.append(captured.batch)
                 pending_count += len(captured.batch)
                 if pending_count >= settings.batch_size:
                     observations.extend(_infer(pending, models))
                     pending, pending_count = [], 0
-            samples.append(captured.sample)
+            samples.extend(captured.samples)
             frames += 1
-            faces += len(captured.detections)
+            faces += captured.faces
             if time.monotonic() - reported >= PROGRESS_INTERVAL_SECONDS:
                 reported = time.monotonic()
                 if not _progress(engine, analysis_id, segment, frames, faces):
@@ -290,6 +296,15 @@ def record_segment_failure(engine: Engine, analysis_id: int, segment: Segment, r
         session, analysis_id, segment, {"status": SegmentState.failed, "reason": line}))
     logger.warning("analysis %d, %s failed: %s", analysis_id, segment.describe(), line)
     return stored
+
+
+def _consent_of(engine: Engine, analysis_id: int) -> ConsentPolicy:
+    """Whose display names the analysis may analyse, as the producer recorded it."""
+    with Session(engine) as session:
+        analysis = session.get(Analysis, analysis_id)
+        if analysis is None:
+            return ConsentPolicy.everyone()
+        return ConsentPolicy.from_store(analysis.consent_mode, analysis.consent_names_json)
 
 
 def _progress(engine: Engine, analysis_id: int, segment: Segment, frames: int, faces: int) -> bool:
