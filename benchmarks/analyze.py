@@ -459,11 +459,14 @@ times when running with `--set detector_input_size=...`.
 """
 
 
-def write_docs(section: str) -> None:
-    """Create docs/benchmarks.md, or replace this script's section of it."""
+def write_docs(section: str, begin: str = SECTION_BEGIN, end: str = SECTION_END) -> None:
+    """Create docs/benchmarks.md, or replace the section between ``begin`` and ``end`` of it (or append it).
+
+    Every benchmark script owns one such section; the default markers are this script's.
+    """
     if DOCS_PATH.exists():
         text = DOCS_PATH.read_text(encoding="utf-8")
-        pattern = re.compile(re.escape(SECTION_BEGIN) + r".*?" + re.escape(SECTION_END) + r"\n?", re.S)
+        pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
         if pattern.search(text):
             text = pattern.sub(lambda _match: section, text, count=1)
         else:

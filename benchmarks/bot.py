@@ -31,7 +31,6 @@ import asyncio
 import datetime as dt
 import logging
 import os
-import re
 import shlex
 import sys
 import tempfile
@@ -45,7 +44,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-from analyze import machine_info  # noqa: E402  (benchmarks/analyze.py: the same machine description)
+from analyze import machine_info, write_docs  # noqa: E402  (benchmarks/analyze.py: machine description, docs)
 
 from bot.live import LiveSession, ReplayVideoTrack, create_live_analysis, decode_video_frames  # noqa: E402
 from kernel.consent import ConsentPolicy  # noqa: E402
@@ -54,7 +53,6 @@ from kernel.store import init_store  # noqa: E402
 from pipeline.models import PipelineComponents  # noqa: E402
 
 DEFAULT_MEDIA_DIR = REPO_ROOT.parent / "shared" / "media"
-DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 SECTION_BEGIN = "<!-- benchmarks/bot.py: begin -->"
 SECTION_END = "<!-- benchmarks/bot.py: end -->"
 #: Frame rate of every replayed camera (a typical WebRTC camera track).
@@ -210,17 +208,6 @@ aiortc's RTP/SRTP handling in Python adds more that this benchmark does not meas
 """
 
 
-def write_docs(section: str, begin: str = SECTION_BEGIN, end: str = SECTION_END) -> None:
-    """Replace the section between ``begin`` and ``end`` of docs/benchmarks.md, or append it."""
-    text = DOCS_PATH.read_text(encoding="utf-8") if DOCS_PATH.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _match: section, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOCS_PATH.write_text(text, encoding="utf-8")
-
-
 async def main_async(args: argparse.Namespace) -> tuple[list[RunResult], float]:
     """Ramp the participants at every sampling rate; stop a rate at its first run with drops."""
     base = load_settings(execution_provider="cpu", live_worker_threads=args.threads)
@@ -274,7 +261,8 @@ def main() -> None:
         base = load_settings(execution_provider="cpu")
         components = PipelineComponents.load(base)
         command = "python benchmarks/bot.py " + shlex.join(sys.argv[1:])
-        write_docs(docs_section(machine_info(base, components), command.strip(), table, results, decode))
+        write_docs(docs_section(machine_info(base, components), command.strip(), table, results, decode),
+                   SECTION_BEGIN, SECTION_END)
 
 
 def main_webrtc(args: argparse.Namespace) -> None:

@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -41,8 +41,10 @@ from aiortc.mediastreams import MediaStreamError
 from sqlalchemy import Engine
 
 from kernel.consent import ConsentPolicy
-from kernel.settings import Settings
+from kernel.settings import Settings, VideoLayout
 from kernel.store import (
+    NAME_FROM_LABEL,
+    NAME_FROM_MEETING,
     Analysis,
     AnalysisStatus,
     FrameSample,
@@ -55,6 +57,7 @@ from kernel.store import (
 from kernel.types import ByteArray, VideoFrame
 from pipeline.capture import CapturePipeline
 from pipeline.finalise import finalise_students, mark_failed
+from pipeline.gallery import GallerySplitter, gallery_splitter_for
 from pipeline.liveness import ProducerHeartbeat
 from pipeline.models import PipelineComponents
 from workers.dispatch import CropDispatcher, InProcessDispatcher
@@ -231,11 +234,12 @@ class _Stream:
     """What a session keeps per stream across a participant's reconnects: capture pipeline and counters."""
 
     def __init__(self, key: str, display_name: str, index: int, settings: Settings,
-                 components: PipelineComponents, analysis_id: int) -> None:
+                 components: PipelineComponents, analysis_id: int, gallery: GallerySplitter | None = None) -> None:
         self.key = key
         self.display_name = display_name
         self.pipeline = CapturePipeline.configured(components.detector, components.embedder, settings,
-                                                   analysis_id=analysis_id, first_track_id=index * TRACK_ID_STRIDE + 1)
+                                                   analysis_id=analysis_id, first_track_id=index * TRACK_ID_STRIDE + 1,
+                                                   gallery=gallery)
         self.stats = ParticipantStats(stream=key, display_name=display_name)
         self.next_slot = 0
         self.processor: asyncio.Task[None] | None = None
@@ -283,10 +287,14 @@ class LiveSession:
     """Analyses every consenting participant's video while a class runs; explicit ``start`` and ``aclose``."""
 
     def __init__(self, settings: Settings, engine: Engine, analysis_id: int, *,
-                 components: PipelineComponents | None = None, dispatcher: CropDispatcher | None = None) -> None:
+                 components: PipelineComponents | None = None, dispatcher: CropDispatcher | None = None,
+                 layout: VideoLayout = VideoLayout.camera) -> None:
         self.settings = settings
         self.engine = engine
         self.analysis_id = analysis_id
+        self.layout = layout
+        """How each incoming video is read: ``camera`` (a participant's camera, the default) or a shared
+        meeting window (``gallery``/``auto``) split into its participants' tiles, named by their labels."""
         self._components = components
         self._dispatcher = dispatcher
         self._latency = _LatencyTracker()
@@ -410,8 +418,11 @@ class LiveSession:
             key = f"{display_name} [{number}]"
         if key not in self._streams:
             assert self._components is not None
+            gallery = (gallery_splitter_for(self.settings.model_copy(update={"video_layout": self.layout}),
+                                            self._consent, self._components.embedder)
+                       if self.layout is not VideoLayout.camera else None)
             self._streams[key] = _Stream(key, display_name, len(self._streams) + 1, self.settings,
-                                         self._components, self.analysis_id)
+                                         self._components, self.analysis_id, gallery)
         return self._streams[key]
 
     def remove_participant(self, participant_id: str, reason: str) -> None:
@@ -654,7 +665,7 @@ class LiveSession:
         with session_scope(self.engine) as session:
             insert_ignoring_duplicates(session, rows)
             students = finalise_students(session, self.analysis_id, summaries, self.settings,
-                                          named=lambda stream: True)
+                                          name_source_of=self._name_source_of(streams))
             insert_ignoring_duplicates(session, [
                 StreamStats(analysis_id=self.analysis_id, stream=s.key, display_name=s.display_name,
                             frames_received=s.stats.frames_received, frames_sampled=s.stats.frames_sampled,
@@ -668,6 +679,8 @@ class LiveSession:
             analysis.frames_sampled = sum(s.stats.frames_sampled for s in streams)
             analysis.faces_detected = sum(s.stats.faces_detected for s in streams)
             analysis.duration_seconds = duration
+            if any(s.pipeline.gallery is not None and s.pipeline.gallery.stats.names for s in streams):
+                analysis.layout = "gallery"
             analysis.status = AnalysisStatus.done
             analysis.finished_at = utcnow()
         dropped = sum(s.stats.frames_dropped for s in streams)
@@ -676,6 +689,23 @@ class LiveSession:
                            self.analysis_id, dropped)
         return LiveOutcome(self.analysis_id, AnalysisStatus.done, students, analysis.frames_sampled, dropped,
                            analysis.faces_detected, self._dispatcher.stats.crops_stored)
+
+    @staticmethod
+    def _name_source_of(streams: list[_Stream]) -> Callable[[str], str | None]:
+        """How each stream of the session got its name.
+
+        A participant's own video is named by their display name in the meeting; a shared
+        meeting window's tiles by their labels; faces of a window outside any named tile are
+        numbered.
+        """
+        windows = {s.key for s in streams if s.pipeline.gallery is not None}
+        tiles = {key for s in streams if s.pipeline.gallery is not None for key in s.pipeline.gallery.stats.names}
+
+        def source(stream: str) -> str | None:
+            if stream in tiles:
+                return NAME_FROM_LABEL
+            return None if stream in windows else NAME_FROM_MEETING
+        return source
 
     async def fail(self, reason: str) -> None:
         """Stop at once and record the session as failed with ``reason``; queued work is dropped."""

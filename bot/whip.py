@@ -7,7 +7,10 @@ Endpoints (mounted by ``classlens serve``; the web app injects its authenticatio
   order of the offer's video m-lines; ``mid=Name`` names a track by its mid instead),
   ``session`` (id of a running live session of the caller to join; without it a new
   session is created), and for a new session ``title``, ``course``, ``consent``
-  (``everyone``, ``opt_out``, ``opt_in``) and ``consent_name`` (repeated). Answers ``201``
+  (``everyone``, ``opt_out``, ``opt_in``), ``consent_name`` (repeated) and ``layout``
+  (``camera``, the default: each track is one participant's camera; ``gallery`` or ``auto``:
+  each track is a shared meeting window, OBS's WHIP output of a Zoom or Teams window for
+  example, split into its participants' tiles and named by their labels). Answers ``201``
   with the SDP answer, ``Location: /api/whip/<resource>`` and ``X-ClassLens-Session: <id>``.
 - ``DELETE /api/whip/<resource>`` hangs up; when the last connection of a session hangs
   up, the session is finalised (and its reports rendered).
@@ -38,7 +41,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
-from kernel.settings import Settings
+from kernel.settings import Settings, VideoLayout
 from kernel.store import AnalysisStatus, ConsentMode, User, UserRole, init_store
 
 if TYPE_CHECKING:
@@ -238,6 +241,7 @@ class WhipIngest:
             session: int | None = None, title: str = "", course: str = "",
             consent: ConsentMode = ConsentMode.everyone,
             consent_name: Annotated[list[str] | None, Query()] = None,
+            layout: VideoLayout = VideoLayout.camera,
         ) -> Response:
             """Take an SDP offer; answer 201 with the SDP answer and the resource's Location."""
             content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -255,7 +259,8 @@ class WhipIngest:
                     raise HTTPException(422, f"the SDP offer has {sections} media sections; at most "
                                              f"{MAX_MEDIA_SECTIONS} are taken (one per camera)")
                 connection = await self.publish(offer, user, participant or [], session_id=session, title=title,
-                                                course=course, consent=consent, consent_names=consent_name or [])
+                                                course=course, consent=consent, consent_names=consent_name or [],
+                                                layout=layout)
             except OfferError as exc:
                 raise HTTPException(exc.status, str(exc)) from None
             finally:
@@ -314,8 +319,14 @@ class WhipIngest:
 
     async def publish(self, offer: str, user: User, names: list[str], *, session_id: int | None = None,
                       title: str = "", course: str = "", consent: ConsentMode = ConsentMode.everyone,
-                      consent_names: list[str] | None = None) -> _Connection:
-        """Negotiate one WHIP connection and add its video tracks as participants of a new or running session."""
+                      consent_names: list[str] | None = None, layout: VideoLayout = VideoLayout.camera,
+                      ) -> _Connection:
+        """Negotiate one WHIP connection and add its video tracks as participants of a new or running session.
+
+        ``layout`` says what a new session's videos show: each a participant's camera
+        (``camera``), or a shared meeting window (``gallery``, ``auto``) whose tiles become
+        students named by their labels, as in a gallery recording. A running session keeps its own.
+        """
         from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
         from bot.live import LiveSession, create_live_analysis
@@ -342,7 +353,8 @@ class WhipIngest:
                 create_live_analysis, self.engine, self.settings, source="whip", title=title or "WHIP session",
                 owner_id=user.id, course=course, host_email=user.email or None, consent=policy)
             try:
-                live = LiveSession(self.settings, self.engine, analysis_id, components=await self.components())
+                live = LiveSession(self.settings, self.engine, analysis_id, components=await self.components(),
+                                   layout=layout)
                 await live.start()
             except Exception as exc:
                 reason = f"the bot cannot analyse now: {_one_line(exc)}"

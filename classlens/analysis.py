@@ -35,8 +35,8 @@ from kernel.store import (
     utcnow,
 )
 from pipeline.capture import CapturePipeline
-from pipeline.finalise import NAME_FROM_LABEL, failure_reason, finalise_students, mark_failed
-from pipeline.gallery import gallery_splitter_for, is_tile_stream, recorded_layout
+from pipeline.finalise import failure_reason, finalise_students, mark_failed
+from pipeline.gallery import gallery_splitter_for, recorded_layout, recording_name_source
 from pipeline.liveness import ProducerHeartbeat, fail_abandoned_analyses
 from pipeline.models import PipelineComponents
 from vision.sources import RecordedFileSource, VideoInfo, prefetched
@@ -203,7 +203,7 @@ def analyze_recording(
         with session_scope(engine) as session:
             insert_ignoring_duplicates(session, samples)
             students = finalise_students(session, analysis_id, pipeline.summaries(), settings,
-                                         named=is_tile_stream, name_source=NAME_FROM_LABEL)
+                                         name_source_of=recording_name_source)
             analysis = session.get(Analysis, analysis_id)
             assert analysis is not None
             analysis.layout = recorded_layout(pipeline.summaries())
@@ -369,7 +369,7 @@ def _finalise_segmented(engine: Engine, analysis_id: int, settings: Settings, in
                 col(FaceObservation.analysis_id) == analysis_id, col(FaceObservation.track_id) == old,
             ).values(track_id=new))
         students = finalise_students(session, analysis_id, stitched.summaries, settings,
-                                     named=is_tile_stream, name_source=NAME_FROM_LABEL)
+                                     name_source_of=recording_name_source)
         frames, last = session.exec(select(func.count(), func.max(FrameSample.timestamp)).where(
             col(FrameSample.analysis_id) == analysis_id)).one()
         last_timestamp = float(last or 0.0)

@@ -144,6 +144,14 @@ class Analysis(SQLModel, table=True):
     emailed_at: datetime | None = None
 
 
+#: How a student's label was found (``Student.name_source``): a meeting participant's display name...
+NAME_FROM_MEETING = "meeting"
+#: ... read off the participant's tile in a gallery recording...
+NAME_FROM_LABEL = "label"
+#: ... or none: the student is numbered.
+NAME_FROM_NONE = "none"
+
+
 class Student(SQLModel, table=True):
     """A person tracked within one analysis; identity never extends beyond the session."""
 

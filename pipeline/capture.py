@@ -92,6 +92,7 @@ class CapturePipeline:
                  max_gap_seconds: float, first_track_id: int = 1, student_rule: StudentRule | None = None,
                  gallery: GallerySplitter | None = None) -> None:
         self.detector = detector
+        self.embedder = embedder
         self.gallery = gallery
         """Splits gallery frames among the participants' tiles; None for camera pictures only."""
         self.analysis_id = analysis_id
@@ -110,10 +111,18 @@ class CapturePipeline:
     def capture(self, frame: VideoFrame) -> CapturedFrame:
         """Detect, track and crop one frame (frames of a stream must come in time order)."""
         found = self.detector.detect(frame)
-        parts = self.gallery.split(frame, found) if self.gallery is not None else [FramePart(frame, found)]
+        if self.gallery is None:
+            parts, embeddings = [FramePart.whole(frame, found)], None
+        else:
+            # One recogniser call for the whole frame's faces, rather than one per tile; the splitter
+            # uses them too (tiles with one name, another person in a tile).
+            embeddings = (self.embedder.embed(frame.image, found.keypoints)
+                          if self.embedder is not None and len(found) else None)
+            parts = self.gallery.split(frame, found, embeddings)
         detections, batches, samples = [], [], []
         for part in parts:
-            tracked = self._tracker.update(part.detections, part.frame.image)
+            tracked = self._tracker.update(part.detections, part.frame.image,
+                                           None if embeddings is None else embeddings[part.indices])
             detections.append(tracked)
             if len(tracked):
                 batches.append(crop_batch_for(self.analysis_id, part.frame, tracked))

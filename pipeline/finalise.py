@@ -15,6 +15,7 @@ from sqlmodel import Session, col
 
 from kernel.settings import Settings
 from kernel.store import (
+    NAME_FROM_NONE,
     Analysis,
     AnalysisStatus,
     FaceObservation,
@@ -27,26 +28,23 @@ from kernel.store import (
 from pipeline.capture import StudentRule
 from vision.tracking import TrackSummary
 
-#: How a student's label was found (``Student.name_source``).
-NAME_FROM_MEETING = "meeting"
-NAME_FROM_LABEL = "label"
-NAME_FROM_NONE = "none"
 
-
-def label_students(students: list[TrackSummary], named: Callable[[str], bool],
-                   source: str = NAME_FROM_MEETING) -> list[tuple[str, str]]:
+def label_students(students: list[TrackSummary], name_source_of: Callable[[str], str | None],
+                   ) -> list[tuple[str, str]]:
     """Each student's label and its source, in order of first appearance.
 
-    A student of a named stream (a meeting participant's feed, a gallery tile's label) is
-    called by the stream's name, and further faces on that stream ``"Name (2)"``…; a
-    stream key is the display name (``"Name [2]"`` when two participants share one, so their
-    students stay distinct). Every other student is ``"Student 1…n"``.
+    A student of a named stream (a meeting participant's feed, a gallery tile's label:
+    ``name_source_of`` gives the source, None for a stream without a name) is called by the
+    stream's name, and further faces on that stream ``"Name (2)"``…; a stream key is the
+    display name (``"Name [2]"`` when two participants share one, so their students stay
+    distinct). Every other student is ``"Student 1…n"``.
     """
     labels: list[tuple[str, str]] = []
     seen: dict[str, int] = {}
     numbered = 0
     for summary in students:
-        if named(summary.stream):
+        source = name_source_of(summary.stream)
+        if source is not None:
             count = seen.get(summary.stream, 0) + 1
             seen[summary.stream] = count
             labels.append((summary.stream if count == 1 else f"{summary.stream} ({count})", source))
@@ -56,19 +54,23 @@ def label_students(students: list[TrackSummary], named: Callable[[str], bool],
     return labels
 
 
+def unnamed(stream: str) -> str | None:
+    """No stream has a name: every student is numbered."""
+    return None
+
+
 def finalise_students(session: Session, analysis_id: int, summaries: list[TrackSummary], settings: Settings, *,
-                      named: Callable[[str], bool] = lambda stream: False, name_source: str = NAME_FROM_MEETING,
-                      ) -> int:
+                      name_source_of: Callable[[str], str | None] = unnamed) -> int:
     """Create Student rows for tracks seen long enough; drop observations of the rest.
 
-    Students of the streams ``named`` accepts are called by the stream's name (a meeting
-    participant's display name, a gallery tile's label: ``name_source`` says which); the
-    rest are ``Student 1…n`` in order of first appearance.
+    Students of the streams ``name_source_of`` names (a meeting participant's display name,
+    a gallery tile's label; it returns how the name was found) are called by the stream's
+    name; the rest are ``Student 1…n`` in order of first appearance.
     """
     rule = StudentRule.from_settings(settings)  # the rule progress displays count by, too
     students = [s for s in summaries if rule.admits(s)]
     students.sort(key=lambda s: (s.first_seen, s.track_id))
-    for summary, (label, source) in zip(students, label_students(students, named, name_source), strict=True):
+    for summary, (label, source) in zip(students, label_students(students, name_source_of), strict=True):
         session.add(Student(analysis_id=analysis_id, stream=summary.stream, track_id=summary.track_id,
                             label=label, name_source=source, first_seen=summary.first_seen,
                             last_seen=summary.last_seen, samples_visible=summary.samples))

@@ -17,6 +17,7 @@ never split into tiles.
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,13 +28,17 @@ from scipy.optimize import linear_sum_assignment
 from kernel.consent import ConsentPolicy
 from kernel.errors import ConfigurationError
 from kernel.settings import Settings, VideoLayout
-from kernel.types import ByteArray, FloatArray, FrameDetections, VideoFrame
-from vision.gallery import GalleryLayout, Tile, find_tiles, tile_of
-from vision.labels import OcrUnavailableError, TesseractReader, TileNamer
+from kernel.store import NAME_FROM_LABEL
+from kernel.types import ByteArray, FloatArray, FrameDetections, IntArray, VideoFrame
+from vision.gallery import GalleryLayout, LayoutFollower, Tile, same_tiles, tile_of
+from vision.labels import SAME_NAME_RATIO, OcrUnavailableError, TesseractReader, TileNamer
 from vision.recognition import Embedder
 from vision.tracking import TrackSummary
 
 logger = logging.getLogger(__name__)
+
+#: A named tile whose face is clearly someone else's for this many sampled frames in a row is read again.
+STRANGER_FRAMES = 3
 
 #: The stream of a recording's own frames (:class:`vision.sources.RecordedFileSource`'s default).
 RECORDING_STREAM = "main"
@@ -47,6 +52,13 @@ class FramePart:
     """The part's pixels (a tile is a view of the frame, not a copy), under the part's stream."""
     detections: FrameDetections
     """The part's faces, in the part's coordinates, under the part's stream."""
+    indices: IntArray
+    """Which of the frame's faces these are (positions in the frame's detections)."""
+
+    @classmethod
+    def whole(cls, frame: VideoFrame, detections: FrameDetections) -> FramePart:
+        """The whole frame as one part (a camera picture)."""
+        return cls(frame, detections, np.arange(len(detections), dtype=np.int64))
 
 
 @dataclass
@@ -84,25 +96,36 @@ class GallerySplitter:
         self.embedder = embedder
         """Tells apart participants who share a display name when their tiles move; None: reading order."""
         self.stats = GalleryStats()
+        self._follower = LayoutFollower()
         self._keys: dict[Tile, str] = {}
         self._known: dict[str, list[str]] = {}
         self._faces: dict[str, FloatArray] = {}
+        self._strangers: dict[Tile, int] = {}
+        self._embeddings: FloatArray | None = None
 
-    def split(self, frame: VideoFrame, detections: FrameDetections) -> list[FramePart]:
-        """The frame's parts: the frame's own stream first (faces in no named tile), then one per named tile."""
+    def split(self, frame: VideoFrame, detections: FrameDetections,
+              embeddings: FloatArray | None = None) -> list[FramePart]:
+        """The frame's parts: the frame's own stream first (faces in no named tile), then one per named tile.
+
+        ``embeddings`` are the recogniser's embeddings of the frame's faces, when the caller has
+        them: they tell participants with one name apart, and notice another person in a named tile.
+        """
         self.stats.frames += 1
+        self._embeddings = embeddings
         if self.layout is VideoLayout.camera:
-            return [FramePart(frame, detections)]
-        layout = find_tiles(frame.image)
+            return [FramePart.whole(frame, detections)]
+        layout = self._follower.layout_of(frame.image)
         if self.layout is VideoLayout.auto and not layout.is_gallery:
             self._keys = {}
-            return [FramePart(frame, detections)]
+            return [FramePart.whole(frame, detections)]
         self.stats.gallery_frames += 1
         owners = tile_of(layout, detections.boxes)
         occupied = [layout.tiles[index] for index in sorted(set(owners.tolist()) - {-1})]
         names = self.namer.names(frame.image, layout, occupied, frame.timestamp) if occupied else {}
-        keys = self._stream_keys(layout, {tile: named.name for tile, named in names.items()}, frame.image,
-                                 detections, owners)
+        read = {tile: self._canonical(named.name, frame.image, detections, owners, layout.tiles.index(tile))
+                for tile, named in names.items()}
+        keys = self._stream_keys(layout, read, frame.image, detections, owners)
+        self._notice_new_people(layout, keys, frame.image, detections, owners)
         keep_in_frame = np.ones(len(detections), bool)
         parts: list[FramePart] = []
         for index, tile in enumerate(layout.tiles):
@@ -111,14 +134,14 @@ class GallerySplitter:
                 continue
             mine = owners == index
             keep_in_frame &= ~mine
-            if not self.consent.allows(names[tile].name):
+            if not self.consent.allows(read[tile]):
                 self.stats.opted_out_faces += int(mine.sum())
                 continue
             self.stats.named_faces += int(mine.sum())
             self.stats.names[key] += int(mine.sum())
             parts.append(FramePart(VideoFrame(key, frame.timestamp, tile.view(frame.image)),
-                                   _shift(detections.select(mine), tile, key)))
-        return [FramePart(frame, detections.select(keep_in_frame)), *parts]
+                                   _shift(detections.select(mine), tile, key), np.flatnonzero(mine)))
+        return [FramePart(frame, detections.select(keep_in_frame), np.flatnonzero(keep_in_frame)), *parts]
 
     def _stream_keys(self, layout: GalleryLayout, names: dict[Tile, str], image: ByteArray,
                      detections: FrameDetections, owners: np.ndarray) -> dict[Tile, str]:
@@ -131,9 +154,9 @@ class GallerySplitter:
         matched in reading order.
         """
         keys: dict[Tile, str] = {}
-        for tile in layout.tiles:
-            previous = self._keys.get(tile)
-            if tile in names and previous is not None and _name_of_key(previous) == names[tile]:
+        for tile, old in same_tiles(layout.tiles, self._keys).items():
+            previous = self._keys[old]
+            if tile in names and _name_of_key(previous) == names[tile]:
                 keys[tile] = previous
         waiting: dict[str, list[Tile]] = {}
         for tile in layout.tiles:
@@ -159,10 +182,36 @@ class GallerySplitter:
                     taken.add(key)
                     self._known.setdefault(name, []).append(key)
             for tile in tiles:
-                if faces.get(tile) is not None:
-                    self._faces[keys[tile]] = faces[tile]  # type: ignore[assignment]
+                face = faces.get(tile)
+                if face is None and self.embedder is not None:
+                    # Remember every named participant's face once, for telling misreads from new people.
+                    face = (self._embedding(image, detections, owners, layout.tiles.index(tile))
+                            if keys[tile] not in self._faces else None)
+                if face is not None:
+                    self._faces[keys[tile]] = face
         self._keys = keys
         return keys
+
+    def _canonical(self, name: str, image: ByteArray, detections: FrameDetections, owners: np.ndarray,
+                   tile_index: int) -> str:
+        """A name as first read: a new reading close to a name already seen is that name, misread.
+
+        OCR may read a label a little differently after a tile moved ("Jürgen weit" for "Jürgen
+        Weiß"); that must not make a new participant. The reading is taken for a name seen before
+        when the two are alike (:data:`SAME_NAME_RATIO`) and, with a recogniser, the tile's face is
+        not clearly another person than the one last seen under that name.
+        """
+        if name in self._known:
+            return name
+        similar = max(self._known, key=lambda known: difflib.SequenceMatcher(None, known, name).ratio(), default=None)
+        if similar is None or difflib.SequenceMatcher(None, similar, name).ratio() < SAME_NAME_RATIO:
+            return name
+        if self.embedder is not None:
+            face = self._embedding(image, detections, owners, tile_index)
+            seen = self._faces.get(similar)
+            if face is not None and seen is not None and float(face @ seen) <= self.embedder.scale.different:
+                return name  # alike names, different people
+        return similar
 
     def _match(self, tiles: list[Tile], known: list[str],
                faces: dict[Tile, FloatArray | None]) -> list[tuple[Tile, str]]:
@@ -178,6 +227,28 @@ class GallerySplitter:
                     if similarity[r, c] > self.embedder.scale.different]
         return list(zip(tiles, known, strict=False))
 
+    def _notice_new_people(self, layout: GalleryLayout, keys: dict[Tile, str], image: ByteArray,
+                           detections: FrameDetections, owners: np.ndarray) -> None:
+        """Have a named tile's label read again once its face has been someone else's for a few frames.
+
+        A meeting UI may give a leaver's place to another participant without moving a tile.
+        Only with the frame's embeddings at hand (they are computed for tracking anyway).
+        """
+        if self.embedder is None or self._embeddings is None:
+            return
+        for tile, key in keys.items():
+            seen = self._faces.get(key)
+            face = self._embedding(image, detections, owners, layout.tiles.index(tile))
+            if seen is None or face is None:
+                continue
+            if float(face @ seen) <= self.embedder.scale.different:
+                self._strangers[tile] = self._strangers.get(tile, 0) + 1
+                if self._strangers[tile] >= STRANGER_FRAMES:
+                    self.namer.forget(tile)
+                    self._strangers.pop(tile)
+            else:
+                self._strangers.pop(tile, None)
+
     def _embedding(self, image: ByteArray, detections: FrameDetections, owners: np.ndarray,
                    tile_index: int) -> FloatArray | None:
         """The recogniser's embedding of the largest face in a tile; None without one."""
@@ -187,7 +258,8 @@ class GallerySplitter:
             return None
         boxes = detections.boxes[mine]
         largest = int(mine[int(np.argmax((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))])
-        embedding: FloatArray = self.embedder.embed(image, detections.keypoints[largest:largest + 1])[0]
+        embedding: FloatArray = (self._embeddings[largest] if self._embeddings is not None
+                                 else self.embedder.embed(image, detections.keypoints[largest:largest + 1])[0])
         return embedding
 
 
@@ -213,6 +285,11 @@ def gallery_splitter_for(settings: Settings, consent: ConsentPolicy | None = Non
 def is_tile_stream(stream: str) -> bool:
     """Whether a recording's stream is a named tile's (every stream but the frame's own is)."""
     return stream != RECORDING_STREAM
+
+
+def recording_name_source(stream: str) -> str | None:
+    """How a recording's stream got its name: read off a tile's label, or none (the frame's own stream)."""
+    return NAME_FROM_LABEL if is_tile_stream(stream) else None
 
 
 def recorded_layout(summaries: list[TrackSummary]) -> str:

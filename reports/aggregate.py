@@ -89,6 +89,20 @@ class AnalysisNotFoundError(BadInputError):
 # Data
 
 
+#: How a student's name was found, as the reports say it.
+NAME_SOURCE_DESCRIPTIONS = {
+    "meeting": "their display name in the meeting",
+    "label": "read off the name label of their tile in the recording (OCR)",
+    "none": "no name was available: students are numbered in the order they appeared",
+}
+
+#: How a recording's frames were read, as the reports say it.
+LAYOUT_DESCRIPTIONS = {
+    "camera": "one camera picture",
+    "gallery": "a meeting's gallery: one tile per participant, named by its label",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class AnalysisInfo:
     """A detached copy of the :class:`~kernel.store.Analysis` row the report is about.
@@ -131,6 +145,8 @@ class AnalysisInfo:
     """Who could be analysed in this session."""
     consent_list_size: int = 0
     """How many names the opt-out or opt-in list held (the names themselves are never shown)."""
+    layout: str = "camera"
+    """How a recording's frames were read: ``camera`` or ``gallery`` (students named by their tiles' labels)."""
 
     @classmethod
     def from_row(cls, row: Analysis) -> AnalysisInfo:
@@ -159,6 +175,7 @@ class AnalysisInfo:
             owner_id=row.owner_id,
             consent_mode=ConsentMode(row.consent_mode),
             consent_list_size=len(names) if isinstance(names, list) else 0,
+            layout=row.layout or "camera",
         )
 
     @property
@@ -168,6 +185,11 @@ class AnalysisInfo:
         if self.consent_mode is not ConsentMode.everyone:
             text += f" ({self.consent_list_size} name{'s' if self.consent_list_size != 1 else ''} on the list)"
         return text
+
+    @property
+    def layout_description(self) -> str:
+        """How the frames were read, in words."""
+        return LAYOUT_DESCRIPTIONS.get(self.layout, self.layout)
 
     @property
     def display_title(self) -> str:
@@ -224,6 +246,13 @@ class StudentInfo:
     """The tracker's id for the face within its stream."""
     slug: str
     """File-name-safe form of the label."""
+    name_source: str = "none"
+    """How the label was found: ``meeting`` (display name), ``label`` (read off a gallery tile) or ``none``."""
+
+    @property
+    def name_description(self) -> str:
+        """How the student's name was found, in words."""
+        return NAME_SOURCE_DESCRIPTIONS.get(self.name_source, NAME_SOURCE_DESCRIPTIONS["none"])
 
     @property
     def file_name(self) -> str:
@@ -681,6 +710,7 @@ def student_infos(students: Sequence[Student]) -> tuple[StudentInfo, ...]:
                 stream=row.stream,
                 track_id=row.track_id,
                 slug=slugify(row.label),
+                name_source=row.name_source or "none",
             )
         )
     return tuple(infos)

@@ -152,8 +152,12 @@ def grid_tiles(count: int, columns: int, *, gutter: int = 8, size: tuple[int, in
     return boxes
 
 
+#: The font meeting UIs' plates are drawn in here (Debian's fonts-dejavu-core, installed with Chromium).
+PLATE_FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+
+
 def draw_tile(canvas: np.ndarray, box: tuple[int, int, int, int], photo: np.ndarray, name: str | None,
-              style: str = "zoom", font_size: int = 0) -> None:
+              style: str = "zoom", font_size: int = 0, font: str = PLATE_FONT) -> None:
     """Draw a participant tile: the photo fitted on a dark tile, the name plate in the lower left."""
     import cv2
     from PIL import Image, ImageDraw, ImageFont
@@ -167,11 +171,11 @@ def draw_tile(canvas: np.ndarray, box: tuple[int, int, int, int], photo: np.ndar
     if name is not None:
         plate, ink = PLATE_STYLES[style]
         size = font_size or max(11, height // 16)
-        font = ImageFont.truetype("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", size)
+        typeface = ImageFont.truetype(font, size)
         image = Image.fromarray(tile[:, :, ::-1].copy()).convert("RGBA")
         overlay = Image.new("RGBA", image.size, (0, 0, 0, 0))
         draw = ImageDraw.Draw(overlay)
-        text_w = int(font.getlength(name))
+        text_w = int(typeface.getlength(name))
         px, py = 6, height - size - 16
         if plate is not None:
             draw.rounded_rectangle((px, py, px + text_w + 14, py + size + 10), radius=4, fill=plate)
@@ -180,7 +184,7 @@ def draw_tile(canvas: np.ndarray, box: tuple[int, int, int, int], photo: np.ndar
                 alpha = int(150 * row / (size * 3))
                 draw.line((0, height - size * 3 + row, width, height - size * 3 + row), fill=(0, 0, 0, alpha))
         image = Image.alpha_composite(image, overlay)
-        ImageDraw.Draw(image).text((px + 7, py + 5), name, font=font, fill=ink)
+        ImageDraw.Draw(image).text((px + 7, py + 5), name, font=typeface, fill=ink)
         tile = np.asarray(image.convert("RGB"))[:, :, ::-1]
     canvas[y:y + height, x:x + width] = tile
 

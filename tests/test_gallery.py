@@ -170,6 +170,12 @@ def test_a_gallery_recording_gives_one_named_student_per_participant(isolated_en
     assert outcome.students == 6
     report = (outcome.report_dir / "index.html").read_text(encoding="utf-8")
     assert "Zoë Martín" in report and "Seán O&#39;Neill" in report
+    assert "one tile per participant, named by its label" in report and "Gallery recording" in report
+    pages = {path.name: path.read_text(encoding="utf-8") for path in (outcome.report_dir / "students").glob("*.html")}
+    named = [page for name, page in pages.items() if "jean-luc" in name.lower()]
+    assert len(named) == 1 and "read off the name label of their tile" in named[0]
+    numbered = [page for name, page in pages.items() if "student-1" in name.lower()]
+    assert len(numbered) == 1 and "no name was available" in numbered[0]
     assert {o.track_id for o in observations} == {s.track_id for s in students}
 
 
@@ -205,3 +211,30 @@ def test_faces_belong_to_the_tile_holding_their_centre() -> None:
     layout = find_tiles(image)
     boxes = np.array([[10, 10, 50, 50], [700, 400, 760, 460], [636, 0, 645, 5]], np.float32)
     assert tile_of(layout, boxes).tolist() == [0, 3, -1]
+
+
+def test_a_speaker_view_with_a_filmstrip_is_found_tile_by_tile() -> None:
+    """Zoom's speaker view: the speaker large, the others in a strip of small tiles above."""
+    canvas = np.full((720, 1280, 3), media_factory.GALLERY_BACKGROUND, np.uint8)
+    strip = [(8 + i * 208, 8, 200, 112) for i in range(5)]
+    speaker = (240, 128, 800, 584)
+    for index, box in enumerate([*strip, speaker]):
+        media_factory.draw_tile(canvas, box, _photo(PEOPLE[index]), NAMES[index])
+    layout = find_tiles(canvas)
+    assert layout.is_gallery
+    assert sorted((t.x0, t.y0, t.width, t.height) for t in layout.tiles) == sorted([*strip, speaker])
+
+
+@pytest.mark.ocr
+def test_an_active_speaker_highlight_keeps_its_tile_and_name() -> None:
+    """A coloured frame around the speaking participant's tile (Zoom's green, Teams' purple) is no gutter."""
+    participants = [(_photo(PEOPLE[i]), NAMES[i]) for i in range(4)]
+    image = _frame(participants, 2)
+    x, y, width, height = media_factory.grid_tiles(4, 2)[1]
+    cv2.rectangle(image, (x, y), (x + width - 1, y + height - 1), (60, 200, 60), 3)
+    layout = find_tiles(image)
+    assert len(layout.tiles) == 4 and layout.is_gallery
+    names = TileNamer(TesseractReader()).names(image, layout, layout.tiles, 0.0)
+    # The highlight reaches a pixel or two into the gutter, so that tile is a little larger: order by centre.
+    in_reading_order = sorted(layout.tiles, key=lambda t: ((t.y0 + t.y1) // 100, t.x0))
+    assert [names[tile].name for tile in in_reading_order] == [_nfc(name) for name in NAMES[:4]]

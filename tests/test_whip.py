@@ -26,6 +26,7 @@ from kernel.store import (
     session_scope,
 )
 from pipeline.models import PipelineComponents
+from tests import media_factory
 from tests.conftest import MEDIA_DIR
 
 TOKEN = "test-token-for-the-whip-endpoint"
@@ -80,7 +81,7 @@ async def whip(isolated_env: Path,
         yield pair
 
 
-async def _offer(*paths: Path) -> tuple[Any, list[Any]]:
+async def sending_peer(*paths: Path) -> tuple[Any, list[Any]]:
     """An aiortc client sending each video file as one track (looping); returns the peer and the players."""
     from aiortc import RTCConfiguration, RTCPeerConnection
     from aiortc.contrib.media import MediaPlayer
@@ -94,7 +95,7 @@ async def _offer(*paths: Path) -> tuple[Any, list[Any]]:
     return peer, players
 
 
-async def _close(peer: Any, players: list[Any]) -> None:
+async def close_peer(peer: Any, players: list[Any]) -> None:
     for player in players:
         if player.video is not None:
             player.video.stop()
@@ -118,8 +119,8 @@ async def test_whip_clients_push_participants_and_hanging_up_finalises(
     from aiortc import RTCSessionDescription
 
     client, ingest = whip
-    first, first_players = await _offer(MEDIA_DIR / "single_face.mp4", MEDIA_DIR / "WolfgangLanger_Pexels.mp4")
-    second, second_players = await _offer(MEDIA_DIR / "WolfgangLanger_Pexels.mp4")
+    first, first_players = await sending_peer(MEDIA_DIR / "single_face.mp4", MEDIA_DIR / "WolfgangLanger_Pexels.mp4")
+    second, second_players = await sending_peer(MEDIA_DIR / "WolfgangLanger_Pexels.mp4")
     try:
         reply = await client.post(WHIP_PATH, content=first.localDescription.sdp,
                                   headers={"Content-Type": "application/sdp"},
@@ -153,8 +154,8 @@ async def test_whip_clients_push_participants_and_hanging_up_finalises(
                                "session_finished": True, "status": "done"}
         assert (await client.delete(location)).status_code == 404
     finally:
-        await _close(first, first_players)
-        await _close(second, second_players)
+        await close_peer(first, first_players)
+        await close_peer(second, second_players)
 
     with session_scope(ingest.engine) as session:
         analysis = session.get(Analysis, analysis_id)
@@ -176,7 +177,7 @@ async def test_bad_offers_get_a_clear_error_and_leave_nothing_behind(
 ) -> None:
     client, ingest = whip
     sdp = {"Content-Type": "application/sdp"}
-    peer, players = await _offer(MEDIA_DIR / "single_face.mp4")
+    peer, players = await sending_peer(MEDIA_DIR / "single_face.mp4")
     try:
         offer = peer.localDescription.sdp
         wrong_type = await client.post(WHIP_PATH, content=offer, params={"participant": "Ada"},
@@ -220,7 +221,7 @@ async def test_bad_offers_get_a_clear_error_and_leave_nothing_behind(
                                   params={"participant": "Ada", "session": "999"})).status_code == 404
         assert (await client.delete(f"{WHIP_PATH}/no-such-resource")).status_code == 404
     finally:
-        await _close(peer, players)
+        await close_peer(peer, players)
 
     with session_scope(ingest.engine) as session:
         # No offer brought media: none of them left a session in the archive, failed or running.
@@ -234,7 +235,7 @@ async def test_a_client_that_goes_away_without_delete_still_ends_the_session(
     from aiortc import RTCSessionDescription
 
     client, ingest = whip
-    peer, players = await _offer(MEDIA_DIR / "single_face.mp4")
+    peer, players = await sending_peer(MEDIA_DIR / "single_face.mp4")
     try:
         reply = await _post_offer(client, peer)
         assert reply.status_code == 201, reply.text
@@ -242,7 +243,7 @@ async def test_a_client_that_goes_away_without_delete_still_ends_the_session(
         await peer.setRemoteDescription(RTCSessionDescription(sdp=reply.text, type="answer"))
         await asyncio.sleep(3.0)
     finally:
-        await _close(peer, players)  # no DELETE: the browser tab was closed
+        await close_peer(peer, players)  # no DELETE: the browser tab was closed
     status = None
     for _ in range(100):
         with session_scope(ingest.engine) as session:
@@ -265,7 +266,7 @@ async def test_whip_connections_are_capped_per_user_counting_offers_in_flight(
 ) -> None:
     async with whip_app(isolated_env / "data", components, whip_max_connections_per_user=2,
                         whip_max_connections=10) as (client, ingest):
-        peers = [await _offer(MEDIA_DIR / "single_face.mp4") for _ in range(5)]
+        peers = [await sending_peer(MEDIA_DIR / "single_face.mp4") for _ in range(5)]
         try:
             replies = await asyncio.gather(*(_post_offer(client, peer) for peer, _players in peers))
             statuses = sorted(reply.status_code for reply in replies)
@@ -291,7 +292,7 @@ async def test_whip_connections_are_capped_per_user_counting_offers_in_flight(
             assert crowded.status_code == 422 and "at most 1 participants" in crowded.json()["detail"]
         finally:
             for peer, players in peers:
-                await _close(peer, players)
+                await close_peer(peer, players)
 
 
 @pytest.mark.media
@@ -299,7 +300,7 @@ async def test_a_peer_that_never_connects_is_hung_up_and_leaves_no_session(
     isolated_env: Path, components: PipelineComponents,
 ) -> None:
     async with whip_app(isolated_env / "data", components, whip_connect_timeout_seconds=1.0) as (client, ingest):
-        peer, players = await _offer(MEDIA_DIR / "single_face.mp4")
+        peer, players = await sending_peer(MEDIA_DIR / "single_face.mp4")
         try:
             # The answer is never applied: the peer never starts ICE, as a client that vanished after its POST.
             reply = await _post_offer(client, peer)
@@ -311,6 +312,43 @@ async def test_a_peer_that_never_connects_is_hung_up_and_leaves_no_session(
                 await asyncio.sleep(0.1)
             assert (await client.delete(reply.headers["location"])).status_code == 404  # already hung up
         finally:
-            await _close(peer, players)
+            await close_peer(peer, players)
         with session_scope(ingest.engine) as session:
             assert session.get(Analysis, analysis_id) is None
+
+
+@pytest.mark.media
+@pytest.mark.ocr
+async def test_a_shared_gallery_window_gives_one_named_student_per_tile(
+    whip: tuple[httpx.AsyncClient, WhipIngest], tmp_path: Path,
+) -> None:
+    """OBS's WHIP output of a meeting window: one video track showing a 2×2 gallery with name plates."""
+    from aiortc import RTCSessionDescription
+
+    from tests.test_gallery import PEOPLE, _photo
+
+    client, ingest = whip
+    names = ["Zoë Martín", "Seán O'Neill", "Ana Lee", "Jean-Luc Dubois"]
+    window = tmp_path / "meeting-window.mp4"  # a screen capture the test makes; the bot writes nothing
+    window.write_bytes(media_factory.gallery_recording(
+        [(8, [(_photo(person), name) for person, name in zip(PEOPLE, names, strict=False)], 2)], fps=10).getvalue())
+    peer, players = await sending_peer(window)
+    try:
+        reply = await client.post(WHIP_PATH, content=peer.localDescription.sdp,
+                                  headers={"Content-Type": "application/sdp"},
+                                  params={"participant": "Teacher's window", "layout": "gallery", "title": "Gallery"})
+        assert reply.status_code == 201, reply.text
+        analysis_id = int(reply.headers["x-classlens-session"])
+        await peer.setRemoteDescription(RTCSessionDescription(sdp=reply.text, type="answer"))
+        await asyncio.sleep(8.0)
+        ended = await client.post(f"{WHIP_PATH}/sessions/{analysis_id}/end")
+        assert ended.status_code == 200, ended.text
+    finally:
+        await close_peer(peer, players)
+
+    with session_scope(ingest.engine) as session:
+        analysis = session.get(Analysis, analysis_id)
+        assert analysis is not None and analysis.status is AnalysisStatus.done and analysis.layout == "gallery"
+        students = list(session.exec(select(Student).where(Student.analysis_id == analysis_id)))
+    assert sorted(s.label for s in students) == sorted(names)
+    assert {s.name_source for s in students} == {"label"}

@@ -18,6 +18,7 @@ Where the faces go is decided by :func:`tile_of`: the tile that holds the face b
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -44,6 +45,10 @@ MIN_TILE_PIXELS = 48
 MIN_TILE_STD = 6.0
 #: Two tiles are "of one size" when width and height differ by at most this share.
 SAME_SIZE_TOLERANCE = 0.12
+#: The follower finds the tiles again when the page outside them changed by this much (mean absolute grey levels).
+FOLLOW_PAGE_CHANGE = 3.0
+#: A tile overlapping one of the previous frame by this much (IoU) is the same tile.
+SAME_TILE_OVERLAP = 0.7
 #: The XY cut stops after this many levels (a grid needs 3; the rest is headroom for nested panels).
 MAX_CUT_DEPTH = 6
 
@@ -115,7 +120,7 @@ def _gutter_lines(grey: np.ndarray, axis: int, background: float) -> np.ndarray:
     A flat line is not enough: a plain wall in a webcam picture is flat too once the video
     is compressed (standard deviation 2.0–2.4 along a tile, where an encoded gutter reaches
     1.8). What a wall lacks is the straight edge a gutter ends at. So runs of flat lines
-    are split where their colour changes, and a run is a gutter only when, at every end
+    are split where their colour changes, and a run is a gutter only when, at one end at least
     that meets content, the pixels across the end differ by :data:`GUTTER_MIN_EDGE` on average.
     A gutter also has the page's colour (``background``, within :data:`GUTTER_BACKGROUND_TOLERANCE`):
     a tile's own flat bars around a letterboxed camera belong to the tile, and its name plate sits on them.
@@ -131,11 +136,14 @@ def _gutter_lines(grey: np.ndarray, axis: int, background: float) -> np.ndarray:
         cuts = [start, *(start + 1 + np.flatnonzero(np.abs(np.diff(means[start:stop])) > GUTTER_COLOUR_STEP)), stop]
         for run_start, run_stop in itertools.pairwise(cuts):
             ends_ok = abs(float(means[run_start:run_stop].mean()) - background) <= GUTTER_BACKGROUND_TOLERANCE
-            # Compression blurs an edge over a line or two: look for it that far into the content.
+            # Compression blurs an edge over a line or two: look for it that far into the content. One edge
+            # is enough: a dark picture may fade into a dark gutter on one side.
+            edges = []
             if run_start > 0 and not flat[run_start - 1]:
-                ends_ok &= bool(step[max(run_start - 1 - EDGE_BLUR_LINES, 0):run_start].max() >= GUTTER_MIN_EDGE)
+                edges.append(bool(step[max(run_start - 1 - EDGE_BLUR_LINES, 0):run_start].max() >= GUTTER_MIN_EDGE))
             if run_stop < len(lines) and not flat[run_stop]:
-                ends_ok &= bool(step[run_stop - 1:run_stop + EDGE_BLUR_LINES].max() >= GUTTER_MIN_EDGE)
+                edges.append(bool(step[run_stop - 1:run_stop + EDGE_BLUR_LINES].max() >= GUTTER_MIN_EDGE))
+            ends_ok &= not edges or any(edges)
             gutter[run_start:run_stop] = ends_ok
     return gutter
 
@@ -183,6 +191,34 @@ def find_tiles(image: ByteArray) -> GalleryLayout:
     return GalleryLayout((height, width), tuple(sorted(tiles)))
 
 
+def tile_overlap(a: Tile, b: Tile) -> float:
+    """Intersection over union of two tiles."""
+    width = min(a.x1, b.x1) - max(a.x0, b.x0)
+    height = min(a.y1, b.y1) - max(a.y0, b.y0)
+    if width <= 0 or height <= 0:
+        return 0.0
+    inter = width * height
+    return inter / (a.width * a.height + b.width * b.height - inter)
+
+
+def same_tiles(tiles: Sequence[Tile], previous: Iterable[Tile]) -> dict[Tile, Tile]:
+    """For each tile, the previous frame's tile it is (overlapping by :data:`SAME_TILE_OVERLAP`), if any.
+
+    A tile's found edges may move by a few pixels from frame to frame (a letterboxed camera whose
+    picture reaches the bar or not, compression at the edge); it is still the same tile.
+    """
+    candidates = list(previous)
+    matched: dict[Tile, Tile] = {}
+    for tile in tiles:
+        if tile in candidates:
+            matched[tile] = tile
+            continue
+        best = max(candidates, key=lambda old: tile_overlap(tile, old), default=None)
+        if best is not None and tile_overlap(tile, best) >= SAME_TILE_OVERLAP:
+            matched[tile] = best
+    return matched
+
+
 def tile_of(layout: GalleryLayout, boxes: FloatArray) -> np.ndarray:
     """Index into ``layout.tiles`` of the tile holding each box's centre; -1 for a box outside every tile."""
     owners = np.full(len(boxes), -1, np.int64)
@@ -194,3 +230,40 @@ def tile_of(layout: GalleryLayout, boxes: FloatArray) -> np.ndarray:
                   & (centres[:, 1] >= tile.y0) & (centres[:, 1] < tile.y1))
         owners[inside & (owners < 0)] = index
     return owners
+
+
+class LayoutFollower:
+    """The tiles of each frame of one video, found again only when the page around the tiles changed.
+
+    Finding the tiles costs about 10 ms per 720p frame. Between layout changes only the
+    tiles' contents move: the page around them (gutters, headers, empty slots) stays as it
+    was. So the follower compares the pixels outside the last layout's tiles with the frame
+    that layout was found in, and looks for tiles again only when they changed (someone
+    joined, left or moved and the gutters with them, the window was resized, the view switched).
+    """
+
+    def __init__(self) -> None:
+        self._layout: GalleryLayout | None = None
+        self._page: np.ndarray | None = None
+        self._outside: np.ndarray | None = None
+        self.searches = 0
+        """Frames whose tiles were searched for (the others reused their predecessor's layout)."""
+
+    def layout_of(self, image: ByteArray) -> GalleryLayout:
+        """The frame's tiles: the previous frame's when the page around them is unchanged."""
+        grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY).ravel()
+        if (self._layout is not None and self._page is not None and self._outside is not None
+                and self._layout.frame_size == image.shape[:2] and len(self._outside)):
+            page = grey.take(self._outside).astype(np.int16)
+            if float(np.abs(page - self._page).mean()) <= FOLLOW_PAGE_CHANGE:
+                return self._layout
+        self.searches += 1
+        layout = find_tiles(image)
+        outside = np.ones(image.shape[:2], bool)
+        for tile in layout.tiles:
+            # A pixel of margin: compression lets a tile's edge bleed into the gutter.
+            outside[max(tile.y0 - 1, 0):tile.y1 + 1, max(tile.x0 - 1, 0):tile.x1 + 1] = False
+        self._outside = np.flatnonzero(outside)
+        self._page = grey.take(self._outside).astype(np.int16)
+        self._layout = layout
+        return layout

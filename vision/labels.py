@@ -14,6 +14,7 @@ Pixels go to the OCR process through a pipe, never through a file.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import shutil
@@ -29,7 +30,7 @@ import cv2
 import numpy as np
 
 from kernel.types import ByteArray
-from vision.gallery import GalleryLayout, Tile
+from vision.gallery import GalleryLayout, Tile, same_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +79,12 @@ MIN_NAME_CONFIDENCE = 85.0
 READS_PER_LABEL = 3
 #: A label is read again when its region changed this much (mean absolute grey difference, thumbnails)...
 LABEL_CHANGE = 12.0
-#: ... but not more often than this (a plate over moving video changes every frame).
+#: ... but not more often than this (a plate over moving video changes every frame)...
 REREAD_SECONDS = 10.0
+#: A new reading at least this similar to a tile's name (difflib's ratio) is that name misread, not a new one.
+SAME_NAME_RATIO = 0.6
+#: Rank of the inside-top place in :func:`label_regions` (read for plates only).
+TOP_INSIDE_RANK = 2
 #: Letters and name punctuation are at least this share of what was read ("640x360" and "0 kbits/sec" are no
 #: names; "D'Arcy Smith" is).
 NAME_MIN_LETTER_SHARE = 0.9
@@ -202,8 +207,9 @@ def _tsv_words(tsv: str) -> list[tuple[int, Word]]:
 def label_regions(layout: GalleryLayout, tile: Tile) -> list[tuple[int, int, int, int]]:
     """Where the tile's name may be, most likely first: ``(y0, x0, y1, x1)`` boxes of the frame.
 
-    Inside along the bottom-left (Zoom, Teams, Meet), above the tile up to the tile above it
-    (a panel header, as on Janus's demo page), inside along the top-left.
+    Always three: inside along the bottom-left (Zoom, Teams, Meet), above the tile up to the
+    tile above it (a panel header, as on Janus's demo page; empty when there is no room),
+    inside along the top-left (:data:`TOP_INSIDE_RANK`).
     """
     height, width = layout.frame_size
     band = min(tile.height // 2, max(MIN_PLATE_BAND_PIXELS, round(tile.height * PLATE_BAND_SHARE)))
@@ -212,8 +218,8 @@ def label_regions(layout: GalleryLayout, tile: Tile) -> list[tuple[int, int, int
     above_limit = max([other.y1 for other in layout.tiles
                        if other.y1 <= tile.y0 and other.x0 < tile.x1 and other.x1 > tile.x0], default=0)
     header_top = max(above_limit, tile.y0 - HEADER_MAX_PIXELS, 0)
-    if tile.y0 - header_top >= MIN_BAND_PIXELS:
-        regions.append((header_top, tile.x0, tile.y0, min(tile.x1, width)))
+    room = tile.y0 - header_top >= MIN_BAND_PIXELS
+    regions.append((header_top if room else tile.y0, tile.x0, tile.y0, min(tile.x1, width)))
     regions.append((tile.y0, tile.x0, tile.y0 + band, right))
     return [(y0, x0, min(y1, height), x1) for y0, x0, y1, x1 in regions]
 
@@ -303,7 +309,9 @@ class TileNamer:
     def names(self, image: ByteArray, layout: GalleryLayout, tiles: Sequence[Tile],
               timestamp: float) -> dict[Tile, TileName]:
         """The names of ``tiles`` of this frame (tiles whose label cannot be read are left out)."""
-        self._states = {tile: state for tile, state in self._states.items() if tile in layout.tiles}
+        # A tile whose edges moved a little is the same tile: its label's state moves with it.
+        previous = same_tiles(layout.tiles, self._states)
+        self._states = {tile: self._states[old] for tile, old in previous.items()}
         to_read: list[Tile] = []
         for tile in tiles:
             thumbnail = _label_thumbnail(image, layout, tile)
@@ -312,7 +320,10 @@ class TileNamer:
                 state = self._states[tile] = _LabelState(thumbnail)
             changed = (state.thumbnail.shape != thumbnail.shape
                        or float(np.abs(state.thumbnail - thumbnail).mean()) > LABEL_CHANGE)
-            if state.reads == 0 or (changed and timestamp - state.read_at >= REREAD_SECONDS):
+            # A named tile keeps its name until the layout changes (a new tile) or its owner says another
+            # person sits there (:meth:`forget`): a plate over moving video changes every frame, and reading
+            # it again would cost time and could only misread. A tile without a name is tried again.
+            if state.reads == 0 or (state.name is None and changed and timestamp - state.read_at >= REREAD_SECONDS):
                 to_read.append(tile)
             state.thumbnail = thumbnail
         if to_read:
@@ -323,6 +334,10 @@ class TileNamer:
             if state.name is not None:
                 named[tile] = TileName(state.name, state.votes, state.reads)
         return named
+
+    def forget(self, tile: Tile) -> None:
+        """Read this tile's label again when it next holds a face (another person sits there now)."""
+        self._states.pop(tile, None)
 
     def _read(self, image: ByteArray, layout: GalleryLayout, tiles: list[Tile], timestamp: float) -> None:
         bands: list[ByteArray] = []
@@ -337,7 +352,9 @@ class TileNamer:
                 # Plates (badges, name plates: read on their own, with their own polarity), then lines of
                 # text for names written on the video itself (Meet) or on a plate too close to the video's
                 # colour to stand out; a plate is the surer place for a name, so it ranks first.
-                for kind, boxes in enumerate((find_plates(region), find_text_lines(region))):
+                # Inside along the top, only plates: lines of text there are mostly the video's own edges.
+                lines = find_text_lines(region) if rank < TOP_INSIDE_RANK else []
+                for kind, boxes in enumerate((find_plates(region), lines)):
                     for y_0, x_0, y_1, x_1 in boxes:
                         for size in sizes:
                             bands.append(region[y_0:y_1, x_0:x_1])
@@ -361,11 +378,13 @@ class TileNamer:
             state = self._states[tile]
             state.reads += 1
             state.read_at = timestamp
-            state.name, state.votes = None, 0
-            if tile in found:
-                _, counts, confidence = found[tile]
-                state.name = max(counts, key=lambda name: (counts[name], confidence[name]))
-                state.votes = counts[state.name]
+            if tile not in found:
+                continue  # nothing readable now: a name read before stays
+            _, counts, confidence = found[tile]
+            name = max(counts, key=lambda name: (counts[name], confidence[name]))
+            # The same label read a little differently is the same participant: keep the name they have.
+            if state.name is None or difflib.SequenceMatcher(None, state.name, name).ratio() < SAME_NAME_RATIO:
+                state.name, state.votes = name, counts[name]
 
 
 def find_plates(region: ByteArray) -> list[tuple[int, int, int, int]]:
@@ -386,7 +405,7 @@ def find_plates(region: ByteArray) -> list[tuple[int, int, int, int]]:
                 and area >= MIN_PLATE_FILL * width * height
                 and abs(float(np.median(inside)) - background) >= PLATE_CONTRAST):
             # Inset, so the plate's rounded edges are not read as letters ("l Ana Lee").
-            inset_x, inset_y = max(2, int(height) // 4), max(1, int(height) // 8)
+            inset_x, inset_y = max(2, int(height) // 4), 1  # little off the top and bottom: descenders
             plates.append((int(y) + inset_y, int(x) + inset_x, int(y + height) - inset_y, int(x + width) - inset_x))
     return sorted(plates, key=lambda box: (box[1], box[0]))
 

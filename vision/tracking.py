@@ -111,16 +111,21 @@ class StudentTracker:
         self._frame_sizes: dict[str, tuple[int, int]] = {}
         self._summaries: dict[int, TrackSummary] = {}
 
-    def update(self, detections: FrameDetections, image: ByteArray | None = None) -> FrameDetections:
-        """Match a frame's faces to tracks; returns the detections with track ids set."""
+    def update(self, detections: FrameDetections, image: ByteArray | None = None,
+               embeddings: FloatArray | None = None) -> FrameDetections:
+        """Match a frame's faces to tracks; returns the detections with track ids set.
+
+        ``embeddings`` are the faces' recogniser embeddings when the caller has them already
+        (a gallery frame's faces are embedded together, then tracked tile by tile); otherwise
+        they are computed from ``image``.
+        """
         stream, now = detections.stream, detections.timestamp
         tracks = [t for t in self._live.get(stream, []) if now - t.last_seen <= self.max_gap_seconds]
         previous_size = self._frame_sizes.get(stream)
         if previous_size is not None and previous_size != detections.frame_size:
             rescale_tracks(tracks, previous_size, detections.frame_size)
         self._frame_sizes[stream] = detections.frame_size
-        embeddings: FloatArray | None = None
-        if self.embedder is not None and image is not None and len(detections):
+        if embeddings is None and self.embedder is not None and image is not None and len(detections):
             embeddings = self.embedder.embed(image, detections.keypoints)
         ids = np.full(len(detections), -1, np.int64)
         if tracks and len(detections):
