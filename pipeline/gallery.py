@@ -65,14 +65,6 @@ class FramePart:
 class GalleryStats:
     """What the splitter saw over a whole video."""
 
-    frames: int = 0
-    """Frames split."""
-    gallery_frames: int = 0
-    """Frames that looked like a gallery."""
-    named_faces: int = 0
-    """Faces put in a named tile's stream."""
-    opted_out_faces: int = 0
-    """Faces dropped because their tile's name is not to be analysed."""
     names: Counter[str] = field(default_factory=Counter)
     """Streams that came from a tile's label, with the faces each got."""
 
@@ -110,7 +102,6 @@ class GallerySplitter:
         ``embeddings`` are the recogniser's embeddings of the frame's faces, when the caller has
         them: they tell participants with one name apart, and notice another person in a named tile.
         """
-        self.stats.frames += 1
         self._embeddings = embeddings
         if self.layout is VideoLayout.camera:
             return [FramePart.whole(frame, detections)]
@@ -118,7 +109,6 @@ class GallerySplitter:
         if self.layout is VideoLayout.auto and not layout.is_gallery:
             self._keys = {}
             return [FramePart.whole(frame, detections)]
-        self.stats.gallery_frames += 1
         owners = tile_of(layout, detections.boxes)
         occupied = [layout.tiles[index] for index in sorted(set(owners.tolist()) - {-1})]
         names = self.namer.names(frame.image, layout, occupied, frame.timestamp) if occupied else {}
@@ -135,9 +125,7 @@ class GallerySplitter:
             mine = owners == index
             keep_in_frame &= ~mine
             if not self.consent.allows(read[tile]):
-                self.stats.opted_out_faces += int(mine.sum())
                 continue
-            self.stats.named_faces += int(mine.sum())
             self.stats.names[key] += int(mine.sum())
             parts.append(FramePart(VideoFrame(key, frame.timestamp, tile.view(frame.image)),
                                    _shift(detections.select(mine), tile, key), np.flatnonzero(mine)))

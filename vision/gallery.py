@@ -246,8 +246,6 @@ class LayoutFollower:
         self._layout: GalleryLayout | None = None
         self._page: np.ndarray | None = None
         self._outside: np.ndarray | None = None
-        self.searches = 0
-        """Frames whose tiles were searched for (the others reused their predecessor's layout)."""
 
     def layout_of(self, image: ByteArray) -> GalleryLayout:
         """The frame's tiles: the previous frame's when the page around them is unchanged."""
@@ -257,7 +255,6 @@ class LayoutFollower:
             page = grey.take(self._outside).astype(np.int16)
             if float(np.abs(page - self._page).mean()) <= FOLLOW_PAGE_CHANGE:
                 return self._layout
-        self.searches += 1
         layout = find_tiles(image)
         outside = np.ones(image.shape[:2], bool)
         for tile in layout.tiles:

@@ -19,7 +19,6 @@ import logging
 import os
 import shutil
 import subprocess
-import time
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
@@ -139,8 +138,6 @@ class TesseractReader:
                 "tesseract-ocr-script-latn; scripts/setup-system installs both)")
         self.binary = path
         self.language = language
-        self.calls = 0
-        """OCR processes run so far (for benchmarks)."""
 
     def read(self, bands: Sequence[ByteArray], heights: Sequence[int] | None = None) -> list[list[Word]]:
         """Read every band in one Tesseract run (a page each of one multi-page TIFF) and hand each its words.
@@ -161,7 +158,6 @@ class TesseractReader:
             input=tiff.tobytes(), capture_output=True, timeout=60, check=False,
             # One thread: OpenMP's spinning threads cost more than they save on labels this small.
             env={**os.environ, "OMP_THREAD_LIMIT": "1"})
-        self.calls += 1
         if completed.returncode != 0:
             raise RuntimeError(f"tesseract failed: {completed.stderr.decode(errors='replace').strip()[:200]}")
         words: list[list[Word]] = [[] for _ in bands]
@@ -303,8 +299,6 @@ class TileNamer:
         self.reader = reader
         self.reads_per_label = reads_per_label
         self._states: dict[Tile, _LabelState] = {}
-        self.ocr_seconds = 0.0
-        """Time spent reading labels (for benchmarks)."""
 
     def names(self, image: ByteArray, layout: GalleryLayout, tiles: Sequence[Tile],
               timestamp: float) -> dict[Tile, TileName]:
@@ -360,9 +354,7 @@ class TileNamer:
                             bands.append(region[y_0:y_1, x_0:x_1])
                             heights.append(size)
                             owners.append((tile, (rank, kind)))
-        started = time.perf_counter()
         words = self.reader.read(bands, heights)
-        self.ocr_seconds += time.perf_counter() - started
         # Per tile, the names read in its likeliest place that gave any: the most frequent, then the surest.
         found: dict[Tile, tuple[tuple[int, int], Counter[str], dict[str, float]]] = {}
         for (tile, place), band_words in zip(owners, words, strict=True):
