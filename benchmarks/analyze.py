@@ -142,14 +142,15 @@ def gallery_frames(tiles: list[TileSource], seconds: float) -> Iterator[np.ndarr
         yield canvas
 
 
-def encode_stream(frames: Iterator[np.ndarray], fps: int) -> io.BytesIO:
+def encode_stream(frames: Iterator[np.ndarray], fps: int, keyframe_seconds: float | None = None) -> io.BytesIO:
     """Encode BGR frames to an in-memory H.264 MP4 with the settings of ``vision.synthetic.encode_video``.
 
     ``encode_video`` takes a list, which would hold every raw frame in memory; this
     streams the same encoder settings (libx264, veryfast, crf 20, yuv420p), except that
     x264 runs frame threads: PyAV's default (slice threads) makes x264 cut every frame
     into slices, which lets the decoder use slice threading that most real recordings
-    (one slice per frame) do not allow, and so flatters decoding.
+    (one slice per frame) do not allow, and so flatters decoding. ``keyframe_seconds`` puts a
+    keyframe exactly that often (None: x264's default, at most every 250 frames, and at scene cuts).
     """
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4") as container:
@@ -157,7 +158,11 @@ def encode_stream(frames: Iterator[np.ndarray], fps: int) -> io.BytesIO:
         stream.width, stream.height = WIDTH, HEIGHT
         stream.pix_fmt = "yuv420p"
         stream.thread_type = "FRAME"
-        stream.options = {"preset": "veryfast", "crf": "20"}
+        options = {"preset": "veryfast", "crf": "20"}
+        if keyframe_seconds is not None:
+            interval = max(1, round(fps * keyframe_seconds))
+            options.update({"g": str(interval), "x264-params": f"keyint={interval}:min-keyint={interval}:scenecut=0"})
+        stream.options = options
         for image in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="bgr24")):
                 container.mux(packet)
@@ -167,13 +172,13 @@ def encode_stream(frames: Iterator[np.ndarray], fps: int) -> io.BytesIO:
     return buffer
 
 
-def build_gallery_video(media_dir: Path, seconds: float) -> io.BytesIO:
-    """The 3×3 gallery video of ``seconds`` seconds, in memory."""
+def build_gallery_video(media_dir: Path, seconds: float, keyframe_seconds: float | None = None) -> io.BytesIO:
+    """The 3×3 gallery video of ``seconds`` seconds, in memory (keyframes: see :func:`encode_stream`)."""
     missing = [name for name in TILES if not (media_dir / name).is_file()]
     if missing:
         raise SystemExit(f"missing media in {media_dir}: {', '.join(missing)}")
     tiles = [load_tile(media_dir / name) for name in TILES]
-    return encode_stream(gallery_frames(tiles, seconds), FPS)
+    return encode_stream(gallery_frames(tiles, seconds), FPS, keyframe_seconds)
 
 
 # --------------------------------------------------------------------------- timing

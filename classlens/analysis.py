@@ -99,12 +99,12 @@ def recording_consent(settings: Settings) -> ConsentPolicy:
     return ConsentPolicy.opt_out(settings.recording_opt_out) if settings.recording_opt_out else ConsentPolicy.everyone()
 
 
-def _create_analysis(engine: Engine, source: str, settings: Settings, title: str) -> int:
+def _create_analysis(engine: Engine, source: str, settings: Settings, title: str, *, decoding: str = "") -> int:
     consent = recording_consent(settings)
     with session_scope(engine) as session:
         owner_id = owner_id_for(session, settings.analysis_owner_email)
         analysis = Analysis(kind="recording", source=source, title=title, sample_fps=settings.sample_fps,
-                            emotion_inference=settings.emotion_inference,
+                            emotion_inference=settings.emotion_inference, decoding=decoding,
                             owner_id=owner_id, course=settings.analysis_course,
                             consent_mode=consent.mode, consent_names_json=consent.names_json())
         session.add(analysis)
@@ -151,8 +151,9 @@ def analyze_recording(
 
         # Refuse an occupied report folder before spending time on the analysis.
         check_report_folder(report_dir, analysis_id)
-        source = RecordedFileSource(path, settings.sample_fps)
+        source = RecordedFileSource.configured(path, settings)
         info = source.probe()
+        decoding = source.decoding_plan().reason
         state = AnalysisProgress(frames_expected=info.expected_samples(settings.sample_fps))
         if progress:
             progress(state)
@@ -162,6 +163,7 @@ def analyze_recording(
             analysis = session.get(Analysis, analysis_id)
             assert analysis is not None
             analysis.models_json = json.dumps(components.models.provenance, sort_keys=True)
+            analysis.decoding = decoding
 
         def stored(count: int) -> None:
             state.crops_stored += count
@@ -316,7 +318,9 @@ def submit_segmented_analysis(
     if not settings.broker_url:
         return None
     try:
-        info = RecordedFileSource(path, settings.sample_fps).probe()
+        source = RecordedFileSource.configured(path, settings)
+        info = source.probe()
+        decoding = source.decoding_plan().reason
     except BadInputError:
         return None
     from workers.segments import plan_segments, segment_overrides
@@ -325,7 +329,7 @@ def submit_segmented_analysis(
     if not segments or (len(segments) == 1 and not single_segment):
         return None
     engine = _open_store(settings)
-    analysis_id = _create_analysis(engine, str(path), settings, title or path.name)
+    analysis_id = _create_analysis(engine, str(path), settings, title or path.name, decoding=decoding)
     report_dir = (out_dir or settings.resolved_reports_dir / f"analysis-{analysis_id}").resolve()
     heartbeat = ProducerHeartbeat(engine, analysis_id, settings.producer_heartbeat_seconds).start()
     try:

@@ -173,6 +173,9 @@ def analyze(
         "Default: the video_layout setting (auto).")] = None,
     opt_out: Annotated[list[str] | None, typer.Option(
         "--opt-out", help="Display name never to analyse in a gallery recording (repeatable).")] = None,
+    jobs: Annotated[int | None, typer.Option(
+        "--jobs", "-j", min=0, max=64, help="Recordings analysed at once when several are given; 0: one per core "
+        "(default: the analysis_jobs setting, 0).")] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Analyse recorded lectures and write per-student and class reports.
@@ -181,9 +184,18 @@ def analyze(
     student per participant tile, named as the tile's label reads.
     """
     with user_errors():
-        settings = load_settings(sample_fps=fps, database_url=db, emotion_inference=emotion, detector=detector,
-                                 recognizer=recognizer, broker_url=broker, analysis_owner_email=owner,
-                                 analysis_course=course, video_layout=layout, recording_opt_out=opt_out)
+        overrides: dict[str, Any] = dict(
+            sample_fps=fps, database_url=db, emotion_inference=emotion, detector=detector, recognizer=recognizer,
+            broker_url=broker, analysis_owner_email=owner, analysis_course=course, video_layout=layout,
+            recording_opt_out=opt_out, analysis_jobs=jobs)
+        settings = load_settings(**overrides)
+        if len(videos) > 1 and not settings.broker_url:
+            from classlens.parallel import jobs_for
+
+            parallel_jobs = jobs_for(len(videos), settings.analysis_jobs)
+            if parallel_jobs > 1:
+                _analyze_in_parallel(videos, overrides, settings, parallel_jobs, out_dir, title, quiet)
+                return
         failures = 0
         submitted: dict[int, Any] = {}
         try:
@@ -212,6 +224,48 @@ def analyze(
                     pending.abandon("interrupted before this video's results were collected")
         if failures:
             raise typer.Exit(code=2)
+
+
+def _analyze_in_parallel(videos: list[Path], overrides: dict[str, Any], settings: Settings, jobs: int,
+                         out_dir: Path | None, title: str | None, quiet: bool) -> None:
+    """Several recordings side by side (:mod:`classlens.parallel`): a progress line per file, then each outcome."""
+    from classlens.parallel import FileProgress, FileResult, analyze_in_parallel, threads_per_job
+    from kernel.store import init_store
+
+    init_store(settings.resolved_database_url)  # the tables exist before the processes race to create them
+    threads = threads_per_job(jobs, settings.intra_op_threads)
+    child_overrides = {**overrides, "intra_op_threads": threads}
+    out_dirs: list[Path | None] = [out_dir / video.stem if out_dir is not None else None for video in videos]
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=16), MofNCompleteColumn(),
+                        TextColumn("frames · {task.fields[students]}"), TimeRemainingColumn(),
+                        console=console, disable=quiet, transient=False)
+    tasks = [progress.add_task(short_name(video.name), total=None, students=plural(0, "student"))
+             for video in videos]
+    console.print(f"analysing {len(videos)} recordings, {jobs} at a time ({threads} onnxruntime "
+                  f"thread{'s' if threads != 1 else ''} each)", highlight=False)
+
+    def show(state: FileProgress) -> None:
+        progress.update(tasks[state.index], total=state.frames_expected, completed=state.frames_sampled,
+                        students=plural(state.students_tracked, "student"))
+
+    failures: list[FileResult] = []
+
+    def finished(result: FileResult) -> None:
+        if result.outcome is None:
+            failures.append(result)
+            progress.update(tasks[result.index], description=f"[red]{short_name(videos[result.index].name)}")
+
+    with progress:
+        results = analyze_in_parallel(videos, child_overrides, jobs=jobs, out_dirs=out_dirs, title=title,
+                                      on_progress=show, on_result=finished)
+    for result in results:
+        if result.outcome is not None:
+            _print_outcome(result.outcome)
+        else:
+            console.print(f"[bold red]error:[/] {videos[result.index].name}: {result.error}", highlight=False,
+                          soft_wrap=True)
+    if failures:
+        raise typer.Exit(code=2)
 
 
 def worker(

@@ -40,6 +40,19 @@ class VideoLayout(StrEnum):
     """One camera picture: never split."""
 
 
+class DecodeMode(StrEnum):
+    """How a recording is decoded to get its sampled frames (``docs/benchmarks.md`` measures each)."""
+
+    auto = "auto"
+    """Choose per file from its keyframe spacing and the sampling rate: the cheapest of the three below."""
+    sequential = "sequential"
+    """Decode every frame (non-reference frames skipped when samples are far apart): exact, always possible."""
+    keyframes = "keyframes"
+    """Decode keyframes only: a sampling instant with no keyframe within the tolerance gets no frame."""
+    seek = "seek"
+    """Restart the decoder at the keyframe before each sample and decode up to a frame within the tolerance."""
+
+
 class Settings(BaseSettings):
     """Configuration of ClassLens; every field can be set as ``CLASSLENS_<FIELD>``."""
 
@@ -127,6 +140,27 @@ class Settings(BaseSettings):
     )
     sample_fps: float = Field(
         default=1.0, gt=0.0, le=30.0, description="Frames sampled per second of class time."
+    )
+    decode_mode: DecodeMode = Field(
+        default=DecodeMode.auto,
+        description=(
+            "How recordings are decoded: 'auto' (per file, from its keyframe spacing), 'sequential' (every frame), "
+            "'keyframes' (keyframes only) or 'seek' (from the keyframe before each sample). The report says which ran."
+        ),
+    )
+    sample_tolerance_seconds: float = Field(
+        default=0.5, ge=0.0, le=5.0,
+        description=(
+            "How far a sampled frame may lie from its sampling instant k / sample_fps when decoding skips frames "
+            "(keyframes, seek); at most half the sampling interval, so every instant keeps its own frame."
+        ),
+    )
+    analysis_jobs: int = Field(
+        default=0, ge=0, le=64,
+        description=(
+            "Recordings `classlens analyze` runs at once when given several (`--jobs`); 0: one per core. "
+            "onnxruntime's threads are shared out among them."
+        ),
     )
     video_layout: VideoLayout = Field(
         default=VideoLayout.auto,

@@ -128,6 +128,9 @@ class Analysis(SQLModel, table=True):
         "How a recording's frames were read: 'camera' (one picture) or 'gallery' (a meeting's tiles, each "
         "participant named by the tile's label)."))
     duration_seconds: float = Field(default=0.0, description="Class time covered by the source.")
+    decoding: str = Field(default="", description=(
+        "How a recording was decoded to get its samples, in one line: sequential, keyframes or seek, and why "
+        "(the keyframe spacing measured); empty for meetings."))
     frames_sampled: int = Field(default=0)
     faces_detected: int = Field(default=0)
     emotion_inference: bool = Field(default=True, description="Whether emotion models ran at all.")

@@ -147,6 +147,8 @@ class AnalysisInfo:
     """How many names the opt-out or opt-in list held (the names themselves are never shown)."""
     layout: str = "camera"
     """How a recording's frames were read: ``camera`` or ``gallery`` (students named by their tiles' labels)."""
+    decoding: str = ""
+    """How a recording was decoded (sequential, keyframes or seek, and why); empty for meetings."""
 
     @classmethod
     def from_row(cls, row: Analysis) -> AnalysisInfo:
@@ -176,6 +178,7 @@ class AnalysisInfo:
             consent_mode=ConsentMode(row.consent_mode),
             consent_list_size=len(names) if isinstance(names, list) else 0,
             layout=row.layout or "camera",
+            decoding=row.decoding or "",
         )
 
     @property
@@ -677,20 +680,31 @@ def sample_period_for(sample_fps: float, timestamps: Sequence[float] = ()) -> fl
 
 
 def build_time_grid(
-    timestamps: Iterable[float], sample_period: float
+    timestamps: Iterable[float], sample_period: float, *, on_instants: bool = False
 ) -> tuple[tuple[float, ...], dict[float, int]]:
     """Cluster sampled timestamps into one class time grid.
 
     Returns the grid (the first timestamp of each cluster) and a map from every input
-    timestamp to its grid index. A cluster holds the timestamps less than half a
-    sampling period after its first one: meeting feeds are sampled at slightly
+    timestamp to its grid index. By default a cluster holds the timestamps less than
+    half a sampling period after its first one: meeting feeds are sampled at slightly
     different times, but one stream's own samples, a full period apart, never share one.
+
+    With ``on_instants`` (recordings) a cluster is a sampling instant k · period: a
+    sample belongs to the instant nearest to it. Decoding that skips frames takes a
+    keyframe up to half a period from its instant, so two consecutive samples may lie
+    much less than a period apart and must still stay in their own cells.
     """
     grid: list[float] = []
     index: dict[float, int] = {}
     tolerance = 0.5 * sample_period
+    last_instant: int | None = None
     for stamp in sorted({float(t) for t in timestamps if math.isfinite(t)}):
-        if not grid or stamp - grid[-1] >= tolerance - 1e-9:
+        if on_instants:
+            instant = math.floor(stamp / sample_period + 0.5 + 1e-9)
+            if instant != last_instant:
+                grid.append(stamp)
+                last_instant = instant
+        elif not grid or stamp - grid[-1] >= tolerance - 1e-9:
             grid.append(stamp)
         index[stamp] = len(grid) - 1
     return tuple(grid), index
@@ -1117,7 +1131,21 @@ def quality_notes(
         )
     if not models_readable:
         notes.append("The record of which models ran could not be read.")
+    if analysis.decoding and overview.timestamps:
+        offset = largest_sample_offset(overview.timestamps, analysis.sample_fps)
+        notes.append(
+            f"Decoding: {analysis.decoding}. A sample lies up to {offset:.2f} s from its sampling instant; "
+            "the times in the CSV are the frames' own."
+        )
     return tuple(notes)
+
+
+def largest_sample_offset(timestamps: Iterable[float], sample_fps: float) -> float:
+    """The largest distance between a sample's own time and the sampling instant k / sample_fps nearest to it."""
+    if not (math.isfinite(sample_fps) and sample_fps > 0):
+        return 0.0
+    period = 1.0 / sample_fps
+    return max((abs(t - math.floor(t / period + 0.5) * period) for t in timestamps), default=0.0)
 
 
 # ---------------------------------------------------------------------------
@@ -1285,7 +1313,7 @@ def build_report_data(session: Session, analysis_id: int) -> ReportData:
     # anyway so a missing FrameSample row can never drop a measured face.
     stamps = [f.timestamp for f in frames] + [o.timestamp for o in observations]
     period = sample_period_for(analysis.sample_fps, stamps)
-    grid, index = build_time_grid(stamps, period)
+    grid, index = build_time_grid(stamps, period, on_instants=analysis.kind == "recording")
     streams = session.exec(select(StreamStats).where(StreamStats.analysis_id == analysis_id)).all()
     sampled: dict[str, frozenset[int]] | None = None
     if streams:

@@ -13,12 +13,12 @@ import pytest
 from sqlmodel import select
 
 from classlens.analysis import AnalysisOutcome, analyze_recording
-from kernel.settings import Settings, load_settings
+from kernel.settings import DecodeMode, Settings, load_settings
 from kernel.store import Analysis, FaceObservation, Student, init_store, session_scope
 from pipeline.models import PipelineComponents
 from tests import media_factory
 from tests.conftest import DATA_DIR, MEDIA_DIR, require, stored_analysis
-from vision.synthetic import demo_classroom_video, still_image_video
+from vision.synthetic import classroom_frames, demo_classroom_video, encode_video, still_image_video
 
 SCENE_PHOTOS = DATA_DIR / "facial_expressions_dev" / "images"
 
@@ -80,6 +80,26 @@ def test_lecture_clip_one_student_at_two_fps(isolated_env: Path, components: Any
     assert analysis.duration_seconds == pytest.approx(19.7, abs=0.1)
     csv_text = (isolated_env / "report" / "timelines.csv").read_text().splitlines()
     assert len(csv_text) == 1 + 40  # header + one row per sampled timestamp of the one student
+
+
+def test_decoding_only_what_is_sampled_finds_the_same_students(isolated_env: Path, components: Any) -> None:
+    # The demo classroom written as a meeting recorder writes it: a keyframe every 2 s.
+    video = encode_video(classroom_frames(12.0, fps=10), 10, keyframe_seconds=2.0)
+    found = {}
+    for mode in (DecodeMode.sequential, DecodeMode.seek):
+        outcome = _run(video, isolated_env / mode, components, decode_mode=mode)
+        analysis, students, _observations, samples = stored_analysis(outcome.analysis_id)
+        found[mode] = sorted((s.label, round(s.first_seen), round(s.last_seen)) for s in students)
+        assert len({sample.timestamp for sample in samples}) == 12
+        html = ((outcome.report_dir or Path()) / "index.html").read_text()
+        assert f"Decoding: {analysis.decoding}" in html
+    assert analysis.decoding.startswith("keyframes every 2.0 s") and "before each sample" in analysis.decoding
+    # The same students; a sample may lie up to half a second from its instant, so a student who
+    # joins at 0:03 may be first seen one instant later.
+    assert len(found[DecodeMode.seek]) == len(found[DecodeMode.sequential]) == 7
+    for (label, first, last), (other_label, other_first, other_last) in zip(
+            found[DecodeMode.seek], found[DecodeMode.sequential], strict=True):
+        assert label == other_label and abs(first - other_first) <= 1 and abs(last - other_last) <= 1
 
 
 @pytest.mark.media

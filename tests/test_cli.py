@@ -201,3 +201,24 @@ def test_a_teachers_own_run_is_filed_under_them(isolated_env: Path) -> None:
         ada = find_user(session, "ada@school.example")
         assert ada is not None
         assert (analysis.owner_id, analysis.title, analysis.course) == (ada.id, "Physics, week 3", "PHY1")
+
+
+@pytest.mark.media
+def test_several_recordings_run_at_once_and_a_bad_one_is_one_line(isolated_env: Path) -> None:
+    bad = media_factory.write(isolated_env / "notes.mp4", b"not a video\n" * 100)
+    videos = [str(MEDIA_DIR / "single_face.mp4"), str(bad), str(MEDIA_DIR / "WolfgangLanger_Pexels.mp4")]
+    result = classlens("analyze", *videos, "--jobs", "2", "--out", str(isolated_env / "reports"), "--quiet",
+                       cwd=isolated_env)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "2 at a time (1 onnxruntime thread each)" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "notes.mp4" in errors[0] and "not a video file" in errors[0]
+    analyses = sorted(_analyses(), key=lambda a: Path(a.source).name)
+    assert [(Path(a.source).name, a.status) for a in analyses] == [
+        ("WolfgangLanger_Pexels.mp4", "done"), ("notes.mp4", "failed"), ("single_face.mp4", "done")]
+    for name in ("single_face", "WolfgangLanger_Pexels"):
+        assert (isolated_env / "reports" / name / "index.html").is_file()
+    # Each report path is printed, one per recording that worked, in the order given.
+    printed = [line for line in result.stdout.splitlines() if line.endswith("index.html")]
+    assert [Path(line).parent.name for line in printed] == ["single_face", "WolfgangLanger_Pexels"]

@@ -21,7 +21,9 @@ import av
 import av.error
 
 from kernel.errors import BadInputError
+from kernel.settings import DecodeMode, Settings
 from kernel.types import VideoFrame
+from vision.keyframes import SCAN_SECONDS, DecodePlan, Feed, PacketInfo, SampleSelector, Step, Take, plan_decoding
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +94,8 @@ class RecordedFileSource:
     """Yields sampled frames of a recorded video file, on the video's own clock."""
 
     def __init__(self, path: Path | io.BytesIO, sample_fps: float, *, stream_name: str = "main",
-                 start_seconds: float = 0.0, end_seconds: float | None = None) -> None:
+                 start_seconds: float = 0.0, end_seconds: float | None = None,
+                 decode_mode: DecodeMode = DecodeMode.sequential, tolerance_seconds: float = 0.5) -> None:
         if sample_fps <= 0:
             raise BadInputError(f"sample rate must be positive, got {sample_fps}")
         if not math.isfinite(start_seconds) or start_seconds < 0:
@@ -113,6 +116,22 @@ class RecordedFileSource:
         """Frames the decoder produced (sampled or not)."""
         self.seeked = False
         """Whether decoding started at a keyframe near ``start_seconds`` rather than at the beginning."""
+        self.decode_mode = decode_mode
+        """The mode asked for; :meth:`decoding_plan` says which one runs (``auto`` chooses per file)."""
+        self.tolerance_seconds = max(0.0, tolerance_seconds)
+        """How far a sample may lie from its instant when frames are skipped (capped at half the interval)."""
+        self.largest_offset = 0.0
+        """The largest distance, in seconds, between a sample and its sampling instant (keyframes, seek)."""
+        self.instants_missed = 0
+        """Sampling instants within the video that got no frame (keyframes only, gaps, undecodable frames)."""
+        self._plan: DecodePlan | None = None
+
+    @classmethod
+    def configured(cls, path: Path | io.BytesIO, settings: Settings, *, start_seconds: float = 0.0,
+                   end_seconds: float | None = None) -> RecordedFileSource:
+        """The source as the settings ask: their sampling rate, decode mode and sampling tolerance."""
+        return cls(path, settings.sample_fps, start_seconds=start_seconds, end_seconds=end_seconds,
+                   decode_mode=settings.decode_mode, tolerance_seconds=settings.sample_tolerance_seconds)
 
     def probe(self) -> VideoInfo:
         """Open the file and describe its video stream; a file without one is bad input."""
@@ -145,6 +164,29 @@ class RecordedFileSource:
             intra_only=bool(getattr(codec, "intra_only", False)),
         )
 
+    def decoding_plan(self) -> DecodePlan:
+        """How this file will be decoded: the mode asked for, or for ``auto`` the cheapest one.
+
+        Decided from a demux-only read of the file's first :data:`~vision.keyframes.SCAN_SECONDS`
+        (packets' timestamps, keyframe flags and sizes; nothing is decoded), so every time
+        segment of one file decides alike.
+        """
+        if self._plan is None:
+            container = _open(self.path)
+            try:
+                info = self._info(container)
+                if self.decode_mode == DecodeMode.sequential or info.intra_only:
+                    packets: list[PacketInfo] = []
+                else:
+                    packets = _scan_packets(container)
+            except av.error.FFmpegError as exc:
+                raise BadInputError(f"{self.path}: reading the video failed ({exc.strerror or exc})") from None
+            finally:
+                container.close()
+            self._plan = plan_decoding(packets, self.sample_fps, self.tolerance_seconds, self.decode_mode,
+                                       intra_only=info.intra_only)
+        return self._plan
+
     def skips_non_reference_frames(self, info: VideoInfo) -> bool:
         """Whether decoding may drop non-reference frames.
 
@@ -165,11 +207,15 @@ class RecordedFileSource:
         # without an index (MPEG-TS) may land after the keyframe we need; go further back.
         back_offs: list[float | None] = [0.0, 10.0, 60.0] if self.first_sample > 0 else []
         back_offs.append(None)  # the beginning of the video: slower, always exact
+        plan = self.decoding_plan()
         container = _open(self.path)
         try:
             for back_off in back_offs:
                 try:
-                    yield from self._decode(container, back_off=back_off)
+                    if plan.mode == DecodeMode.sequential:
+                        yield from self._decode(container, back_off=back_off)
+                    else:
+                        yield from self._decode_selected(container, plan, back_off=back_off)
                     return
                 except _SeekMissedError:
                     container.close()
@@ -207,21 +253,9 @@ class RecordedFileSource:
         slack = 0.5 / info.average_fps if info.average_fps else 0.0
         # The first frame that may be sampled, less one frame of margin.
         needed = next_sample - slack - (1.0 / info.average_fps if info.average_fps else 0.0)
-        target = needed - (back_off or 0.0)
-        self.seeked = back_off is not None and target > 0 and bool(time_base)
-        if back_off is not None and not self.seeked:
-            raise _SeekMissedError  # nothing to seek to: the next attempt starts at the beginning
-        awaiting_keyframe = self.seeked
+        awaiting_keyframe = self._seek_before(container, stream, needed, back_off)
         # Intra-only codecs skip the packets before the first sample, so their first frame is later.
         awaiting_frame = self.seeked and not info.intra_only
-        if self.seeked:
-            try:
-                # Backward: the keyframe at or before the target, so every frame from there on
-                # decodes exactly as it does when decoding from the beginning.
-                container.seek(math.floor(target / time_base) + (stream.start_time or 0), backward=True,
-                               any_frame=False, stream=stream)
-            except av.error.FFmpegError:
-                raise _SeekMissedError from None
         for packet in container.demux(stream):
             if awaiting_keyframe:
                 # Some demuxers land on any packet; what precedes the first keyframe cannot decode.
@@ -265,6 +299,111 @@ class RecordedFileSource:
                 next_sample = (math.floor((timestamp + slack) / interval) + 1) * interval
         if awaiting_keyframe or awaiting_frame:
             raise _SeekMissedError  # the seek landed past the last keyframe, or nothing decoded after it
+
+
+    def _seek_before(self, container: Any, stream: Any, needed: float, back_off: float | None) -> bool:
+        """Seek to the keyframe at or before ``needed - back_off`` seconds; False when there is nothing to seek to."""
+        time_base = float(stream.time_base) if stream.time_base else 0.0
+        target = needed - (back_off or 0.0)
+        self.seeked = back_off is not None and target > 0 and bool(time_base)
+        if back_off is not None and not self.seeked:
+            raise _SeekMissedError  # nothing to seek to: the next attempt starts at the beginning
+        if self.seeked:
+            try:
+                # Backward: the keyframe at or before the target, so every frame from there on
+                # decodes exactly as it does when decoding from the beginning.
+                container.seek(math.floor(target / time_base) + (stream.start_time or 0), backward=True,
+                               any_frame=False, stream=stream)
+            except av.error.FFmpegError:
+                raise _SeekMissedError from None
+        return self.seeked
+
+    def _decode_selected(self, container: Any, plan: DecodePlan, *, back_off: float | None) -> Iterator[VideoFrame]:
+        """Decode only the packets the :class:`~vision.keyframes.SampleSelector` asks for (keyframes, seek).
+
+        Raises :class:`_SeekMissedError` before yielding anything when a seek landed after
+        the keyframe that the first instant's frame needs.
+        """
+        info = self._info(container)
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        context = stream.codec_context
+        time_base = stream.time_base
+        start_pts = stream.start_time or 0
+        interval = 1.0 / self.sample_fps
+        selector: SampleSelector[Any] = SampleSelector(
+            interval, plan.tolerance, first_instant=self.first_sample, end_instant=self.end_sample,
+            keyframes_only=plan.mode == DecodeMode.keyframes)
+        first_low = self.first_sample * interval - selector.tolerance
+        frame_seconds = 1.0 / info.average_fps if info.average_fps else 0.0
+        awaiting_keyframe = self._seek_before(container, stream, first_low - frame_seconds, back_off)
+        wanted: dict[int, int] = {}
+        errors = [0]
+        for packet in container.demux(stream):
+            if packet.pts is None or time_base is None:
+                continue  # the demuxer's final empty packet
+            seconds = float((packet.pts - start_pts) * time_base)
+            if awaiting_keyframe and packet.is_keyframe:
+                if seconds > first_low:
+                    raise _SeekMissedError
+                awaiting_keyframe = False
+            steps = selector.push(packet, int(packet.pts), seconds, bool(packet.is_keyframe), int(packet.size))
+            yield from self._carry_out(steps, context, wanted, errors, start_pts, time_base, interval)
+            if selector.done:
+                break
+        if awaiting_keyframe:
+            raise _SeekMissedError
+        yield from self._carry_out(selector.finish(), context, wanted, errors, start_pts, time_base, interval)
+        self.instants_missed = selector.instants_missed + len(wanted)
+
+    def _carry_out(self, steps: list[Step[Any]], context: Any, wanted: dict[int, int], errors: list[int],
+                   start_pts: int, time_base: Any, interval: float) -> Iterator[VideoFrame]:
+        """Do the selector's steps: note the frames wanted, decode packets, drain and reset between groups."""
+        for step in steps:
+            if isinstance(step, Take):
+                wanted[step.pts] = step.instant
+                continue
+            try:
+                if isinstance(step, Feed):
+                    frames = step.packet.decode()
+                else:  # Restart: the frames still in the decoder come out, then it starts afresh
+                    frames = context.decode(None)
+                    context.flush_buffers()
+            except av.error.FFmpegError:
+                self.decode_errors += 1
+                errors[0] += 1
+                if errors[0] > MAX_CONSECUTIVE_DECODE_ERRORS:
+                    raise BadInputError(
+                        f"{self.path}: the video is corrupt ({errors[0]} undecodable packets in a row)") from None
+                continue
+            errors[0] = 0
+            for frame in frames:
+                self.frames_decoded += 1
+                instant = wanted.pop(frame.pts, None) if frame.pts is not None else None
+                if instant is None:
+                    continue
+                timestamp = float((frame.pts - start_pts) * time_base)
+                self.largest_offset = max(self.largest_offset, abs(timestamp - instant * interval))
+                yield VideoFrame(stream=self.stream_name, timestamp=round(timestamp, 3),
+                                 image=frame.to_ndarray(format="bgr24"))
+
+
+def _scan_packets(container: Any) -> list[PacketInfo]:
+    """Timestamps, keyframe flags and sizes of the video packets of the file's first SCAN_SECONDS (no decoding)."""
+    stream = container.streams.video[0]
+    time_base = stream.time_base
+    start_pts = stream.start_time or 0
+    packets: list[PacketInfo] = []
+    if time_base is None:
+        return packets
+    for packet in container.demux(stream):
+        if packet.pts is None:
+            continue
+        seconds = float((packet.pts - start_pts) * time_base)
+        if seconds > SCAN_SECONDS:
+            break
+        packets.append(PacketInfo(int(packet.pts), seconds, bool(packet.is_keyframe), int(packet.size)))
+    return packets
 
 
 class _SeekMissedError(Exception):

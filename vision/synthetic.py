@@ -37,18 +37,28 @@ def bundled_image(name: str) -> ByteArray:
     return np.ascontiguousarray(image, dtype=np.uint8)
 
 
-def encode_video(frames: list[ByteArray], fps: int, *, codec: str = "libx264") -> io.BytesIO:
-    """Encode BGR frames into an in-memory MP4."""
+def encode_video(frames: list[ByteArray], fps: int, *, codec: str = "libx264", container_format: str = "mp4",
+                 keyframe_seconds: float | None = None) -> io.BytesIO:
+    """Encode BGR frames into an in-memory video (MP4 unless ``container_format`` says otherwise).
+
+    ``keyframe_seconds`` sets the keyframe interval, as meeting recorders do (1–10 s);
+    by default the encoder's own (libx264: 250 frames).
+    """
     if not frames:
         raise ValueError("encode_video: no frames")
     buffer = io.BytesIO()
     height, width = frames[0].shape[:2]
-    with av.open(buffer, mode="w", format="mp4") as container:
+    with av.open(buffer, mode="w", format=container_format) as container:
         stream: Any = container.add_stream(codec, rate=fps)
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p"
-        if codec == "libx264":
-            stream.options = {"preset": "veryfast", "crf": "20"}
+        options = {"preset": "veryfast", "crf": "20"} if codec == "libx264" else {}
+        if keyframe_seconds is not None:
+            interval = max(1, round(fps * keyframe_seconds))
+            options["g"] = str(interval)
+            if codec == "libx264":  # exactly every interval: no extra keyframes at scene cuts
+                options["x264-params"] = f"keyint={interval}:min-keyint={interval}:scenecut=0"
+        stream.options = options
         for image in frames:
             frame = av.VideoFrame.from_ndarray(image, format="bgr24")
             for packet in stream.encode(frame):

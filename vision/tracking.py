@@ -218,5 +218,11 @@ def is_student(summary: TrackSummary, *, min_seconds: float, sample_interval: fl
     two samples, ``min_seconds`` of covered time and a mean detector confidence of
     ``min_score`` (face-like objects in the background flicker at low confidence).
     """
-    covered = summary.last_seen - summary.first_seen + sample_interval
+    # Counted in sampling instants: a sample taken from a keyframe may lie up to half an
+    # interval from its instant (vision.keyframes), which must not shorten the covered time.
+    if sample_interval > 0:
+        first, last = (round(t / sample_interval) for t in (summary.first_seen, summary.last_seen))
+        covered = (last - first + 1) * sample_interval
+    else:
+        covered = summary.last_seen - summary.first_seen
     return summary.samples >= 2 and covered >= min_seconds and summary.mean_score >= min_score

@@ -69,7 +69,8 @@ SEGMENT_TRACK_STRIDE = 1_000_000
 #: runs only when both the producer and the worker's deployment allow it.
 SEGMENT_SETTINGS: tuple[str, ...] = (
     "sample_fps", "detector", "recognizer", "detector_input_size", "detection_threshold", "min_face_pixels",
-    "track_max_gap_seconds", "emotion_inference", "video_layout", "ocr_language",
+    "track_max_gap_seconds", "emotion_inference", "video_layout", "ocr_language", "decode_mode",
+    "sample_tolerance_seconds",
 )
 
 #: How often a worker writes its segment's frame count (the producer's progress and liveness signal).
@@ -211,8 +212,8 @@ def analyse_segment(
         logger.info("analysis %d: %s skipped (the analysis no longer runs, or the segment is stored already)",
                     analysis_id, segment.describe())
         return SegmentOutcome(0, 0, 0, stored=False)
-    source = RecordedFileSource(path, settings.sample_fps, start_seconds=segment.start_seconds,
-                                end_seconds=segment.end_seconds)
+    source = RecordedFileSource.configured(path, settings, start_seconds=segment.start_seconds,
+                                           end_seconds=segment.end_seconds)
     pipeline = CapturePipeline.configured(capture.detector, capture.embedder, settings, analysis_id=analysis_id,
                                           first_track_id=segment.first_track_id,
                                           gallery=gallery_splitter_for(settings, _consent_of(engine, analysis_id),
