@@ -41,10 +41,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import av
+import cv2
+import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
@@ -52,9 +55,13 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
 
 from benchmarks.analyze import (  # noqa: E402
     DEFAULT_MEDIA_DIR,
+    FPS,
+    HEIGHT,
+    WIDTH,
     Timing,
     build_gallery_video,
     decode_only,
+    encode_stream,
     machine_info,
     timed,
     write_docs,
@@ -67,6 +74,8 @@ from vision.sources import RecordedFileSource  # noqa: E402
 SECTION_BEGIN = "<!-- benchmarks/decoding.py: begin -->"
 SECTION_END = "<!-- benchmarks/decoding.py: end -->"
 MODES = (DecodeMode.sequential, DecodeMode.auto)
+#: The camera recording: one student at a webcam.
+CAMERA_CLIP = "WolfgangLanger_Pexels.mp4"
 
 
 # --------------------------------------------------------------------------- videos in memory files
@@ -109,6 +118,21 @@ def write_repeated(video: io.BytesIO, times: int, path: Path) -> float:
                 copy.stream = output
                 target.mux(copy)
         return float(period * times * stream.time_base)
+
+
+def build_camera_video(media_dir: Path, seconds: float, keyframe_seconds: float | None) -> io.BytesIO:
+    """One webcam picture at 1280×720 (WolfgangLanger_Pexels.mp4, one student, looped), in memory."""
+    with av.open(str(media_dir / CAMERA_CLIP)) as container:
+        stream = container.streams.video[0]
+        rate = Fraction(stream.average_rate) if stream.average_rate else Fraction(FPS)
+        clip = [cv2.resize(frame.to_ndarray(format="bgr24"), (WIDTH, HEIGHT), interpolation=cv2.INTER_LINEAR)
+                for frame in container.decode(stream)]
+
+    def frames() -> Iterator[np.ndarray]:
+        for index in range(round(seconds * FPS)):
+            yield clip[int(Fraction(index, FPS) * rate) % len(clip)]
+
+    return encode_stream(frames(), FPS, keyframe_seconds)
 
 
 # --------------------------------------------------------------------------- in-process measurements

@@ -16,7 +16,7 @@ import numpy as np
 
 from kernel.settings import Settings
 from kernel.store import FrameSample
-from kernel.types import CROP_SIZE, CropBatch, FrameDetections, VideoFrame
+from kernel.types import CROP_SIZE, CropBatch, FloatArray, FrameDetections, VideoFrame
 from pipeline.gallery import FramePart, GallerySplitter
 from vision.detection import FaceDetector
 from vision.geometry import align_face, head_poses
@@ -111,14 +111,23 @@ class CapturePipeline:
     def capture(self, frame: VideoFrame) -> CapturedFrame:
         """Detect, track and crop one frame (frames of a stream must come in time order)."""
         found = self.detector.detect(frame)
+        embedded: list[FloatArray] = []
         if self.gallery is None:
-            parts, embeddings = [FramePart.whole(frame, found)], None
+            parts = [FramePart.whole(frame, found)]
         else:
-            # One recogniser call for the whole frame's faces, rather than one per tile; the splitter
-            # uses them too (tiles with one name, another person in a tile).
-            embeddings = (self.embedder.embed(frame.image, found.keypoints)
-                          if self.embedder is not None and len(found) else None)
-            parts = self.gallery.split(frame, found, embeddings)
+            embedder = self.embedder
+
+            def embed_frame() -> FloatArray:
+                # One recogniser call for the whole frame's faces, rather than one per tile; the
+                # splitter uses them too (tiles with one name, another person in a tile).
+                assert embedder is not None
+                embedded.append(embedder.embed(frame.image, found.keypoints))
+                return embedded[0]
+
+            # Only a gallery frame needs every face embedded; a camera picture's tracker embeds
+            # only the faces whose match position leaves in doubt.
+            parts = self.gallery.split(frame, found, embed_frame if embedder is not None and len(found) else None)
+        embeddings = embedded[0] if embedded else None
         detections, batches, samples = [], [], []
         for part in parts:
             tracked = self._tracker.update(part.detections, part.frame.image,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -96,19 +97,22 @@ class GallerySplitter:
         self._embeddings: FloatArray | None = None
 
     def split(self, frame: VideoFrame, detections: FrameDetections,
-              embeddings: FloatArray | None = None) -> list[FramePart]:
+              embeddings: FloatArray | Callable[[], FloatArray] | None = None) -> list[FramePart]:
         """The frame's parts: the frame's own stream first (faces in no named tile), then one per named tile.
 
-        ``embeddings`` are the recogniser's embeddings of the frame's faces, when the caller has
-        them: they tell participants with one name apart, and notice another person in a named tile.
+        ``embeddings`` are the recogniser's embeddings of the frame's faces, or a function that
+        computes them, when the caller has a recogniser: they tell participants with one name
+        apart, and notice another person in a named tile. The function is called only for a
+        gallery frame, so a camera picture's faces are embedded only where tracking needs it.
         """
-        self._embeddings = embeddings
+        self._embeddings = None
         if self.layout is VideoLayout.camera:
             return [FramePart.whole(frame, detections)]
-        layout = self._follower.layout_of(frame.image)
+        layout = self._follower.layout_of(frame.image, frame.timestamp)
         if self.layout is VideoLayout.auto and not layout.is_gallery:
             self._keys = {}
             return [FramePart.whole(frame, detections)]
+        self._embeddings = embeddings() if callable(embeddings) else embeddings
         owners = tile_of(layout, detections.boxes)
         occupied = [layout.tiles[index] for index in sorted(set(owners.tolist()) - {-1})]
         names = self.namer.names(frame.image, layout, occupied, frame.timestamp) if occupied else {}

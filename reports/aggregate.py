@@ -61,6 +61,9 @@ LOW_MOMENT_MAX_SCORE = 1.5
 LOWEST_MOMENT_GAP_SECONDS = 10.0
 #: Two-sided 95 % normal quantile, for the intervals around means.
 Z_95 = 1.959963984540054
+#: The class curve's band needs this many students visible at a moment: the spread of two or three
+#: students gives a 95 % interval that covers most of the 0–3 scale and hides the curve itself.
+MIN_STUDENTS_FOR_CLASS_BAND = 5
 #: Visible share under which a student's numbers get a data-quality note.
 LOW_VISIBILITY_SHARE = 0.5
 #: Mean top-level probability under which the engagement model counts as unsure.
@@ -1042,7 +1045,7 @@ def build_overview(
         mean = band_low = band_high = share_disengaged = None
         if scores:
             mean = float(np.mean(scores))
-            if len(scores) >= 2:
+            if len(scores) >= MIN_STUDENTS_FOR_CLASS_BAND:
                 se = float(np.std(scores, ddof=1)) / math.sqrt(len(scores))
                 band_low = max(0.0, mean - Z_95 * se)
                 band_high = min(_MAX_SCORE, mean + Z_95 * se)

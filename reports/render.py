@@ -37,6 +37,7 @@ from kernel.store import session_scope
 from kernel.types import ENGAGEMENT_LEVELS
 from reports.aggregate import (
     LOW_VISIBILITY_SHARE,
+    MIN_STUDENTS_FOR_CLASS_BAND,
     ReportData,
     StudentSummary,
     StudentTimeline,
@@ -274,6 +275,7 @@ def _overview_page(data: ReportData, options: ReportOptions) -> str:
             charts=charts,
             student_rows=student_rows,
             low_visibility=LOW_VISIBILITY_SHARE,
+            min_band_students=MIN_STUDENTS_FOR_CLASS_BAND,
             dip_seconds=sum(iv.duration for iv in intervals),
             dips_listed=listed,
             dips_not_listed=len(intervals) - len(listed),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -92,3 +93,40 @@ def test_same_person_embeddings_are_close_and_different_people_far(faces: tuple[
     again = embedder.embed(moved, second.keypoints)
     assert float(embeddings[0] @ again[0]) > 0.8
     assert float(embeddings[1] @ again[0]) < 0.4
+
+
+class _CountingEmbedder:
+    """The default recogniser, counting the faces it is asked to embed."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.scale = inner.scale
+        self.calls: list[int] = []
+
+    def embed(self, image: np.ndarray, keypoints: np.ndarray) -> np.ndarray:
+        self.calls.append(len(keypoints))
+        return self.inner.embed(image, keypoints)  # type: ignore[no-any-return]
+
+
+@pytest.mark.media
+def test_a_face_that_stays_is_embedded_every_few_seconds_and_a_cut_to_another_person_at_once(
+        faces: tuple[np.ndarray, np.ndarray], components: Any) -> None:
+    person_a, person_b = faces
+    frames = []
+    for t in range(12):
+        canvas = _canvas()
+        _place(canvas, person_a if t < 9 else person_b, 480 + 2 * t, 200)  # a cut to B, in the same place, at 0:09
+        frames.append(VideoFrame(stream="main", timestamp=float(t), image=canvas))
+    embedder = _CountingEmbedder(components.embedder)
+    tracker = StudentTracker(max_gap_seconds=30, embedder=embedder)
+    ids, embedded = [], []
+    for frame in frames:
+        before = sum(embedder.calls)
+        ids.append(_ids([frame], components.detector, tracker)[0])
+        embedded.append(sum(embedder.calls) - before)
+    # A is embedded at 0:00, again after EMBEDDING_REFRESH_SECONDS (0:05); in between it takes its track's embedding.
+    assert embedded[:9] == [1, 0, 0, 0, 0, 1, 0, 0, 0]
+    # B looks different from what sat there: embedded at once, and appearance makes B a new student.
+    assert embedded[9] == 1
+    assert ids[:9] == [[ids[0][0]]] * 9
+    assert ids[9][0] != ids[0][0] and ids[10:] == [ids[9]] * 2

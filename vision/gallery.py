@@ -232,6 +232,11 @@ def tile_of(layout: GalleryLayout, boxes: FloatArray) -> np.ndarray:
     return owners
 
 
+#: How long a frame without tiles stands for the frames after it (see :meth:`LayoutFollower.layout_of`): finding
+#: tiles costs 6–14 ms a frame, a third of the per-frame work of a camera recording (docs/benchmarks.md).
+CAMERA_RECHECK_SECONDS = 5.0
+
+
 class LayoutFollower:
     """The tiles of each frame of one video, found again only when the page around the tiles changed.
 
@@ -242,19 +247,33 @@ class LayoutFollower:
     joined, left or moved and the gutters with them, the window was resized, the view switched).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, camera_recheck_seconds: float = CAMERA_RECHECK_SECONDS) -> None:
+        self.camera_recheck_seconds = camera_recheck_seconds
+        """How long a frame found to be one camera picture stands for the next frames (no page to compare)."""
         self._layout: GalleryLayout | None = None
         self._page: np.ndarray | None = None
         self._outside: np.ndarray | None = None
+        self._found_at: float | None = None
 
-    def layout_of(self, image: ByteArray) -> GalleryLayout:
-        """The frame's tiles: the previous frame's when the page around them is unchanged."""
+    def layout_of(self, image: ByteArray, timestamp: float | None = None) -> GalleryLayout:
+        """The frame's tiles: the previous frame's when the page around them is unchanged.
+
+        A camera picture has no page around its content: every frame differs everywhere.
+        So, on frames with a ``timestamp``, a frame found not to be a gallery stands for the
+        next ``camera_recheck_seconds`` of video of the same size; a recording that switches
+        to a gallery view is split from then on, at most that much later.
+        """
+        if (self._layout is not None and not self._layout.is_gallery and timestamp is not None
+                and self._found_at is not None and self._layout.frame_size == image.shape[:2]
+                and 0 <= timestamp - self._found_at < self.camera_recheck_seconds):
+            return self._layout
         grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY).ravel()
         if (self._layout is not None and self._page is not None and self._outside is not None
                 and self._layout.frame_size == image.shape[:2] and len(self._outside)):
             page = grey.take(self._outside).astype(np.int16)
             if float(np.abs(page - self._page).mean()) <= FOLLOW_PAGE_CHANGE:
                 return self._layout
+        self._found_at = timestamp
         layout = find_tiles(image)
         outside = np.ones(image.shape[:2], bool)
         for tile in layout.tiles:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
@@ -31,6 +32,22 @@ MAX_PREDICTION_SECONDS = 2.0
 #: Weight of appearance against geometry when both are known.
 APPEARANCE_WEIGHT = 0.7
 
+# Embedding only where needed. The recogniser is the largest cost per face (docs/benchmarks.md), and
+# most faces simply stay where they were: a face whose position leaves no doubt, that looks as its
+# track looked one sample before, and whose track was embedded recently enough takes its track's
+# embedding instead of a new one. A cut to another person in the same place changes the look, so it
+# is embedded (the scene-with-cuts test holds this).
+#: Geometry score (0–1) that makes a face its track's continuation by position alone...
+CLEAR_GEOMETRY = 0.7
+#: ...when no other face or track comes within this score of the pair.
+AMBIGUOUS_GEOMETRY = MATCH_THRESHOLD
+#: Normalised correlation of the face's small grey picture with the track's last one that counts as the same look.
+SAME_LOOK = 0.85
+#: A track is embedded again at least this often while its face is visible.
+EMBEDDING_REFRESH_SECONDS = 5.0
+#: Side of the grey picture a face's look is compared on.
+LOOK_SIDE = 24
+
 
 def box_iou(a: FloatArray, b: FloatArray) -> FloatArray:
     """Pairwise IoU of boxes a [M,4] and b [N,4] (x1, y1, x2, y2) → [M,N]."""
@@ -43,6 +60,21 @@ def box_iou(a: FloatArray, b: FloatArray) -> FloatArray:
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     union = area_a[:, None] + area_b[None, :] - inter
     return as_float32(inter / np.maximum(union, 1e-6))
+
+
+def face_looks(image: ByteArray, boxes: FloatArray) -> FloatArray:
+    """Each face's small grey picture [N, LOOK_SIDE²], zero-mean and unit-length, for a normalised correlation."""
+    height, width = image.shape[:2]
+    looks = np.zeros((len(boxes), LOOK_SIDE * LOOK_SIDE), np.float32)
+    for index, (x1, y1, x2, y2) in enumerate(boxes.astype(np.int64)):
+        face = image[max(y1, 0):min(y2, height), max(x1, 0):min(x2, width)]
+        if face.size == 0:
+            continue
+        grey = cv2.resize(cv2.cvtColor(face, cv2.COLOR_BGR2GRAY), (LOOK_SIDE, LOOK_SIDE),
+                          interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
+        grey -= grey.mean()
+        looks[index] = grey / max(float(np.linalg.norm(grey)), 1e-6)
+    return looks
 
 
 def geometry_scores(expected: FloatArray, boxes: FloatArray) -> FloatArray:
@@ -93,6 +125,8 @@ class _Track:
     velocity: FloatArray = field(default_factory=lambda: np.zeros(2, np.float32))
     samples: int = 1
     embedding: FloatArray | None = None
+    embedded_at: float | None = None  # class time of the last embedding computed for this track's face
+    look: FloatArray | None = None  # the face's small grey picture when last seen (face_looks)
 
     def predicted_box(self, timestamp: float) -> FloatArray:
         elapsed = min(max(timestamp - self.last_seen, 0.0), MAX_PREDICTION_SECONDS)
@@ -125,15 +159,20 @@ class StudentTracker:
         if previous_size is not None and previous_size != detections.frame_size:
             rescale_tracks(tracks, previous_size, detections.frame_size)
         self._frame_sizes[stream] = detections.frame_size
+        looks: FloatArray | None = None
+        fresh = np.ones(len(detections), bool)  # whether each face's embedding was computed for this frame
         if embeddings is None and self.embedder is not None and image is not None and len(detections):
-            embeddings = self.embedder.embed(image, detections.keypoints)
+            looks = face_looks(image, detections.boxes)
+            embeddings, fresh = self._embed_where_needed(tracks, detections, image, looks, now)
         ids = np.full(len(detections), -1, np.int64)
         if tracks and len(detections):
             scores = self._match_scores(tracks, detections, embeddings, now)
             rows, cols = linear_sum_assignment(-scores)
             for row, col in zip(rows, cols, strict=True):
                 if scores[row, col] >= MATCH_THRESHOLD:
-                    self._continue(tracks[row], detections, embeddings, int(col), now)
+                    self._continue(tracks[row], detections, embeddings if fresh[col] else None, int(col), now)
+                    if looks is not None:
+                        tracks[row].look = looks[col]
                     ids[col] = tracks[row].track_id
         for index in np.flatnonzero(ids < 0):
             track = _Track(
@@ -142,6 +181,8 @@ class StudentTracker:
                 last_seen=now,
                 first_seen=now,
                 embedding=None if embeddings is None else embeddings[index].copy(),
+                embedded_at=None if embeddings is None or not fresh[index] else now,
+                look=None if looks is None else looks[index],
             )
             self._next_id += 1
             tracks.append(track)
@@ -154,6 +195,40 @@ class StudentTracker:
             summary.score_total += float(score)
         self._live[stream] = tracks
         return detections.with_track_ids(ids)
+
+    def _embed_where_needed(self, tracks: list[_Track], detections: FrameDetections, image: ByteArray,
+                            looks: FloatArray, now: float) -> tuple[FloatArray, np.ndarray]:
+        """Every face's embedding: its track's where the track plainly continues, a new one elsewhere.
+
+        Returns the embeddings and which of them were computed now.
+        """
+        assert self.embedder is not None
+        reused: dict[int, _Track] = {}
+        if tracks:
+            geometry = geometry_scores(np.stack([t.predicted_box(now) for t in tracks]), detections.boxes)
+            for face in range(len(detections)):
+                row = int(np.argmax(geometry[:, face]))
+                track = tracks[row]
+                if (geometry[row, face] < CLEAR_GEOMETRY or track.embedding is None or track.look is None
+                        or track.embedded_at is None or now - track.embedded_at >= EMBEDDING_REFRESH_SECONDS):
+                    continue
+                others = np.delete(geometry[:, face], row).max(initial=0.0), np.delete(geometry[row], face).max(
+                    initial=0.0)
+                if max(others) >= AMBIGUOUS_GEOMETRY or float(track.look @ looks[face]) < SAME_LOOK:
+                    continue
+                reused[face] = track
+        needed = [face for face in range(len(detections)) if face not in reused]
+        computed = self.embedder.embed(image, detections.keypoints[needed]) if needed else None
+        width = computed.shape[1] if computed is not None else next(iter(reused.values())).embedding.shape[0]  # type: ignore[union-attr]
+        embeddings = np.empty((len(detections), width), np.float32)
+        if computed is not None:
+            embeddings[needed] = computed
+        for face, track in reused.items():
+            assert track.embedding is not None
+            embeddings[face] = track.embedding
+        fresh = np.ones(len(detections), bool)
+        fresh[list(reused)] = False
+        return as_float32(embeddings), fresh
 
     def _match_scores(self, tracks: list[_Track], detections: FrameDetections,
                       embeddings: FloatArray | None, now: float) -> FloatArray:
@@ -194,6 +269,7 @@ class StudentTracker:
             new = embeddings[index]
             mixed = new if track.embedding is None else 0.8 * track.embedding + 0.2 * new
             track.embedding = (mixed / max(float(np.linalg.norm(mixed)), 1e-6)).astype(np.float32)
+            track.embedded_at = now
 
     def summaries(self) -> list[TrackSummary]:
         """Every track seen so far, in order of creation."""
