@@ -158,6 +158,7 @@ class ModeRun:
 class VideoRun:
     """Everything measured on one keyframe spacing."""
 
+    label: str
     keyframe_seconds: float
     megabytes: float
     floor: Timing
@@ -283,12 +284,13 @@ def whole_process(path: Path, work: Path, fps: float) -> ProcessRun:
 
 def tables(seconds: float, fps: float, videos: list[VideoRun]) -> str:
     """The decode-floor table."""
-    lines = [f"### Decode modes and the analysis ({seconds / 60:g} min gallery, {fps:g} fps)", "",
-             "| keyframes | mode that ran | decoding: s (frames) | vs floor | largest offset | analysis s | "
+    lines = [f"### Decode modes and the analysis ({seconds / 60:g} min recordings, {fps:g} fps)", "",
+             "| recording | mode that ran | decoding: s (frames) | vs floor | largest offset | analysis s | "
              "vs floor | frames | faces | students |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for video in videos:
-        spacing = f"every {video.keyframe_seconds:g} s" if video.keyframe_seconds else "x264 default"
+        spacing = (f"{video.label}, keyframes every {video.keyframe_seconds:g} s" if video.keyframe_seconds
+                   else f"{video.label}, x264's keyframes")
         lines.append(f"| {spacing}: floor (every frame) | – | {video.floor.wall:.2f} ({video.frames}) | 1.00 | – | – "
                      f"| – | – | – | – |")
         for run in video.modes:
@@ -348,6 +350,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=600.0, help="length of the gallery (default 600)")
     parser.add_argument("--keyframe-seconds", type=float, nargs="+", default=[1.0, 2.0, 0.0],
                         help="keyframe spacings to measure; 0: x264's own (default 1 2 0)")
+    parser.add_argument("--camera-keyframe-seconds", type=float, nargs="*", default=[2.0],
+                        help="keyframe spacings of the camera recording (one student at a webcam; default 2)")
     parser.add_argument("--fps", type=float, default=1.0, help="sampling rate (default 1)")
     parser.add_argument("--copies", type=int, default=4, help="recordings for the throughput runs (default 4)")
     parser.add_argument("--copy-seconds", type=float, default=120.0, help="length of each (default 120)")
@@ -368,21 +372,24 @@ def main(argv: list[str] | None = None) -> int:
     videos: list[VideoRun] = []
     plans: list[str] = []
     spacing_two: io.BytesIO | None = None
-    for keyframe_seconds in args.keyframe_seconds:
+    kinds = [("3×3 gallery", spacing) for spacing in args.keyframe_seconds]
+    kinds += [("camera, one student", spacing) for spacing in args.camera_keyframe_seconds]
+    for label, keyframe_seconds in kinds:
         started = time.perf_counter()
-        video = build_gallery_video(args.media, args.seconds, keyframe_seconds or None)
-        print(f"built the {args.seconds:g} s gallery, keyframes {keyframe_seconds or 'x264'}: "
+        video = (build_gallery_video(args.media, args.seconds, keyframe_seconds or None) if "gallery" in label
+                 else build_camera_video(args.media, args.seconds, keyframe_seconds or None))
+        print(f"built the {args.seconds:g} s {label}, keyframes {keyframe_seconds or 'x264'}: "
               f"{len(video.getvalue()) / 1e6:.0f} MB in {time.perf_counter() - started:.0f} s (not measured)",
               file=sys.stderr)
-        if keyframe_seconds == 2.0:
+        if keyframe_seconds == 2.0 and "gallery" in label:
             spacing_two = video
         floor, frames = timed(lambda v=video: decode_only(v))
         print(f"  floor: {frames} frames in {floor.wall:.2f} s", file=sys.stderr)
-        run = VideoRun(keyframe_seconds, len(video.getvalue()) / 1e6, floor, frames,
+        run = VideoRun(label, keyframe_seconds, len(video.getvalue()) / 1e6, floor, frames,
                        measure_modes(video, args.fps, components, work))
         videos.append(run)
-        plans.extend(f"keyframes {'every ' + format(keyframe_seconds, 'g') + ' s' if keyframe_seconds else 'x264'}:"
-                     f" {m.plan}" for m in run.modes if m.mode == DecodeMode.auto)
+        spacing_text = f"keyframes every {keyframe_seconds:g} s" if keyframe_seconds else "x264's keyframes"
+        plans.extend(f"{label}, {spacing_text}: {m.plan}" for m in run.modes if m.mode == DecodeMode.auto)
     body = [tables(args.seconds, args.fps, videos)]
 
     clip = build_gallery_video(args.media, 60.0, 2.0)
