@@ -9,6 +9,7 @@ or seconds since the meeting started).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,16 @@ CROP_SIZE = 112
 
 #: Track id of a detection the tracker has not (yet) assigned to a student.
 UNASSIGNED = -1
+
+
+def nearest_instant(seconds: float, interval: float) -> int:
+    """Index k of the sampling instant k · ``interval`` nearest to ``seconds``.
+
+    A time exactly halfway between two instants belongs to the later one, as the sampling
+    windows [t − interval/2, t + interval/2) of :mod:`vision.keyframes` have it (a
+    nanosecond of slack absorbs float noise).
+    """
+    return math.floor(seconds / interval + 0.5 + 1e-9)
 
 
 def as_float32(values: Any) -> FloatArray:

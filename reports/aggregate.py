@@ -36,7 +36,7 @@ from kernel.store import (
     observations_for,
     students_for,
 )
-from kernel.types import EMOTION_LABELS, ENGAGEMENT_LEVELS
+from kernel.types import EMOTION_LABELS, ENGAGEMENT_LEVELS, nearest_instant
 from reports.formatting import format_interval, format_share, format_timestamp, slugify
 
 #: Head turned further than this (degrees, either side) counts as looking away.
@@ -703,7 +703,7 @@ def build_time_grid(
     last_instant: int | None = None
     for stamp in sorted({float(t) for t in timestamps if math.isfinite(t)}):
         if on_instants:
-            instant = math.floor(stamp / sample_period + 0.5 + 1e-9)
+            instant = nearest_instant(stamp, sample_period)
             if instant != last_instant:
                 grid.append(stamp)
                 last_instant = instant
@@ -1148,7 +1148,7 @@ def largest_sample_offset(timestamps: Iterable[float], sample_fps: float) -> flo
     if not (math.isfinite(sample_fps) and sample_fps > 0):
         return 0.0
     period = 1.0 / sample_fps
-    return max((abs(t - math.floor(t / period + 0.5) * period) for t in timestamps), default=0.0)
+    return max((abs(t - nearest_instant(t, period) * period) for t in timestamps), default=0.0)
 
 
 # ---------------------------------------------------------------------------

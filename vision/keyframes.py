@@ -74,6 +74,7 @@ class _Entry(Generic[P]):
     packet: P  # dropped once fed: the selector does not keep decoded packets alive
     pts: int
     seconds: float
+    size: int
 
 
 @dataclass
@@ -96,16 +97,13 @@ class SampleSelector(Generic[P]):
     """Index of the first instant not to serve (None: to the end of the video)."""
     keyframes_only: bool = False
     """Serve instants from keyframes only; an instant without one in its window gets no frame."""
-    packets_fed: int = 0
-    """Packets handed to the decoder so far."""
     bytes_fed: int = 0
-    """Their size, in bytes."""
+    """Size of the packets handed to the decoder so far, in bytes."""
     instants_missed: int = 0
     """Instants within the video that no decodable frame could serve."""
     _group: list[_Entry[P]] = field(default_factory=list)
     _fed_in_group: int = 0
     _next: int = 0
-    _sizes: list[int] = field(default_factory=list)
     _first_after_window: int | None = None  # index in the group of the first packet at or after the window's end
 
     def __post_init__(self) -> None:
@@ -128,8 +126,7 @@ class SampleSelector(Generic[P]):
             taken_here = self._decide(next_keyframe=(pts, seconds), complete=True, steps=steps)
             if self._fed_in_group:
                 steps.append(Restart())
-            self._group = [_Entry(packet, pts, seconds)]
-            self._sizes = [size]
+            self._group = [_Entry(packet, pts, seconds, size)]
             self._fed_in_group = 0
             self._first_after_window = None
             if taken_here:
@@ -138,8 +135,7 @@ class SampleSelector(Generic[P]):
             return steps
         if not self._group or self.done:
             return steps  # before the first keyframe nothing decodes; after the last instant nothing is needed
-        self._group.append(_Entry(packet, pts, seconds))
-        self._sizes.append(size)
+        self._group.append(_Entry(packet, pts, seconds, size))
         self._note_window_end(len(self._group) - 1)
         self._decide(next_keyframe=None, complete=False, steps=steps)
         return steps
@@ -228,8 +224,7 @@ class SampleSelector(Generic[P]):
         while self._fed_in_group <= index:
             entry = self._group[self._fed_in_group]
             steps.append(Feed(entry.packet))
-            self.packets_fed += 1
-            self.bytes_fed += self._sizes[self._fed_in_group]
+            self.bytes_fed += entry.size
             entry.packet = cast(P, None)
             self._fed_in_group += 1
 

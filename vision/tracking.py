@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from kernel.types import ByteArray, FloatArray, FrameDetections, as_float32
+from kernel.types import ByteArray, FloatArray, FrameDetections, as_float32, nearest_instant
 from vision.recognition import ARCFACE_SCALE, Embedder
 
 logger = logging.getLogger(__name__)
@@ -297,7 +297,7 @@ def is_student(summary: TrackSummary, *, min_seconds: float, sample_interval: fl
     # Counted in sampling instants: a sample taken from a keyframe may lie up to half an
     # interval from its instant (vision.keyframes), which must not shorten the covered time.
     if sample_interval > 0:
-        first, last = (round(t / sample_interval) for t in (summary.first_seen, summary.last_seen))
+        first, last = (nearest_instant(t, sample_interval) for t in (summary.first_seen, summary.last_seen))
         covered = (last - first + 1) * sample_interval
     else:
         covered = summary.last_seen - summary.first_seen
