@@ -185,7 +185,20 @@ class Settings(BaseSettings):
         default=640,
         ge=128,
         le=2048,
-        description="Square input size (pixels) the detector resizes every frame to; a multiple of 32.",
+        description=(
+            "Long side (pixels) of the detector's full input, a multiple of 32: frames are resized to it, keeping "
+            "their aspect ratio, and the short side is rounded up to a multiple of 32."
+        ),
+    )
+    full_search_seconds: float = Field(
+        default=5.0,
+        ge=0.0,
+        description=(
+            "Longest time (seconds) between two searches of a stream's frame at the detector's full input. In "
+            "between, frames are searched at the smallest input that still shows the faces already found at 64 "
+            "pixels (again in full when a known face is missing), so a new face too small for it waits until the "
+            "next full search. 0 searches every frame at the full input."
+        ),
     )
     detection_threshold: float = Field(
         default=0.5, gt=0.0, lt=1.0, description="Minimum detector score for a face."

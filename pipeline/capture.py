@@ -18,7 +18,7 @@ from kernel.settings import Settings
 from kernel.store import FrameSample
 from kernel.types import CROP_SIZE, CropBatch, FloatArray, FrameDetections, VideoFrame
 from pipeline.gallery import FramePart, GallerySplitter
-from vision.detection import FaceDetector
+from vision.detection import FaceDetector, ScaledSearch
 from vision.geometry import align_face, head_poses
 from vision.recognition import Embedder
 from vision.tracking import StudentTracker, TrackSummary, is_student
@@ -90,14 +90,17 @@ class CapturePipeline:
 
     def __init__(self, detector: FaceDetector, embedder: Embedder | None, *, analysis_id: int,
                  max_gap_seconds: float, first_track_id: int = 1, student_rule: StudentRule | None = None,
-                 gallery: GallerySplitter | None = None) -> None:
+                 gallery: GallerySplitter | None = None, full_search_seconds: float = 0.0) -> None:
         self.detector = detector
+        self.student_rule = student_rule or StudentRule()
+        """What makes a track a student, so that progress counts students as the report will."""
+        self.search = ScaledSearch(detector, full_pass_seconds=full_search_seconds,
+                                   sample_interval=self.student_rule.sample_interval)
+        """The stream's face search: the detector's full input on a schedule, reduced between."""
         self.embedder = embedder
         self.gallery = gallery
         """Splits gallery frames among the participants' tiles; None for camera pictures only."""
         self.analysis_id = analysis_id
-        self.student_rule = student_rule or StudentRule()
-        """What makes a track a student, so that progress counts students as the report will."""
         self._tracker = StudentTracker(max_gap_seconds=max_gap_seconds, embedder=embedder, first_id=first_track_id)
 
     @classmethod
@@ -106,11 +109,12 @@ class CapturePipeline:
                    ) -> CapturePipeline:
         """A pipeline with the loaded capture models, tracking as the settings say."""
         return cls(detector, embedder, analysis_id=analysis_id, max_gap_seconds=settings.track_max_gap_seconds,
-                   first_track_id=first_track_id, student_rule=StudentRule.from_settings(settings), gallery=gallery)
+                   first_track_id=first_track_id, student_rule=StudentRule.from_settings(settings), gallery=gallery,
+                   full_search_seconds=settings.full_search_seconds)
 
     def capture(self, frame: VideoFrame) -> CapturedFrame:
         """Detect, track and crop one frame (frames of a stream must come in time order)."""
-        found = self.detector.detect(frame)
+        found = self.search.detect(frame)
         embedded: list[FloatArray] = []
         if self.gallery is None:
             parts = [FramePart.whole(frame, found)]

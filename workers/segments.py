@@ -70,7 +70,7 @@ SEGMENT_TRACK_STRIDE = 1_000_000
 SEGMENT_SETTINGS: tuple[str, ...] = (
     "sample_fps", "detector", "recognizer", "detector_input_size", "detection_threshold", "min_face_pixels",
     "track_max_gap_seconds", "emotion_inference", "video_layout", "ocr_language", "decode_mode",
-    "sample_tolerance_seconds",
+    "sample_tolerance_seconds", "full_search_seconds",
 )
 
 #: How often a worker writes its segment's frame count (the producer's progress and liveness signal).
