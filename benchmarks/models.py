@@ -8,7 +8,9 @@ batches of 32 real aligned face crops (from insightface's ``t1.jpg``), preproces
 included, as a worker does. Every recogniser embeds 32 faces of one frame (the six faces of
 ``t1.jpg``, repeated) through the tracker's embedder, its own crop included. Prints one
 Markdown row per model and thread count: median and best milliseconds per face over
-``--batches`` timed batches after two warm-up ones.
+``--batches`` timed batches after two warm-up ones. A last row times the default emotion and
+engagement models as the workers run them together: one graph that computes their shared
+first layers once (``workers/shared_trunk.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -34,6 +37,7 @@ from training.emotion_data import load_runtime_detector
 from vision.geometry import align_face
 from vision.recognition import load_embedder
 from workers.runners import EmotionRunner, EngagementRunner
+from workers.shared_trunk import SharedTrunkRunner
 
 BATCH = 32
 
@@ -75,6 +79,11 @@ def time_model(name: str, path: Path, image: np.ndarray, keypoints: np.ndarray, 
 
         def run() -> None:
             engagement.predict(features, crops)
+    return timed_batches(run, batches)
+
+
+def timed_batches(run: Callable[[], object], batches: int) -> list[float]:
+    """Milliseconds per face of each of ``batches`` runs of a batch, after two warm-up runs."""
     for _ in range(2):
         run()
     times = []
@@ -110,6 +119,19 @@ def main() -> None:
             times = time_model(name, path, image, keypoints, threads, args.batches)
             print(f"| `{name}` | {spec.role} | {'yes' if default else ''} | {threads} | "
                   f"{statistics.median(times):.2f} | {min(times):.2f} |", flush=True)
+    crops = face_crops(image, keypoints)
+    for threads in args.threads:
+        emotion = EmotionRunner(cache.ensure(settings.emotion_model), preference="cpu", intra_op_threads=threads)
+        engagement = EngagementRunner(cache.ensure(settings.engagement_model), preference="cpu",
+                                      intra_op_threads=threads)
+        shared = SharedTrunkRunner.fused(emotion, engagement, preference="cpu", intra_op_threads=threads)
+        if shared is None:
+            print(f"| `{settings.emotion_model}` + `{settings.engagement_model}` | share no layers | | | | |")
+            break
+        times = timed_batches(lambda s=shared: s.predict(crops), args.batches)
+        print(f"| `{settings.emotion_model}` + `{settings.engagement_model}`, one graph ({shared.shared_nodes} "
+              f"nodes shared) | emotion and engagement | yes | {threads} | {statistics.median(times):.2f} | "
+              f"{min(times):.2f} |", flush=True)
 
 
 if __name__ == "__main__":

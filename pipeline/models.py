@@ -11,6 +11,7 @@ from vision.detection import FaceDetector
 from vision.recognition import Embedder, load_embedder
 from workers.inference import InferenceModels
 from workers.runners import EmotionRunner, EngagementRunner
+from workers.shared_trunk import SharedTrunkRunner
 
 #: Capture-model settings: a process keeps one loaded detector (and recognizer) per distinct value.
 CAPTURE_SETTINGS: tuple[str, ...] = (
@@ -92,8 +93,12 @@ def load_inference_models(settings: Settings) -> InferenceModels:
         fallback_model = resolve_model(cache, ENGAGEMENT_MODEL_WITHOUT_EMOTION)
         fallback = EngagementRunner(fallback_model.path, **options)
         fallback_provenance = fallback_model.provenance()
+    # The default engagement model shares its first layers with the default emotion model: one
+    # graph computes them once for both (workers/shared_trunk.py).
+    shared = SharedTrunkRunner.fused(emotion, engagement, **options) if emotion is not None else None
     return InferenceModels(engagement=engagement, emotion=emotion, landmarks=landmarks, provenance=provenance,
-                           engagement_without_emotion=fallback, provenance_without_emotion=fallback_provenance)
+                           engagement_without_emotion=fallback, provenance_without_emotion=fallback_provenance,
+                           emotion_and_engagement=shared)
 
 
 @dataclass

@@ -9,6 +9,7 @@ import numpy as np
 from kernel.types import EMOTION_LABELS, CropBatch, FaceAnalysisBatch, FloatArray
 from workers.landmarks import LandmarkRunner
 from workers.runners import EmotionRunner, EngagementRunner
+from workers.shared_trunk import SharedTrunkRunner
 
 
 @dataclass
@@ -28,6 +29,9 @@ class InferenceModels:
     expressions from the crop (a network grown from an emotion model); None when it does not."""
     provenance_without_emotion: dict[str, object] | None = None
     """Provenance of :attr:`engagement_without_emotion`."""
+    emotion_and_engagement: SharedTrunkRunner | None = None
+    """``emotion`` and ``engagement`` as one graph when they share their first layers (the
+    defaults do); None when they do not, or when emotion inference is off."""
 
     def for_settings(self, emotion_inference: bool) -> InferenceModels:
         """These models as a session with this emotion switch may use them.
@@ -45,7 +49,14 @@ class InferenceModels:
             if self.provenance_without_emotion is not None:
                 provenance["engagement"] = self.provenance_without_emotion
         return replace(self, emotion=None, engagement=engagement, provenance=provenance,
-                       engagement_without_emotion=None, provenance_without_emotion=None)
+                       engagement_without_emotion=None, provenance_without_emotion=None, emotion_and_engagement=None)
+
+    def shared_runner(self) -> SharedTrunkRunner | None:
+        """The fused runner, when it runs exactly this set's emotion and engagement models."""
+        fused = self.emotion_and_engagement
+        if fused is not None and fused.emotion is self.emotion and fused.engagement is self.engagement:
+            return fused
+        return None
 
 
 def engagement_features(
@@ -74,14 +85,21 @@ def engagement_features(
 
 def analyse_crops(batch: CropBatch, models: InferenceModels) -> FaceAnalysisBatch:
     """Run every configured model on a batch of aligned crops."""
-    emotions = models.emotion.predict(batch.crops) if models.emotion is not None else None
+    shared = models.shared_runner()
+    emotions: FloatArray | None
+    engagement: FloatArray | None = None
+    if shared is not None:
+        emotions, engagement = shared.predict(batch.crops)
+    else:
+        emotions = models.emotion.predict(batch.crops) if models.emotion is not None else None
     # Eye and gaze cues need a landmark model; without one they are unknown.
     eyes_closed: FloatArray | None = None
     gaze_away: FloatArray | None = None
     if models.landmarks is not None:
         eyes_closed, gaze_away = models.landmarks.predict(batch.crops, batch.boxes)
-    features = engagement_features(batch.head_pose, emotions, eyes_closed, gaze_away)
-    engagement = models.engagement.predict(features, batch.crops)
+    if engagement is None:
+        features = engagement_features(batch.head_pose, emotions, eyes_closed, gaze_away)
+        engagement = models.engagement.predict(features, batch.crops)
     return FaceAnalysisBatch(
         emotion_probabilities=emotions,
         eyes_closed=eyes_closed,
