@@ -63,6 +63,11 @@ def nearest_instant(seconds: float, interval: float) -> int:
     return math.floor(seconds / interval + 0.5 + 1e-9)
 
 
+def shorter_sides(boxes: FloatArray) -> FloatArray:
+    """Each box's shorter side [N] for boxes [N,4] (x1, y1, x2, y2): how large a face is."""
+    return as_float32(np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]))
+
+
 def as_float32(values: Any) -> FloatArray:
     """View or convert array-like values as a float32 array (typed, for numpy's loose stubs)."""
     return np.asarray(values, dtype=np.float32)

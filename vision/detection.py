@@ -16,7 +16,7 @@ import numpy as np
 
 from kernel.errors import ModelSupplyError
 from kernel.runtime import log_providers, select_providers, session_options
-from kernel.types import FrameDetections, VideoFrame, nearest_instant
+from kernel.types import FrameDetections, VideoFrame, nearest_instant, shorter_sides
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +133,7 @@ class FaceDetector:
             scores=np.ascontiguousarray(boxes_scores[:, 4], dtype=np.float32),
             keypoints=np.ascontiguousarray(keypoints, dtype=np.float32).reshape(-1, 5, 2),
         )
-        sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-        return detections.select(sides >= self.min_face_pixels)
+        return detections.select(shorter_sides(boxes) >= self.min_face_pixels)
 
 
 #: Input pixels (shorter box side) at which the detector still finds a known face and places
@@ -217,5 +216,4 @@ class ScaledSearch:
     def _remember(self, found: FrameDetections) -> None:
         self._known_faces = len(found)
         if len(found):
-            boxes = found.boxes
-            self._smallest_face = float(np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]).min())
+            self._smallest_face = float(shorter_sides(found.boxes).min())

@@ -35,7 +35,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from kernel.errors import ModelSupplyError
-from kernel.types import ByteArray, FloatArray, as_float32
+from kernel.types import ByteArray, FloatArray, as_float32, shorter_sides
 
 #: Message of every error that says MediaPipe is missing. MediaPipe goes in without its
 #: declared dependencies: they add opencv-contrib-python, which writes the same ``cv2``
@@ -263,8 +263,7 @@ class LandmarkRunner:
         if boxes is not None:
             if boxes.shape != (count, 4):
                 raise ValueError(f"boxes: expected shape [{count}, 4], got {list(boxes.shape)}")
-            sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-            readable = sides >= self.min_face_pixels
+            readable = shorter_sides(boxes) >= self.min_face_pixels
         # Columns: blink, head yaw, head pitch, eye yaw, eye pitch.
         raw = np.full((count, 5), np.nan, np.float32)
         for index in np.flatnonzero(readable):

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from kernel.runtime import create_session
-from kernel.types import ByteArray, FloatArray
-from workers.runners import EmotionRunner, EngagementRunner, emotion_model_input
+from kernel.types import CROP_SIZE, ByteArray, FloatArray
+from workers.runners import EmotionRunner, EngagementRunner
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class SharedTrunkRunner:
         session = create_session(model.SerializeToString(), preference=preference, intra_op_threads=intra_op_threads,
                                  label=f"emotion and engagement models, {shared} layers shared")
         runner = cls(session, emotion, engagement, shared)
-        probe = np.random.default_rng(0).integers(0, 256, (4, 112, 112, 3), dtype=np.uint8)
+        probe = np.random.default_rng(0).integers(0, 256, (4, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
         emotions, levels = runner.predict(probe)
         expected = emotion.predict(probe), engagement.predict(np.zeros((len(probe), 0), np.float32), probe)
         difference = max(float(np.abs(emotions - expected[0]).max()), float(np.abs(levels - expected[1]).max()))
@@ -154,8 +154,5 @@ class SharedTrunkRunner:
 
     def predict(self, crops: ByteArray) -> tuple[FloatArray, FloatArray]:
         """Emotion probabilities [N,7] and engagement level probabilities [N,4] for BGR crops."""
-        emotion = self.emotion
-        inputs = emotion_model_input(crops, emotion.size, crop_fraction=emotion.crop_fraction,
-                                     colour=emotion.colour, value_range=emotion.value_range)
-        first, second = self.session.run(self.output_names, {self.input_name: inputs})
+        first, second = self.session.run(self.output_names, {self.input_name: self.emotion.preprocess(crops)})
         return np.asarray(first, np.float32), np.asarray(second, np.float32)
