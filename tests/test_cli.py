@@ -207,6 +207,9 @@ def test_a_teachers_own_run_is_filed_under_them(isolated_env: Path) -> None:
 def test_several_recordings_run_at_once_and_a_bad_one_is_one_line(isolated_env: Path) -> None:
     bad = media_factory.write(isolated_env / "notes.mp4", b"not a video\n" * 100)
     videos = [str(MEDIA_DIR / "single_face.mp4"), str(bad), str(MEDIA_DIR / "WolfgangLanger_Pexels.mp4")]
+    # An output folder named like our `reports` package, in the working directory, before
+    # the worker processes start: `python -m` must not let it shadow the package.
+    (isolated_env / "reports").mkdir()
     result = classlens("analyze", *videos, "--jobs", "2", "--out", str(isolated_env / "reports"), "--quiet",
                        cwd=isolated_env)
     assert result.returncode == 2, result.stderr

@@ -68,11 +68,11 @@ class SlowDetector(FaceDetector):
         self.__dict__.update(inner.__dict__)
         self._delay = delay
 
-    def detect(self, frame: VideoFrame) -> FrameDetections:
+    def detect(self, frame: VideoFrame, long_side: int | None = None) -> FrameDetections:
         import time
 
         time.sleep(self._delay)
-        return super().detect(frame)
+        return super().detect(frame, long_side)
 
 
 def _settings(tmp: Path, **overrides: Any) -> Settings:
