@@ -8,6 +8,9 @@ recorders do, and with x264's own placement (at most every 250 frames, and at sc
 * **each decode mode** (``vision.keyframes``): ``RecordedFileSource`` with ``sequential``
   and with ``auto`` (which chooses keyframes, seek or sequential per file): wall time,
   frames decoded, the largest distance of a sample from its instant;
+* **decoding and the face search alone**: the samples of each mode through the analysis's own
+  face search (``vision.detection.ScaledSearch``, as the settings configure it) and nothing
+  else: a lower bound on the analysis that no later stage can lower;
 * **the analysis**: ``analyze_recording`` (models loaded once beforehand) with each mode:
   wall time against the floor, frames, faces and students found;
 * **several recordings at once**: ``classlens analyze f1 … fK --jobs J`` as a user runs
@@ -69,6 +72,7 @@ from benchmarks.analyze import (  # noqa: E402
 from classlens.analysis import analyze_recording  # noqa: E402
 from kernel.settings import DecodeMode, load_settings  # noqa: E402
 from pipeline.models import PipelineComponents  # noqa: E402
+from vision.detection import ScaledSearch  # noqa: E402
 from vision.sources import RecordedFileSource  # noqa: E402
 
 SECTION_BEGIN = "<!-- benchmarks/decoding.py: begin -->"
@@ -148,6 +152,7 @@ class ModeRun:
     frames_decoded: int = 0
     samples: int = 0
     largest_offset: float = 0.0
+    searched: Timing | None = None
     analysis: Timing | None = None
     frames_sampled: int = 0
     faces: int = 0
@@ -175,16 +180,25 @@ def measure_modes(video: io.BytesIO, fps: float, components: PipelineComponents,
         run.plan = f"{source.decoding_plan().mode}: {source.decoding_plan().reason}"
         run.decode, run.samples = timed(lambda s=source: sum(1 for _ in s))
         run.frames_decoded, run.largest_offset = source.frames_decoded, source.largest_offset
+        run.searched, _ = timed(lambda v=video, m=mode: decode_and_search(v, fps, m, components))
         with tempfile.TemporaryDirectory(prefix="classlens-bench-", dir=data_dir) as tmp:
             settings = load_settings(data_dir=Path(tmp), sample_fps=fps, decode_mode=mode, execution_provider="cpu")
             run.analysis, outcome = timed(lambda s=settings, t=tmp: analyze_recording(
                 video, s, out_dir=Path(t) / "report", components=components, title="benchmark gallery"))
         run.frames_sampled, run.faces, run.students = outcome.frames_sampled, outcome.faces_detected, outcome.students
         print(f"  {mode}: {run.plan}; decode {run.decode.wall:.2f} s ({run.frames_decoded} frames), "
-              f"analyze {run.analysis.wall:.2f} s, {run.frames_sampled} frames, {run.faces} faces, "
-              f"{run.students} students", file=sys.stderr)
+              f"decode + face search {run.searched.wall:.2f} s, analyze {run.analysis.wall:.2f} s, "
+              f"{run.frames_sampled} frames, {run.faces} faces, {run.students} students", file=sys.stderr)
         runs.append(run)
     return runs
+
+
+def decode_and_search(video: io.BytesIO, fps: float, mode: DecodeMode, components: PipelineComponents) -> int:
+    """Decode the samples in ``mode`` and run the analysis's face search on each; the faces found."""
+    settings = load_settings(sample_fps=fps, decode_mode=mode, execution_provider="cpu")
+    search = ScaledSearch(components.detector, full_pass_seconds=settings.full_search_seconds,
+                          sample_interval=1.0 / fps)
+    return sum(len(search.detect(frame)) for frame in RecordedFileSource(video, fps, decode_mode=mode))
 
 
 # --------------------------------------------------------------------------- whole processes
@@ -285,20 +299,21 @@ def whole_process(path: Path, work: Path, fps: float) -> ProcessRun:
 def tables(seconds: float, fps: float, videos: list[VideoRun]) -> str:
     """The decode-floor table."""
     lines = [f"### Decode modes and the analysis ({seconds / 60:g} min recordings, {fps:g} fps)", "",
-             "| recording | mode that ran | decoding: s (frames) | vs floor | largest offset | analysis s | "
-             "vs floor | frames | faces | students |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| recording | mode that ran | decoding: s (frames) | vs floor | largest offset | "
+             "decoding + face search s | vs floor | analysis s | vs floor | frames | faces | students |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for video in videos:
         spacing = (f"{video.label}, keyframes every {video.keyframe_seconds:g} s" if video.keyframe_seconds
                    else f"{video.label}, x264's keyframes")
         lines.append(f"| {spacing}: floor (every frame) | – | {video.floor.wall:.2f} ({video.frames}) | 1.00 | – | – "
-                     f"| – | – | – | – |")
+                     f"| – | – | – | – | – | – |")
         for run in video.modes:
-            assert run.decode is not None and run.analysis is not None
+            assert run.decode is not None and run.searched is not None and run.analysis is not None
             chosen = run.plan.split(":", 1)[0]
             label = f"{run.mode}" if run.mode != DecodeMode.auto else f"auto → {chosen}"
             lines.append(f"| {spacing} | {label} | {run.decode.wall:.2f} ({run.frames_decoded}) | "
                          f"{run.decode.wall / video.floor.wall:.2f} | {run.largest_offset:.2f} s | "
+                         f"{run.searched.wall:.2f} | {run.searched.wall / video.floor.wall:.2f} | "
                          f"{run.analysis.wall:.2f} | {run.analysis.wall / video.floor.wall:.2f} | "
                          f"{run.frames_sampled} | {run.faces} | {run.students} |")
     return "\n".join(lines)
