@@ -104,6 +104,9 @@ def train_engagement_command(
     frozen_blocks: Annotated[int, typer.Option(min=0, max=4, help="--images: dense blocks kept frozen.")] = 3,
     selection_fraction: Annotated[float, typer.Option(
         min=0.05, max=0.5, help="--images: share of Train that selects the best epoch.")] = 0.15,
+    selection_by: Annotated[str, typer.Option(
+        help="--images: the selection slice is random Train frames (frames) or whole pseudo-subjects grouped "
+             "by the recogniser (faces).")] = "frames",
     class_weighting: Annotated[str, typer.Option(help="--images: inverse, sqrt or none.")] = "inverse",
     model: Annotated[str, typer.Option("--model", help="frame, temporal, transfer or features.")] = "frame",
     init: Annotated[Path | None, typer.Option("--init", help="Emotion run to start from (--model transfer).")] = None,
@@ -137,7 +140,7 @@ def train_engagement_command(
                              resume=not restart, selection_metric="uar")
         if images:
             _train_engagement_images(images, out_dir, init, config, frozen_blocks, selection_fraction,
-                                     class_weighting, quiet)
+                                     class_weighting, quiet, selection_by)
             return
         assert daisee is not None
         config = replace(config, selection_metric="macro_f1")
@@ -154,21 +157,24 @@ def train_engagement_command(
 
 
 def _train_engagement_images(images: list[Path], out_dir: Path, init: Path | None, config: TrainConfig,
-                             frozen_blocks: int, selection_fraction: float, class_weighting: str, quiet: bool) -> None:
+                             frozen_blocks: int, selection_fraction: float, class_weighting: str, quiet: bool,
+                             selection_by: str = "frames") -> None:
     """``classlens train engagement --images DIR --init RUN``: a frame model from labelled face images."""
     from kernel.errors import BadInputError
     from kernel.settings import load_settings
     from training.emotion_train import CLASS_WEIGHTINGS
-    from training.engagement_images import train_engagement_images
+    from training.engagement_images import SELECTION_BY, train_engagement_images
 
     if init is None:
         raise BadInputError("--images needs --init RUN: a face-api emotion run to start from")
     if class_weighting not in CLASS_WEIGHTINGS:
         raise BadInputError(f"--class-weighting is one of {', '.join(CLASS_WEIGHTINGS)}")
+    if selection_by not in SELECTION_BY:
+        raise BadInputError(f"--selection-by is one of {', '.join(SELECTION_BY)}")
     run = train_engagement_images(images, out_dir, init=init, settings=load_settings(), config=config,
                                   frozen_blocks=frozen_blocks, selection_fraction=selection_fraction,
                                   class_weighting=class_weighting,  # type: ignore[arg-type]
-                                  progress=not quiet)
+                                  progress=not quiet, selection_by=selection_by)
     for name, m in (("test, trained model", run.test), ("test, configured default", run.baseline)):
         if m is not None:
             out.print(f"{name}: accuracy {m.accuracy:.3f}, macro-F1 {m.macro_f1:.3f}, UAR {m.uar:.3f}, "

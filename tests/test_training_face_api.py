@@ -150,3 +150,43 @@ def _parity(run: Path, settings: object) -> np.ndarray:
     from training.engagement_images import run_parity_inputs
 
     return run_parity_inputs(run, settings)  # type: ignore[arg-type]
+
+
+def test_faces_join_into_pseudo_subjects_and_the_selection_takes_whole_ones() -> None:
+    from training.engagement_images import face_groups, group_disjoint_split
+
+    rng = np.random.default_rng(3)
+    people = rng.normal(size=(5, 64))
+    # Twelve pictures of each of five people: each a small step from its person, as one student's clips.
+    faces = np.concatenate([person + rng.normal(scale=0.08, size=(12, 64)) for person in people])
+    faces = (faces / np.linalg.norm(faces, axis=1, keepdims=True)).astype(np.float32)
+    order = rng.permutation(len(faces))
+    faces, person_of = faces[order], np.repeat(np.arange(5), 12)[order]
+
+    groups = face_groups(faces, same_face_cosine=0.97)
+    assert len(np.unique(groups)) == 5
+    for group in np.unique(groups):  # each group is one person, whole
+        assert len(np.unique(person_of[groups == group])) == 1
+    assert groups[0] == 0  # labels in order of first appearance
+    assert len(np.unique(face_groups(faces, same_face_cosine=-1.0))) == 1
+
+    indices = np.arange(100, 100 + len(faces), dtype=np.int64)
+    selection, train = group_disjoint_split(indices, groups, 0.25, np.random.default_rng(0))
+    assert sorted(np.concatenate([selection, train]).tolist()) == indices.tolist()
+    assert set(groups[selection - 100].tolist()).isdisjoint(groups[train - 100].tolist())
+    assert len(selection) >= 15  # at least a quarter of the faces, in whole groups
+
+
+def test_an_engagement_run_can_select_on_whole_pseudo_subjects(
+        emotion_run: Path, engagement_folder: Path, settings: object, tmp_path: Path) -> None:
+    from training.engagement_images import train_engagement_images
+    from training.loop import TrainConfig
+
+    run = train_engagement_images([engagement_folder], tmp_path / "run", init=emotion_run,
+                                  settings=settings,  # type: ignore[arg-type]
+                                  config=TrainConfig(epochs=1, batch_size=16, device="cpu", selection_metric="uar"),
+                                  selection_fraction=0.25, progress=False, selection_by="faces")
+    sizes = run.info.config["split_sizes"]
+    assert run.info.config["selection_by"] == "faces"
+    assert sizes["selection"] > 0 and sizes["train"] > 0
+    assert run.test is not None and run.test.count == sizes["test"]

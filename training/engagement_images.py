@@ -13,10 +13,14 @@ head angles, emotion probabilities of the configured emotion model; eye cues are
 without a landmark model), an image model gets the crop as its input spec says.
 
 **Splits.** A ``split`` column of ``Train``/``Validation``/``Test`` is honoured. Training uses
-Train; the best epoch is selected on a seeded slice of Train (``--selection-fraction``; DAiSEE
-frames carry no subject ids, so that slice is not subject-disjoint); Validation is the
-held-out test split, subject-disjoint from Train by DAiSEE's own construction, and is used for
-nothing but the final figures.
+Train; the best epoch is selected on a seeded slice of Train (``--selection-fraction``).
+DAiSEE's frames carry no subject ids, and a slice of random frames shares its students with
+the training part, so it rewards the epochs that learn those students best. With
+``--selection-by faces`` the slice is made of whole pseudo-subjects instead: the default
+recogniser's descriptors of Train's faces, joined wherever two faces are at least
+``--same-face-cosine`` alike (:func:`face_groups`). Validation is the held-out test split,
+subject-disjoint from Train by DAiSEE's own construction, and is used for nothing but the
+final figures.
 
 **The model.** The trained emotion network (``--init``, a ``face-api`` emotion run) with a
 new four-level classifier: its frozen blocks are computed once per face, its last block and
@@ -49,11 +53,21 @@ if TYPE_CHECKING:
     from training.loop import TrainConfig
     from training.metrics import ClassificationMetrics
     from training.run import InputSpec, RunInfo
+    from vision.recognition import Embedder
 
 logger = logging.getLogger(__name__)
 
 SPLIT_NAMES: dict[str, str] = {"train": "train", "validation": "test", "val": "test", "test": "heldout"}
 """A ``split`` cell (lower case) → the split it plays here: DAiSEE's Validation is our test."""
+
+SELECTION_BY = ("frames", "faces")
+"""How the selection slice is drawn from Train: random frames, or whole pseudo-subjects."""
+
+SAME_FACE_COSINE = 0.97
+"""Default cosine of face-api descriptors at or above which two Train faces are joined into one
+pseudo-subject. Measured on DAiSEE Train (2026-12-06): at 0.97 its 5,358 faces fall into 185
+groups, the largest 189 faces and most of the big ones 120–126 (one student's clips); at 0.96
+one group takes a third of all faces, at 0.95 nearly all of them."""
 
 LEVEL_COLUMNS = ("engagement", "label", "level")
 """Accepted names of the engagement level column (0–3)."""
@@ -89,10 +103,13 @@ class EngagementImages:
         return EngagementImages(crops=self.crops[indices], head_pose=self.head_pose[indices],
                                 levels=self.levels[indices], splits=[self.splits[i] for i in pick],
                                 sources=[self.sources[i] for i in pick], description=self.description,
-                                rows_fingerprint=self.rows_fingerprint)
+                                rows_fingerprint=self.rows_fingerprint,
+                                descriptors=None if self.descriptors is None else self.descriptors[indices])
 
     rows_fingerprint: str = ""
     """sha256 over the labelled rows read (path, level, split), before any face detection."""
+    descriptors: npt.NDArray[np.float32] | None = None
+    """Unit face descriptors ``[N, D]`` of the recogniser, when they were asked for (in memory only)."""
 
     def indices(self, split: str) -> npt.NDArray[np.int64]:
         """Indices of one split."""
@@ -160,20 +177,23 @@ def _fingerprint_items(folder: Path, rows: list[tuple[str, int, str]]) -> list[t
 
 def read_engagement_images(
     folder: Path, *, settings: Settings, cache_dir: Path | None = None, splits: tuple[str, ...] | None = None,
-    progress: bool = False,
+    progress: bool = False, embedder: Embedder | None = None,
 ) -> EngagementImages:
     """Detect, align and pose every labelled image of a folder (see the module docstring).
 
     ``splits`` keeps only those splits (``train``, ``test``); unreadable images, images
-    without a face and labels outside 0–3 are left out and counted.
+    without a face and labels outside 0–3 are left out and counted. With ``embedder`` each
+    face's descriptor is kept too (:attr:`EngagementImages.descriptors`).
     """
     dropped: Counter[str] = Counter()
     wanted = read_labelled_rows(folder, splits, dropped)
-    return _read_rows(folder, wanted, settings=settings, cache_dir=cache_dir, progress=progress, dropped=dropped)
+    return _read_rows(folder, wanted, settings=settings, cache_dir=cache_dir, progress=progress, dropped=dropped,
+                      embedder=embedder)
 
 
 def _read_rows(folder: Path, wanted: list[tuple[str, int, str]], *, settings: Settings, cache_dir: Path | None,
-               progress: bool, dropped: Counter[str] | None = None) -> EngagementImages:
+               progress: bool, dropped: Counter[str] | None = None,
+               embedder: Embedder | None = None) -> EngagementImages:
     """Detect, align and pose the given rows of a folder."""
     from training.emotion_data import KeypointCache, largest_face_keypoints, load_runtime_detector
     from training.loop import progress_bar
@@ -184,6 +204,7 @@ def _read_rows(folder: Path, wanted: list[tuple[str, int, str]], *, settings: Se
     safe_name = re.sub(r"[^A-Za-z0-9_.-]", "_", detector_name)
     cache = KeypointCache(cache_dir / f"keypoints-{safe_name}.json" if cache_dir else None)
     crops, poses, levels, kept_splits, sources = [], [], [], [], []
+    descriptors: list[npt.NDArray[np.float32]] = []
     try:
         for name, level, split in progress_bar(wanted, "faces", enabled=progress):
             path = folder / name
@@ -205,6 +226,8 @@ def _read_rows(folder: Path, wanted: list[tuple[str, int, str]], *, settings: Se
             keypoints = np.asarray(points, np.float32)
             crops.append(align_face(image, keypoints))
             poses.append(head_pose(keypoints, (image.shape[1], image.shape[0])))
+            if embedder is not None:
+                descriptors.append(embedder.embed(image, keypoints[None])[0])
             levels.append(level)
             kept_splits.append(split)
             sources.append(name)
@@ -216,6 +239,7 @@ def _read_rows(folder: Path, wanted: list[tuple[str, int, str]], *, settings: Se
         crops=np.stack(crops), head_pose=np.asarray(poses, np.float32), levels=np.array(levels, np.int64),
         splits=kept_splits, sources=sources, dropped=dropped, description=f"engagement images {folder}",
         rows_fingerprint=data_fingerprint(_fingerprint_items(folder, wanted)),
+        descriptors=np.stack(descriptors) if embedder is not None else None,
     )
 
 
@@ -327,8 +351,13 @@ class EngagementImageRun:
 def train_engagement_images(
     folders: list[Path], out_dir: Path, *, init: Path, settings: Settings, config: TrainConfig, frozen_blocks: int = 3,
     selection_fraction: float = 0.15, class_weighting: ClassWeighting = "inverse", progress: bool = True,
+    selection_by: str = "frames", same_face_cosine: float = SAME_FACE_COSINE,
 ) -> EngagementImageRun:
-    """Train a frame engagement model from an emotion run on labelled image folders; evaluate it and the baseline."""
+    """Train a frame engagement model from an emotion run on labelled image folders; evaluate it and the baseline.
+
+    ``selection_by`` draws the selection slice from random Train frames (``frames``) or from
+    whole pseudo-subjects (``faces``, grouped at ``same_face_cosine``; see the module docstring).
+    """
     import torch
 
     from training.emotion_models import MODEL_FACTORY, FaceApiEmotionNet
@@ -342,15 +371,24 @@ def train_engagement_images(
     emotion, emotion_info = load_trained_model(init)
     if not isinstance(emotion, FaceApiEmotionNet) or emotion_info.input_spec.kind != "image":
         raise TrainingError(f"--init {init} must be a face-api emotion run (classlens train emotion --model face-api)")
+    if selection_by not in SELECTION_BY:
+        raise TrainingError(f"--selection-by is one of {', '.join(SELECTION_BY)}, not {selection_by!r}")
     size = emotion_info.input_spec.size
+    embedder = _default_embedder(settings) if selection_by == "faces" else None
     sets = [read_engagement_images(folder, settings=settings, cache_dir=out_dir / "cache", splits=("train", "test"),
-                                   progress=progress) for folder in folders]
+                                   progress=progress, embedder=embedder) for folder in folders]
     data = _concatenate(sets)
     train_all, test = data.indices("train"), data.indices("test")
     rng = np.random.default_rng(config.seed)
-    shuffled = rng.permutation(train_all)
-    cut = round(len(shuffled) * selection_fraction)
-    selection, train = np.sort(shuffled[:cut]), np.sort(shuffled[cut:])
+    if data.descriptors is not None:
+        groups = face_groups(data.descriptors[train_all], same_face_cosine)
+        selection, train = group_disjoint_split(train_all, groups, selection_fraction, rng)
+        logger.info("selection by faces: %d pseudo-subjects in Train, %d of them select", len(np.unique(groups)),
+                    len(np.unique(groups[np.isin(train_all, selection)])))
+    else:
+        shuffled = rng.permutation(train_all)
+        cut = round(len(shuffled) * selection_fraction)
+        selection, train = np.sort(shuffled[:cut]), np.sort(shuffled[cut:])
     if len(train) == 0:
         raise TrainingError("the training split is empty")
     spec = InputSpec(kind="image", channels=1, size=size, colour="grey", value_range="0-255",
@@ -363,6 +401,8 @@ def train_engagement_images(
         config={**config.to_dict(), "images": [str(folder.resolve()) for folder in folders],
                 "init": str(init.resolve()),
                 "init_run_id": emotion_info.run_id, "selection_fraction": selection_fraction,
+                "selection_by": selection_by,
+                **({"same_face_cosine": same_face_cosine} if selection_by == "faces" else {}),
                 "class_weighting": class_weighting,
                 "split_sizes": {"train": len(train), "selection": len(selection), "test": len(test)},
                 "dropped": dict(data.dropped), "output_activation": "softmax"},
@@ -428,6 +468,67 @@ def train_engagement_images(
     return EngagementImageRun(info=info, test=test_metrics, baseline=baseline)
 
 
+def face_groups(descriptors: npt.NDArray[np.float32], same_face_cosine: float) -> npt.NDArray[np.int64]:
+    """Pseudo-subject of each face, labels 0..G-1 in order of first appearance.
+
+    Faces are joined (transitively) wherever their descriptors' cosine reaches ``same_face_cosine``.
+    """
+    count = descriptors.shape[0]
+    parent = np.arange(count)
+
+    def root(index: int) -> int:
+        while parent[index] != index:
+            parent[index] = parent[parent[index]]
+            index = int(parent[index])
+        return index
+
+    # Row blocks keep the similarity matrix small for large sets.
+    for start in range(0, count, 1024):
+        block = descriptors[start:start + 1024] @ descriptors.T
+        rows, columns = np.nonzero(block >= same_face_cosine)
+        for row, column in zip((rows + start).tolist(), columns.tolist(), strict=True):
+            if column > row:
+                first, second = root(row), root(column)
+                if first != second:
+                    parent[first] = second
+    roots = np.array([root(index) for index in range(count)], np.int64)
+    _, first_seen, inverse = np.unique(roots, return_index=True, return_inverse=True)
+    order = np.argsort(np.argsort(first_seen))
+    return np.asarray(order[inverse], np.int64)
+
+
+def group_disjoint_split(indices: npt.NDArray[np.int64], groups: npt.NDArray[np.int64], fraction: float,
+                         rng: np.random.Generator) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """(selection, train) of ``indices``, with no group on both sides.
+
+    Whole groups, in a seeded random order, go to the selection until it holds ``fraction`` of the faces.
+    """
+    chosen: list[int] = []
+    wanted = round(len(indices) * fraction)
+    sizes = np.bincount(groups)
+    taken = 0
+    for group in rng.permutation(len(sizes)).tolist():
+        if taken >= wanted:
+            break
+        chosen.append(group)
+        taken += int(sizes[group])
+    in_selection = np.isin(groups, chosen)
+    return np.sort(indices[in_selection]), np.sort(indices[~in_selection])
+
+
+def _default_embedder(settings: Settings) -> Embedder:
+    """The configured recogniser (pulled into the model cache if needed), for grouping faces."""
+    from model_export.cache import ModelCache, resolve_model
+    from vision.recognition import load_embedder
+
+    if not settings.recognizer:
+        raise TrainingError("--selection-by faces needs a recogniser (the setting recognizer is empty)")
+    cache = ModelCache(settings.model_cache_dir, local_models_dir=settings.local_models_dir,
+                       index_url=settings.package_index_url)
+    model = resolve_model(cache, settings.recognizer)
+    return load_embedder(model.path, model.spec.extra if model.spec is not None else {})
+
+
 def _concatenate(sets: list[EngagementImages]) -> EngagementImages:
     if len(sets) == 1:
         return sets[0]
@@ -438,7 +539,9 @@ def _concatenate(sets: list[EngagementImages]) -> EngagementImages:
         crops=np.concatenate([d.crops for d in sets]), head_pose=np.concatenate([d.head_pose for d in sets]),
         levels=np.concatenate([d.levels for d in sets]), splits=[s for d in sets for s in d.splits],
         sources=[f"{d.description}:{s}" for d in sets for s in d.sources], dropped=dropped,
-        description=" + ".join(d.description for d in sets))
+        description=" + ".join(d.description for d in sets),
+        descriptors=(np.concatenate([d.descriptors for d in sets if d.descriptors is not None])
+                     if all(d.descriptors is not None for d in sets) else None))
 
 
 def _model_inputs(data: EngagementImages, spec: InputSpec) -> npt.NDArray[np.float32]:
