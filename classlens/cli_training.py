@@ -163,14 +163,12 @@ def _train_engagement_images(images: list[Path], out_dir: Path, init: Path | Non
     from kernel.errors import BadInputError
     from kernel.settings import load_settings
     from training.emotion_train import CLASS_WEIGHTINGS
-    from training.engagement_images import SELECTION_BY, train_engagement_images
+    from training.engagement_images import train_engagement_images
 
     if init is None:
         raise BadInputError("--images needs --init RUN: a face-api emotion run to start from")
     if class_weighting not in CLASS_WEIGHTINGS:
         raise BadInputError(f"--class-weighting is one of {', '.join(CLASS_WEIGHTINGS)}")
-    if selection_by not in SELECTION_BY:
-        raise BadInputError(f"--selection-by is one of {', '.join(SELECTION_BY)}")
     run = train_engagement_images(images, out_dir, init=init, settings=load_settings(), config=config,
                                   frozen_blocks=frozen_blocks, selection_fraction=selection_fraction,
                                   class_weighting=class_weighting,  # type: ignore[arg-type]

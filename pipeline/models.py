@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kernel.errors import ConfigurationError
 from kernel.settings import ENGAGEMENT_MODEL_READING_EXPRESSIONS, ENGAGEMENT_MODEL_WITHOUT_EMOTION, Settings
 from model_export.cache import ModelCache, resolve_model
 from vision.detection import FaceDetector
@@ -59,11 +60,17 @@ def load_capture_models(settings: Settings) -> CaptureModels:
     provenance: dict[str, dict[str, object]] = {"detector": detector_model.provenance()}
     embedder = None
     if settings.recognizer:
-        recognizer_model = resolve_model(cache, settings.recognizer)
-        facts = recognizer_model.spec.extra if recognizer_model.spec is not None else {}
-        embedder = load_embedder(recognizer_model.path, facts, **options)
-        provenance["recognizer"] = recognizer_model.provenance()
+        embedder, provenance["recognizer"] = load_recognizer(settings, cache)
     return CaptureModels(detector, embedder, provenance)
+
+
+def load_recognizer(settings: Settings, cache: ModelCache | None = None) -> tuple[Embedder, dict[str, object]]:
+    """Resolve (pulling into the cache if needed) and load the configured recogniser, with its provenance."""
+    if not settings.recognizer:
+        raise ConfigurationError("no recogniser is configured (the setting recognizer is empty)")
+    model = resolve_model(cache or model_cache_for(settings), settings.recognizer)
+    facts = model.spec.extra if model.spec is not None else {}
+    return load_embedder(model.path, facts, **_runner_options(settings)), model.provenance()
 
 
 def load_inference_models(settings: Settings) -> InferenceModels:

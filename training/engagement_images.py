@@ -18,7 +18,7 @@ DAiSEE's frames carry no subject ids, and a slice of random frames shares its st
 the training part, so it rewards the epochs that learn those students best. With
 ``--selection-by faces`` the slice is made of whole pseudo-subjects instead: the default
 recogniser's descriptors of Train's faces, joined wherever two faces are at least
-``--same-face-cosine`` alike (:func:`face_groups`). Validation is the held-out test split,
+:data:`SAME_FACE_COSINE` alike (:func:`face_groups`). Validation is the held-out test split,
 subject-disjoint from Train by DAiSEE's own construction, and is used for nothing but the
 final figures.
 
@@ -360,6 +360,7 @@ def train_engagement_images(
     """
     import torch
 
+    from pipeline.models import load_recognizer
     from training.emotion_models import MODEL_FACTORY, FaceApiEmotionNet
     from training.emotion_train import PrefixFeatureDataset, class_weights, softmax
     from training.loop import fit, predict, resolve_device, seed_everything
@@ -374,7 +375,8 @@ def train_engagement_images(
     if selection_by not in SELECTION_BY:
         raise TrainingError(f"--selection-by is one of {', '.join(SELECTION_BY)}, not {selection_by!r}")
     size = emotion_info.input_spec.size
-    embedder = _default_embedder(settings) if selection_by == "faces" else None
+    # Grouping faces takes the configured recogniser (an error says so when none is set).
+    embedder = load_recognizer(settings)[0] if selection_by == "faces" else None
     sets = [read_engagement_images(folder, settings=settings, cache_dir=out_dir / "cache", splits=("train", "test"),
                                    progress=progress, embedder=embedder) for folder in folders]
     data = _concatenate(sets)
@@ -473,28 +475,21 @@ def face_groups(descriptors: npt.NDArray[np.float32], same_face_cosine: float) -
 
     Faces are joined (transitively) wherever their descriptors' cosine reaches ``same_face_cosine``.
     """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     count = descriptors.shape[0]
-    parent = np.arange(count)
-
-    def root(index: int) -> int:
-        while parent[index] != index:
-            parent[index] = parent[parent[index]]
-            index = int(parent[index])
-        return index
-
-    # Row blocks keep the similarity matrix small for large sets.
+    rows, columns = [], []
+    # Row blocks keep the similarity matrix small for large sets; only the alike pairs are kept.
     for start in range(0, count, 1024):
-        block = descriptors[start:start + 1024] @ descriptors.T
-        rows, columns = np.nonzero(block >= same_face_cosine)
-        for row, column in zip((rows + start).tolist(), columns.tolist(), strict=True):
-            if column > row:
-                first, second = root(row), root(column)
-                if first != second:
-                    parent[first] = second
-    roots = np.array([root(index) for index in range(count)], np.int64)
-    _, first_seen, inverse = np.unique(roots, return_index=True, return_inverse=True)
-    order = np.argsort(np.argsort(first_seen))
-    return np.asarray(order[inverse], np.int64)
+        block_rows, block_columns = np.nonzero(descriptors[start:start + 1024] @ descriptors.T >= same_face_cosine)
+        rows.append(block_rows + start)
+        columns.append(block_columns)
+    row_index, column_index = np.concatenate(rows), np.concatenate(columns)
+    alike = coo_matrix((np.ones(len(row_index), np.int8), (row_index, column_index)), shape=(count, count))
+    # connected_components numbers components from the lowest index up: first appearance.
+    _, labels = connected_components(alike, directed=False)
+    return np.asarray(labels, np.int64)
 
 
 def group_disjoint_split(indices: npt.NDArray[np.int64], groups: npt.NDArray[np.int64], fraction: float,
@@ -514,19 +509,6 @@ def group_disjoint_split(indices: npt.NDArray[np.int64], groups: npt.NDArray[np.
         taken += int(sizes[group])
     in_selection = np.isin(groups, chosen)
     return np.sort(indices[in_selection]), np.sort(indices[~in_selection])
-
-
-def _default_embedder(settings: Settings) -> Embedder:
-    """The configured recogniser (pulled into the model cache if needed), for grouping faces."""
-    from model_export.cache import ModelCache, resolve_model
-    from vision.recognition import load_embedder
-
-    if not settings.recognizer:
-        raise TrainingError("--selection-by faces needs a recogniser (the setting recognizer is empty)")
-    cache = ModelCache(settings.model_cache_dir, local_models_dir=settings.local_models_dir,
-                       index_url=settings.package_index_url)
-    model = resolve_model(cache, settings.recognizer)
-    return load_embedder(model.path, model.spec.extra if model.spec is not None else {})
 
 
 def _concatenate(sets: list[EngagementImages]) -> EngagementImages:
