@@ -20,7 +20,7 @@ import numpy as np
 import vision.geometry as geometry
 from kernel.settings import load_settings
 from kernel.types import EMOTION_LABELS, VideoFrame
-from model_export.cache import ModelCache
+from pipeline.models import model_cache_for
 from vision.detection import FaceDetector
 from workers.runners import EmotionRunner
 
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also try other crop framings")
     args = parser.parse_args()
     settings = load_settings()
-    cache = ModelCache(settings.model_cache_dir, local_models_dir=settings.local_models_dir)
+    cache = model_cache_for(settings)
     detector = FaceDetector(cache.ensure(settings.detector), preference="cpu")
     emotion = EmotionRunner(cache.ensure(settings.emotion_model), preference="cpu")
     faces: list[tuple[str, np.ndarray, np.ndarray]] = []

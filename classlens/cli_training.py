@@ -314,14 +314,14 @@ def models_use(
     from classlens.cli_common import user_errors
     from kernel.errors import BadInputError
     from kernel.settings import MODEL_SELECTION_FIELDS, MODEL_SELECTION_FILE, load_settings, read_model_selection
-    from model_export.cache import ModelCache
+    from pipeline.models import model_cache_for
     from training.run import write_atomic
 
     with user_errors():
         if role not in MODEL_SELECTION_FIELDS:
             raise BadInputError(f"role must be one of {', '.join(MODEL_SELECTION_FIELDS)}, not {role!r}")
         settings = load_settings()
-        cache = ModelCache(settings.model_cache_dir, local_models_dir=settings.local_models_dir)
+        cache = model_cache_for(settings)
         selection = read_model_selection(settings.model_cache_dir)
         if name == "default":
             selection.pop(role, None)

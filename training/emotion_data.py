@@ -293,11 +293,11 @@ class KeypointCache:
 
 def load_runtime_detector(settings: Settings) -> tuple[Any, str]:
     """The runtime's configured detector (same model, input size, threshold) and its name."""
-    from model_export.cache import ModelCache, resolve_model
+    from model_export.cache import resolve_model
+    from pipeline.models import model_cache_for
     from vision.detection import FaceDetector
 
-    cache = ModelCache(settings.model_cache_dir, local_models_dir=settings.local_models_dir,
-                       index_url=settings.package_index_url)
+    cache = model_cache_for(settings)
     resolved = resolve_model(cache, settings.detector)
     detector = FaceDetector(resolved.path, input_size=settings.detector_input_size,
                             threshold=settings.detection_threshold, min_face_pixels=settings.min_face_pixels,

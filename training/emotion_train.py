@@ -126,12 +126,11 @@ class PrefixFeatureDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 def face_api_tarball(settings: Settings | None) -> bytes:
     """The pinned face-api package (its weights start ``--model face-api``), from the model cache."""
     from kernel.settings import load_settings
-    from model_export.cache import ModelCache
     from model_export.manifest import get_spec
+    from pipeline.models import model_cache_for
 
     settings = settings or load_settings()
-    cache = ModelCache(settings.model_cache_dir, local_models_dir=settings.local_models_dir,
-                       index_url=settings.package_index_url)
+    cache = model_cache_for(settings)
     return cache.url_source_bytes(get_spec("face-api-expression"))
 
 

@@ -270,10 +270,10 @@ def engagement_probabilities(model_path: Path, data: EngagementImages, settings:
     runner = EngagementRunner(model_path, preference="cpu")
     emotions = None
     if runner.input_kind != "image" and settings.emotion_inference:
-        from model_export.cache import ModelCache, resolve_model
+        from model_export.cache import resolve_model
+        from pipeline.models import model_cache_for
 
-        cache = ModelCache(settings.model_cache_dir, local_models_dir=settings.local_models_dir,
-                           index_url=settings.package_index_url)
+        cache = model_cache_for(settings)
         emotion = EmotionRunner(resolve_model(cache, settings.emotion_model).path, preference="cpu")
         emotions = np.concatenate([emotion.predict(data.crops[start:start + 128])
                                    for start in range(0, len(data), 128)])
@@ -444,10 +444,10 @@ def train_engagement_images(
         model.from_features = False
     baseline = None
     if len(test):
-        from model_export.cache import ModelCache, resolve_model
+        from model_export.cache import resolve_model
+        from pipeline.models import model_cache_for
 
-        cache = ModelCache(settings.model_cache_dir, local_models_dir=settings.local_models_dir,
-                           index_url=settings.package_index_url)
+        cache = model_cache_for(settings)
         baseline_path = resolve_model(cache, settings.engagement_model).path
         baseline_probabilities = engagement_probabilities(baseline_path, data.subset(test), settings)
         baseline = classify_metrics(data.levels[test], baseline_probabilities, ENGAGEMENT_LEVELS, ordinal_levels=True)

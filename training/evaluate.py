@@ -81,7 +81,8 @@ def model_to_evaluate(
     with PyTorch, on ``parity_inputs(run)`` when given); a name or file goes through the
     model cache, as the workers resolve it.
     """
-    from model_export.cache import ModelCache, resolve_model
+    from model_export.cache import resolve_model
+    from pipeline.models import model_cache_for
 
     path = Path(model).expanduser()
     if (path / RUN_JSON).is_file():
@@ -93,8 +94,7 @@ def model_to_evaluate(
         exported = export_run(path, f"run-{info.run_id}", cache_dir=scratch,
                               parity_inputs=parity_inputs(info) if parity_inputs is not None else None)
         return exported.path, f"run {path} ({info.model_family}, {info.run_id})"
-    cache = ModelCache(settings.model_cache_dir, local_models_dir=settings.local_models_dir,
-                       index_url=settings.package_index_url)
+    cache = model_cache_for(settings)
     resolved = resolve_model(cache, model)
     return resolved.path, f"{model} ({resolved.path})"
 
