@@ -100,7 +100,7 @@ def train_engagement_command(
     = None,
     images: Annotated[list[Path] | None, typer.Option(
         "--images", help="Folder of labelled face images (labels.csv: path, engagement 0-3, optional split), "
-                         "e.g. ../shared/data/daisee_frames; needs --init with a face-api emotion run.")] = None,
+                         "e.g. ../shared/data/daisee_frames; needs --init with a face-api emotion model.")] = None,
     frozen_blocks: Annotated[int, typer.Option(min=0, max=4, help="--images: dense blocks kept frozen.")] = 3,
     selection_fraction: Annotated[float, typer.Option(
         min=0.05, max=0.5, help="--images: share of Train that selects the best epoch.")] = 0.15,
@@ -109,7 +109,9 @@ def train_engagement_command(
              "by the recogniser (faces).")] = "frames",
     class_weighting: Annotated[str, typer.Option(help="--images: inverse, sqrt or none.")] = "inverse",
     model: Annotated[str, typer.Option("--model", help="frame, temporal, transfer or features.")] = "frame",
-    init: Annotated[Path | None, typer.Option("--init", help="Emotion run to start from (--model transfer).")] = None,
+    init: Annotated[Path | None, typer.Option(
+        "--init", help="Emotion model to start from: a run folder (--model transfer, --images) or, with --images, "
+                        "a face-api emotion model by name or ONNX file (e.g. classlens-emotion-v1).")] = None,
     backbone: Annotated[str, typer.Option(help="Emotion architecture of the frame backbone.")] = "mini-xception",
     fps: Annotated[float, typer.Option(help="Frames sampled per second of clip: 1 or 2.")] = 1.0,
     folds: Annotated[int, typer.Option(min=0, help="Subject-disjoint cross-validation folds first (0: none).")] = 0,
@@ -159,14 +161,15 @@ def train_engagement_command(
 def _train_engagement_images(images: list[Path], out_dir: Path, init: Path | None, config: TrainConfig,
                              frozen_blocks: int, selection_fraction: float, class_weighting: str, quiet: bool,
                              selection_by: str = "frames") -> None:
-    """``classlens train engagement --images DIR --init RUN``: a frame model from labelled face images."""
+    """``classlens train engagement --images DIR --init MODEL``: a frame model from labelled face images."""
     from kernel.errors import BadInputError
     from kernel.settings import load_settings
     from training.emotion_train import CLASS_WEIGHTINGS
     from training.engagement_images import train_engagement_images
 
     if init is None:
-        raise BadInputError("--images needs --init RUN: a face-api emotion run to start from")
+        raise BadInputError("--images needs --init: a face-api emotion run or model (e.g. classlens-emotion-v1) "
+                            "to start from")
     if class_weighting not in CLASS_WEIGHTINGS:
         raise BadInputError(f"--class-weighting is one of {', '.join(CLASS_WEIGHTINGS)}")
     run = train_engagement_images(images, out_dir, init=init, settings=load_settings(), config=config,

@@ -404,6 +404,41 @@ def build_face_api_expression_onnx(weights: Mapping[str, Float32Array], *, grey:
         properties={"labels": json.dumps(list(labels))})
 
 
+def expression_weights_from_onnx(model: onnx.ModelProto) -> Weights:
+    """The TFJS-layout weights of a graph that :func:`build_face_api_expression_onnx` built (its inverse).
+
+    This is how a fine-tuned network shipped as ONNX (``classlens-emotion-v1``) becomes a
+    starting point for training again. Raises :class:`ModelSupplyError` when the graph is not
+    one of ours (a missing or misshapen weight).
+    """
+    from onnx import numpy_helper
+
+    stored = {tensor.name: numpy_helper.to_array(tensor).astype(np.float32) for tensor in model.graph.initializer}
+
+    def take(name: str) -> Float32Array:
+        if name not in stored:
+            raise ModelSupplyError(f"not a face-api expression graph: it has no weight {name!r}")
+        return np.ascontiguousarray(stored[name])
+
+    weights: dict[str, Float32Array] = {}
+    for block in range(len(DENSE_BLOCK_CHANNELS)):
+        for conv in range(4):
+            prefix = f"dense{block}/conv{conv}"
+            if block == 0 and conv == 0:
+                weights[f"{prefix}/filters"] = np.ascontiguousarray(take(f"{prefix}/W").transpose(2, 3, 1, 0))
+                weights[f"{prefix}/bias"] = take(f"{prefix}/B")
+            else:
+                # The builder's transposes undone: depthwise [C,1,3,3] → [3,3,C,1], pointwise [out,C,1,1] → [1,1,C,out].
+                weights[f"{prefix}/depthwise_filter"] = np.ascontiguousarray(
+                    take(f"{prefix}/depthwise/W").transpose(2, 3, 0, 1))
+                weights[f"{prefix}/pointwise_filter"] = np.ascontiguousarray(
+                    take(f"{prefix}/pointwise/W").transpose(2, 3, 1, 0))
+                weights[f"{prefix}/bias"] = take(f"{prefix}/pointwise/B")
+    weights["fc/weights"], weights["fc/bias"] = take("fc/weights"), take("fc/bias")
+    check_weights(weights, expected_weight_shapes(int(weights["fc/bias"].shape[0])), "expression")
+    return weights
+
+
 def convert_face_api_expression(tarball_bytes: bytes) -> bytes:
     """Verify the pinned face-api tarball and return its expression network as ONNX bytes."""
     serialised: bytes = build_face_api_expression_onnx(read_expression_weights(tarball_bytes)).SerializeToString()

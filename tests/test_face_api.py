@@ -51,6 +51,29 @@ def test_the_onnx_graph_matches_the_numpy_reference_on_faces_and_noise(face_api_
 
 
 @pytest.mark.torch
+def test_the_weights_of_a_built_graph_read_back_as_the_weights_it_was_built_from() -> None:
+    from kernel.errors import ModelSupplyError
+    from kernel.types import EMOTION_LABELS
+    from model_export.face_api import (
+        build_face_api_expression_onnx,
+        expected_weight_shapes,
+        expression_weights_from_onnx,
+    )
+
+    rng = np.random.default_rng(5)
+    weights = {name: rng.normal(size=shape).astype(np.float32)
+               for name, shape in expected_weight_shapes(len(EMOTION_LABELS)).items()}
+    graph = build_face_api_expression_onnx(weights, grey=True, labels=EMOTION_LABELS)
+    read_back = expression_weights_from_onnx(graph)
+    assert read_back.keys() == weights.keys()
+    for name, value in weights.items():
+        assert np.array_equal(read_back[name], value), name
+
+    del graph.graph.initializer[-1]
+    with pytest.raises(ModelSupplyError, match="no weight"):
+        expression_weights_from_onnx(graph)
+
+
 def test_the_torch_module_matches_the_onnx_graph(face_api_tarball: bytes) -> None:
     import onnxruntime
     import torch

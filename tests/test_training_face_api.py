@@ -152,6 +152,40 @@ def _parity(run: Path, settings: object) -> np.ndarray:
     return run_parity_inputs(run, settings)  # type: ignore[arg-type]
 
 
+def test_an_engagement_run_starts_from_the_shipped_emotion_model(
+        engagement_folder: Path, settings: object, tmp_path: Path) -> None:
+    import onnx
+    import onnxruntime
+    import torch
+
+    from training.engagement_images import load_emotion_init, train_engagement_images
+    from training.loop import TrainConfig
+    from training.run import TrainingError
+
+    shipped = Path(__file__).resolve().parents[1] / "model_export" / "packaged" / "classlens-emotion-v1.onnx"
+    network, spec, run_id = load_emotion_init(shipped, settings)  # type: ignore[arg-type]
+    metadata = {prop.key: prop.value for prop in onnx.load(str(shipped)).metadata_props}
+    assert run_id == metadata["classlens.run_id"] and spec.size == 112 and spec.crop_fraction == 0.9
+    # The rebuilt network gives the shipped file's probabilities (on other pixels than the loader checked).
+    pixels = np.random.default_rng(11).uniform(0, 255, (6, 1, 112, 112)).astype(np.float32)
+    session = onnxruntime.InferenceSession(str(shipped), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        rebuilt = torch.softmax(network(torch.from_numpy(pixels)), 1).numpy()
+    assert np.abs(rebuilt - session.run(None, {"input": pixels})[0]).max() < 1e-5
+
+    engagement = shipped.with_name("classlens-engagement-v1.onnx")
+    with pytest.raises(TrainingError, match="not a face-api emotion model"):
+        load_emotion_init(engagement, settings)  # type: ignore[arg-type]
+    with pytest.raises(TrainingError, match="no-such-model"):
+        load_emotion_init(Path("no-such-model"), settings)  # type: ignore[arg-type]
+
+    run = train_engagement_images([engagement_folder], tmp_path / "run", init=shipped,
+                                  settings=settings,  # type: ignore[arg-type]
+                                  config=TrainConfig(epochs=1, batch_size=16, device="cpu", selection_metric="uar"),
+                                  selection_fraction=0.25, progress=False)
+    assert run.info.config["init_run_id"] == run_id and run.test is not None
+
+
 def test_faces_join_into_pseudo_subjects_and_the_selection_takes_whole_ones() -> None:
     from training.engagement_images import face_groups, group_disjoint_split
 

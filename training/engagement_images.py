@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
     from kernel.settings import Settings
     from training.emotion_data import EmotionSet
+    from training.emotion_models import FaceApiEmotionNet
     from training.emotion_train import ClassWeighting
     from training.loop import TrainConfig
     from training.metrics import ClassificationMetrics
@@ -366,15 +367,13 @@ def train_engagement_images(
     from training.loop import fit, predict, resolve_device, seed_everything
     from training.metrics import classify_metrics
     from training.report import write_report
-    from training.run import REPORT, InputSpec, RunInfo, load_trained_model
+    from training.run import REPORT, InputSpec, RunInfo
 
     resolve_device(config.device)
-    emotion, emotion_info = load_trained_model(init)
-    if not isinstance(emotion, FaceApiEmotionNet) or emotion_info.input_spec.kind != "image":
-        raise TrainingError(f"--init {init} must be a face-api emotion run (classlens train emotion --model face-api)")
     if selection_by not in SELECTION_BY:
         raise TrainingError(f"--selection-by is one of {', '.join(SELECTION_BY)}, not {selection_by!r}")
-    size = emotion_info.input_spec.size
+    emotion, emotion_spec, init_run_id = load_emotion_init(init, settings)
+    size = emotion_spec.size
     # Grouping faces takes the configured recogniser (an error says so when none is set).
     embedder = load_recognizer(settings)[0] if selection_by == "faces" else None
     sets = [read_engagement_images(folder, settings=settings, cache_dir=out_dir / "cache", splits=("train", "test"),
@@ -394,7 +393,7 @@ def train_engagement_images(
     if len(train) == 0:
         raise TrainingError("the training split is empty")
     spec = InputSpec(kind="image", channels=1, size=size, colour="grey", value_range="0-255",
-                     crop_fraction=emotion_info.input_spec.crop_fraction)
+                     crop_fraction=emotion_spec.crop_fraction)
     info = RunInfo(
         task="engagement", model_family="face-api", model_factory=MODEL_FACTORY,
         model_kwargs={"family": "face-api", "num_classes": len(ENGAGEMENT_LEVELS), "frozen_blocks": frozen_blocks},
@@ -402,7 +401,7 @@ def train_engagement_images(
         data_fingerprint=labelled_rows_fingerprint(folders),
         config={**config.to_dict(), "images": [str(folder.resolve()) for folder in folders],
                 "init": str(init.resolve()),
-                "init_run_id": emotion_info.run_id, "selection_fraction": selection_fraction,
+                "init_run_id": init_run_id, "selection_fraction": selection_fraction,
                 "selection_by": selection_by,
                 **({"same_face_cosine": same_face_cosine} if selection_by == "faces" else {}),
                 "class_weighting": class_weighting,
@@ -468,6 +467,75 @@ def train_engagement_images(
                         "left out": dict(data.dropped) or "none", "initialised from": str(init),
                         "best epoch": result.best_epoch})
     return EngagementImageRun(info=info, test=test_metrics, baseline=baseline)
+
+
+def load_emotion_init(init: Path, settings: Settings) -> tuple[FaceApiEmotionNet, InputSpec, str]:
+    """``--init``: a face-api emotion run folder, or a face-api emotion model in ONNX (a file or a model name).
+
+    A model (``classlens-emotion-v1``, or a run exported by ``classlens export``) is read back
+    into the trainable network, and refused unless the network's probabilities match
+    onnxruntime's on a few random faces within :data:`INIT_PARITY_TOLERANCE`. Returns the
+    network, its input spec and the id of the emotion run it came from.
+    """
+    from training.emotion_models import FaceApiEmotionNet
+    from training.run import RUN_JSON, load_trained_model
+
+    if (init / RUN_JSON).is_file():
+        model, info = load_trained_model(init)
+        if not isinstance(model, FaceApiEmotionNet) or info.task != "emotion" or info.input_spec.kind != "image":
+            raise TrainingError(f"--init {init} must be a face-api emotion run "
+                                "(classlens train emotion --model face-api)")
+        return model, info.input_spec, info.run_id
+    from kernel.errors import ModelSupplyError
+    from model_export.cache import resolve_model
+    from pipeline.models import model_cache_for
+
+    try:
+        path = init if init.is_file() else resolve_model(model_cache_for(settings), str(init)).path
+        return _face_api_emotion_from_onnx(path)
+    except ModelSupplyError as error:
+        raise TrainingError(f"--init {init}: {error}") from None
+
+
+INIT_PARITY_TOLERANCE = 1e-4
+"""Largest difference of class probabilities allowed between an ONNX ``--init`` and its network."""
+
+
+def _face_api_emotion_from_onnx(path: Path) -> tuple[FaceApiEmotionNet, InputSpec, str]:
+    """A face-api emotion model in ONNX as the trainable network, checked for parity (see :func:`load_emotion_init`)."""
+    import hashlib
+    import json
+
+    import onnx
+    import onnxruntime
+    import torch
+
+    from kernel.errors import ModelSupplyError
+    from model_export.face_api import expression_weights_from_onnx
+    from training.emotion_models import FaceApiEmotionNet
+    from training.run import InputSpec
+
+    graph = onnx.load(str(path))
+    metadata = {prop.key: prop.value for prop in graph.metadata_props}
+    if metadata.get("classlens.task") != "emotion" or metadata.get("classlens.model_family") != "face-api":
+        raise ModelSupplyError(f"{path} is not a face-api emotion model exported by ClassLens (its metadata says "
+                               f"task {metadata.get('classlens.task')!r}, family "
+                               f"{metadata.get('classlens.model_family')!r})")
+    spec = InputSpec.from_dict(json.loads(metadata.get("classlens.input_spec", "{}")))
+    if spec.kind != "image" or spec.channels != 1:
+        raise ModelSupplyError(f"{path}: expected a grey image model, its input spec is {spec}")
+    model = FaceApiEmotionNet()
+    model.network.load_face_api_weights(expression_weights_from_onnx(graph))
+    model.eval()
+    pixels = np.random.default_rng(0).uniform(0, 255, (4, 1, spec.size, spec.size)).astype(np.float32)
+    session = onnxruntime.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {session.get_inputs()[0].name: pixels})[0]
+    with torch.no_grad():
+        actual = torch.softmax(model(torch.from_numpy(pixels)), dim=1).numpy()
+    difference = float(np.abs(actual - expected).max())
+    if difference > INIT_PARITY_TOLERANCE:
+        raise ModelSupplyError(f"{path}: the rebuilt network differs from the ONNX model by {difference:.2g}")
+    return model, spec, metadata.get("classlens.run_id") or hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
 def face_groups(descriptors: npt.NDArray[np.float32], same_face_cosine: float) -> npt.NDArray[np.int64]:
