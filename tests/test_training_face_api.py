@@ -178,6 +178,10 @@ def test_an_engagement_run_starts_from_the_shipped_emotion_model(
         load_emotion_init(engagement, settings)  # type: ignore[arg-type]
     with pytest.raises(TrainingError, match="no-such-model"):
         load_emotion_init(Path("no-such-model"), settings)  # type: ignore[arg-type]
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    with pytest.raises(TrainingError, match="not an ONNX model"):
+        load_emotion_init(garbage, settings)  # type: ignore[arg-type]
 
     run = train_engagement_images([engagement_folder], tmp_path / "run", init=shipped,
                                   settings=settings,  # type: ignore[arg-type]

@@ -22,7 +22,8 @@ recogniser's descriptors of Train's faces, joined wherever two faces are at leas
 subject-disjoint from Train by DAiSEE's own construction, and is used for nothing but the
 final figures.
 
-**The model.** The trained emotion network (``--init``, a ``face-api`` emotion run) with a
+**The model.** The trained emotion network (``--init``: a ``face-api`` emotion run, or such a
+model in ONNX, e.g. the shipped ``classlens-emotion-v1``; :func:`load_emotion_init`) with a
 new four-level classifier: its frozen blocks are computed once per face, its last block and
 the classifier are fine-tuned with class weights (levels 0 and 1 are about 6 % of DAiSEE).
 """
@@ -400,7 +401,7 @@ def train_engagement_images(
         labels=list(ENGAGEMENT_LEVELS), input_spec=spec, seed=config.seed,
         data_fingerprint=labelled_rows_fingerprint(folders),
         config={**config.to_dict(), "images": [str(folder.resolve()) for folder in folders],
-                "init": str(init.resolve()),
+                "init": str(init.resolve()) if init.exists() else str(init),
                 "init_run_id": init_run_id, "selection_fraction": selection_fraction,
                 "selection_by": selection_by,
                 **({"same_face_cosine": same_face_cosine} if selection_by == "faces" else {}),
@@ -515,7 +516,10 @@ def _face_api_emotion_from_onnx(path: Path) -> tuple[FaceApiEmotionNet, InputSpe
     from training.emotion_models import FaceApiEmotionNet
     from training.run import InputSpec
 
-    graph = onnx.load(str(path))
+    try:
+        graph = onnx.load(str(path))
+    except Exception as error:  # protobuf's decode errors have no common base worth naming
+        raise ModelSupplyError(f"{path} is not an ONNX model ({error})") from None
     metadata = {prop.key: prop.value for prop in graph.metadata_props}
     if metadata.get("classlens.task") != "emotion" or metadata.get("classlens.model_family") != "face-api":
         raise ModelSupplyError(f"{path} is not a face-api emotion model exported by ClassLens (its metadata says "
