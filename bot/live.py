@@ -13,7 +13,9 @@ The class clock is seconds since :meth:`LiveSession.start` (monotonic), so every
 participant's samples share one timeline. A participant's stream is its display name
 (``"Ada [2]"`` when two people in the meeting share a name), which is the student's
 identity in the session; extra faces on a shared camera are further students under that
-stream, labelled ``"Ada (2)"`` and so on.
+stream, labelled ``"Ada (2)"`` and so on. Two tracks that only took turns for one face on a
+participant's camera (the recogniser unsure of a face behind a hand) are one student
+(:func:`pipeline.finalise.join_alternating_students`).
 
 Nothing here blocks the event loop: the reader tasks only await frames and queue the
 ones that are due; conversion, detection, tracking, cropping and dispatch run on the
@@ -56,7 +58,7 @@ from kernel.store import (
 )
 from kernel.types import ByteArray, VideoFrame
 from pipeline.capture import CapturePipeline
-from pipeline.finalise import finalise_students, mark_failed
+from pipeline.finalise import finalise_students, join_alternating_students, mark_failed
 from pipeline.gallery import GallerySplitter, gallery_splitter_for
 from pipeline.liveness import ProducerHeartbeat
 from pipeline.models import PipelineComponents
@@ -662,8 +664,10 @@ class LiveSession:
             rows, self._samples = self._samples, []
         streams = list(self._streams.values())
         summaries = [summary for stream in streams for summary in stream.pipeline.summaries()]
+        own_cameras = {s.key for s in streams if s.pipeline.gallery is None}
         with session_scope(self.engine) as session:
             insert_ignoring_duplicates(session, rows)
+            summaries = join_alternating_students(session, self.analysis_id, summaries, own_cameras, self.settings)
             students = finalise_students(session, self.analysis_id, summaries, self.settings,
                                           name_source_of=self._name_source_of(streams))
             insert_ignoring_duplicates(session, [

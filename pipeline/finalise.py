@@ -6,12 +6,14 @@ a student and what a failed analysis leaves behind are decided once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Collection
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, delete, update
-from sqlmodel import Session, col
+from sqlmodel import Session, col, select
 
 from kernel.settings import Settings
 from kernel.store import (
@@ -26,7 +28,9 @@ from kernel.store import (
     utcnow,
 )
 from pipeline.capture import StudentRule
-from vision.tracking import TrackSummary
+from vision.tracking import TrackSummary, alternating_tracks
+
+logger = logging.getLogger(__name__)
 
 
 def label_students(students: list[TrackSummary], name_source_of: Callable[[str], str | None],
@@ -52,6 +56,47 @@ def label_students(students: list[TrackSummary], name_source_of: Callable[[str],
             numbered += 1
             labels.append((f"Student {numbered}", NAME_FROM_NONE))
     return labels
+
+
+def join_alternating_students(session: Session, analysis_id: int, summaries: list[TrackSummary],
+                              streams: Collection[str], settings: Settings) -> list[TrackSummary]:
+    """Make one student of the tracks that took turns for one face on each of ``streams``.
+
+    ``streams`` are participants' own cameras, where two students who never share a frame
+    and keep alternating are one person the recogniser was unsure of
+    (:func:`vision.tracking.alternating_tracks`). Only tracks the student rule admits are
+    joined; their observations take the kept track's id. Returns the summaries with each
+    joined group as one.
+    """
+    rule = StudentRule.from_settings(settings)
+    candidates = [s.track_id for s in summaries if s.stream in streams and rule.admits(s)]
+    if len(candidates) < 2:
+        return summaries
+    rows = session.exec(select(FaceObservation.stream, FaceObservation.track_id, FaceObservation.timestamp).where(
+        col(FaceObservation.analysis_id) == analysis_id, col(FaceObservation.track_id).in_(candidates)))
+    by_stream: dict[str, list[tuple[int, float]]] = {}
+    for stream, track_id, timestamp in rows:
+        by_stream.setdefault(stream, []).append((track_id, timestamp))
+    joined: dict[int, int] = {}
+    for appearances in by_stream.values():
+        joined.update(alternating_tracks(appearances))
+    if not joined:
+        return summaries
+    for old, kept in joined.items():
+        session.execute(update(FaceObservation).where(
+            col(FaceObservation.analysis_id) == analysis_id, col(FaceObservation.track_id) == old,
+        ).values(track_id=kept))
+    merged = {s.track_id: replace(s) for s in summaries if s.track_id not in joined}
+    for summary in summaries:
+        if summary.track_id in joined:
+            into = merged[joined[summary.track_id]]
+            into.first_seen, into.last_seen = min(into.first_seen, summary.first_seen), max(into.last_seen,
+                                                                                            summary.last_seen)
+            into.samples += summary.samples
+            into.score_total += summary.score_total
+    logger.info("analysis %d: %d tracks joined to the students whose face they took turns for", analysis_id,
+                len(joined))
+    return [merged[s.track_id] for s in summaries if s.track_id in merged]
 
 
 def unnamed(stream: str) -> str | None:

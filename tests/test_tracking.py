@@ -70,3 +70,25 @@ def test_low_confidence_tracks_are_not_students() -> None:
     assert not is_student(flicker, min_seconds=2, sample_interval=1, min_score=0.7)
     assert is_student(TrackSummary(5, "main", 0.0, 8.0, 3, score_total=3 * 0.95), min_seconds=2,
                       sample_interval=1, min_score=0.7)
+
+
+def test_tracks_that_take_turns_for_one_face_are_joined() -> None:
+    from vision.tracking import alternating_tracks
+
+    # Track 2 began at 1 s and track 1 came back at 3 s: two looks of one face, never in one frame.
+    turns = [(1, 0.5), (2, 1.0), (2, 2.0), (1, 3.0), (1, 4.0), (2, 5.0), (1, 6.0)]
+    assert alternating_tracks(turns) == {2: 1}
+    # One person after another (track 1 never returns) stays two students.
+    assert alternating_tracks([(1, 0.0), (1, 1.0), (2, 2.0), (2, 3.0)]) == {}
+    # Two faces in one frame are two people, however they alternate elsewhere.
+    assert alternating_tracks([*turns, (3, 7.0), (1, 7.0), (3, 8.0), (1, 9.0)]) == {2: 1}
+
+
+def test_a_track_joins_no_group_it_shares_a_frame_with() -> None:
+    from vision.tracking import alternating_tracks
+
+    # 3 alternates with 2 but shares a frame with 1, which 2 joined: 3 stays apart. 4 shares a frame with 1
+    # too, so it joins 3's group, the one it alternates with.
+    appearances = [(1, 0.0), (2, 1.0), (1, 2.0), (3, 2.0), (2, 3.0), (3, 4.0), (4, 5.0), (1, 5.0), (3, 6.0),
+                   (1, 7.0)]
+    assert alternating_tracks(appearances) == {2: 1, 4: 3}

@@ -14,6 +14,7 @@ the same student.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import cv2
@@ -293,6 +294,37 @@ def rescale_tracks(tracks: list[_Track], old_size: tuple[int, int], new_size: tu
     for track in tracks:
         track.box = (track.box * box_scale).astype(np.float32)
         track.velocity = (track.velocity * box_scale[:2]).astype(np.float32)
+
+
+def alternating_tracks(appearances: Iterable[tuple[int, float]]) -> dict[int, int]:
+    """Tracks that took turns for one face: each joined track's id → the earliest id of its group.
+
+    ``appearances`` are (track id, class time) of the faces of one stream. When a face looks
+    different for a while (a hand over it, tears, a turned head), the recogniser may take it
+    for someone else: the tracker then keeps a second track, and the two take turns for the
+    same face, sample by sample. Tracks are joined when they never appear in the same frame
+    and the earlier one appears again after the later one began: they alternate, where one
+    person following another does not. Each track, in order of first appearance, joins the
+    earliest such group none of whose tracks shares a frame with it. Meant for one
+    participant's own camera; across the cuts of a recorded scene, different people take
+    turns too.
+    """
+    times: dict[int, set[float]] = {}
+    for track_id, timestamp in appearances:
+        times.setdefault(int(track_id), set()).add(round(float(timestamp), 3))
+    groups: list[list[int]] = []
+    joined: dict[int, int] = {}
+    for track_id in sorted(times, key=lambda key: (min(times[key]), key)):
+        began = min(times[track_id])
+        for group in groups:
+            shares_a_frame = any(times[track_id] & times[member] for member in group)
+            if not shares_a_frame and max(max(times[member]) for member in group) > began:
+                group.append(track_id)
+                joined[track_id] = group[0]
+                break
+        else:
+            groups.append([track_id])
+    return joined
 
 
 def is_student(summary: TrackSummary, *, min_seconds: float, sample_interval: float, min_score: float = 0.0) -> bool:
