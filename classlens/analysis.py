@@ -27,7 +27,6 @@ from kernel.settings import Settings
 from kernel.store import (
     Analysis,
     AnalysisStatus,
-    FaceObservation,
     FrameSample,
     init_store,
     insert_ignoring_duplicates,
@@ -35,7 +34,7 @@ from kernel.store import (
     utcnow,
 )
 from pipeline.capture import CapturePipeline
-from pipeline.finalise import failure_reason, finalise_students, mark_failed
+from pipeline.finalise import failure_reason, finalise_students, mark_failed, rename_track_observations
 from pipeline.gallery import gallery_splitter_for, recorded_layout, recording_name_source
 from pipeline.liveness import ProducerHeartbeat, fail_abandoned_analyses
 from pipeline.models import PipelineComponents
@@ -368,10 +367,7 @@ def _finalise_segmented(engine: Engine, analysis_id: int, settings: Settings, in
             raise ClassLensError(f"analysis {analysis_id} stopped running while its segments were collected")
         stitched = stitch_segment_tracks(segment_tracks_for(session, analysis_id),
                                          max_gap_seconds=settings.track_max_gap_seconds)
-        for old, new in stitched.renamed.items():
-            session.execute(update(FaceObservation).where(
-                col(FaceObservation.analysis_id) == analysis_id, col(FaceObservation.track_id) == old,
-            ).values(track_id=new))
+        rename_track_observations(session, analysis_id, stitched.renamed)
         students = finalise_students(session, analysis_id, stitched.summaries, settings,
                                      name_source_of=recording_name_source)
         frames, last = session.exec(select(func.count(), func.max(FrameSample.timestamp)).where(

@@ -7,7 +7,8 @@ a student and what a failed analysis leaves behind are decided once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -58,6 +59,14 @@ def label_students(students: list[TrackSummary], name_source_of: Callable[[str],
     return labels
 
 
+def rename_track_observations(session: Session, analysis_id: int, renamed: Mapping[int, int]) -> None:
+    """Give the observations of each track in ``renamed`` the id of the track it was joined to."""
+    for old, new in renamed.items():
+        session.execute(update(FaceObservation).where(
+            col(FaceObservation.analysis_id) == analysis_id, col(FaceObservation.track_id) == old,
+        ).values(track_id=new))
+
+
 def join_alternating_students(session: Session, analysis_id: int, summaries: list[TrackSummary],
                               streams: Collection[str], settings: Settings) -> list[TrackSummary]:
     """Make one student of the tracks that took turns for one face on each of ``streams``.
@@ -69,8 +78,11 @@ def join_alternating_students(session: Session, analysis_id: int, summaries: lis
     joined group as one.
     """
     rule = StudentRule.from_settings(settings)
-    candidates = [s.track_id for s in summaries if s.stream in streams and rule.admits(s)]
-    if len(candidates) < 2:
+    admitted = [s for s in summaries if s.stream in streams and rule.admits(s)]
+    per_stream = Counter(s.stream for s in admitted)
+    # Only a stream with two or more students can have any to join: most have one, and cost no query.
+    candidates = [s.track_id for s in admitted if per_stream[s.stream] > 1]
+    if not candidates:
         return summaries
     rows = session.exec(select(FaceObservation.stream, FaceObservation.track_id, FaceObservation.timestamp).where(
         col(FaceObservation.analysis_id) == analysis_id, col(FaceObservation.track_id).in_(candidates)))
@@ -82,18 +94,11 @@ def join_alternating_students(session: Session, analysis_id: int, summaries: lis
         joined.update(alternating_tracks(appearances))
     if not joined:
         return summaries
-    for old, kept in joined.items():
-        session.execute(update(FaceObservation).where(
-            col(FaceObservation.analysis_id) == analysis_id, col(FaceObservation.track_id) == old,
-        ).values(track_id=kept))
+    rename_track_observations(session, analysis_id, joined)
     merged = {s.track_id: replace(s) for s in summaries if s.track_id not in joined}
     for summary in summaries:
         if summary.track_id in joined:
-            into = merged[joined[summary.track_id]]
-            into.first_seen, into.last_seen = min(into.first_seen, summary.first_seen), max(into.last_seen,
-                                                                                            summary.last_seen)
-            into.samples += summary.samples
-            into.score_total += summary.score_total
+            merged[joined[summary.track_id]].absorb(summary)
     logger.info("analysis %d: %d tracks joined to the students whose face they took turns for", analysis_id,
                 len(joined))
     return [merged[s.track_id] for s in summaries if s.track_id in merged]

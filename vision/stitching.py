@@ -154,8 +154,6 @@ def stitch_segment_tracks(tracks: Sequence[SegmentTrackLike], *, max_gap_seconds
             merged[root] = TrackSummary(root, track.stream, track.first_seen, track.last_seen, track.samples,
                                         track.score_total)
         else:
-            summary.first_seen = min(summary.first_seen, track.first_seen)
-            summary.last_seen = max(summary.last_seen, track.last_seen)
-            summary.samples += track.samples
-            summary.score_total += track.score_total
+            summary.absorb(TrackSummary(root, track.stream, track.first_seen, track.last_seen, track.samples,
+                                        track.score_total))
     return StitchedTracks(canonical, [merged[root] for root in sorted(merged)])

@@ -124,6 +124,13 @@ class TrackSummary:
         """Mean detector confidence of the track's faces."""
         return self.score_total / self.samples if self.samples else 0.0
 
+    def absorb(self, other: TrackSummary) -> None:
+        """Take in another track of the same student: its span, samples and confidence."""
+        self.first_seen = min(self.first_seen, other.first_seen)
+        self.last_seen = max(self.last_seen, other.last_seen)
+        self.samples += other.samples
+        self.score_total += other.score_total
+
 
 @dataclass
 class _Track:
