@@ -107,7 +107,7 @@ class LinearReadout:
     def fit(self, features: FloatArray, levels: IntArray) -> LinearReadout:
         """Minimise ½‖W‖² + C·Σ wᵢ·cross-entropyᵢ, with wᵢ the inverse frequency of sample i's level."""
         self.mean, self.scale = features.mean(0), features.std(0) + 1e-8
-        inputs = np.hstack([(features - self.mean) / self.scale, np.ones((len(features), 1))])
+        inputs = self._design(features)
         counts = np.bincount(levels, minlength=self.classes).astype(np.float64)
         sample_weight = (len(levels) / (np.count_nonzero(counts) * np.maximum(counts, 1)))[levels]
         onehot = np.eye(self.classes)[levels]
@@ -129,10 +129,14 @@ class LinearReadout:
         self.weights = result.x.reshape(inputs.shape[1], self.classes)
         return self
 
+    def _design(self, features: FloatArray) -> FloatArray:
+        """Standardised features with a constant column for the bias."""
+        design: FloatArray = np.hstack([(features - self.mean) / self.scale, np.ones((len(features), 1))])
+        return design
+
     def predict(self, features: FloatArray) -> FloatArray:
         """Level probabilities ``[N, classes]``."""
-        inputs = np.hstack([(features - self.mean) / self.scale, np.ones((len(features), 1))])
-        logits = inputs @ self.weights
+        logits = self._design(features) @ self.weights
         logits -= logits.max(1, keepdims=True)
         probabilities: FloatArray = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
         return probabilities
